@@ -106,7 +106,10 @@ def tiny_scheduler_config(family: str) -> dict:
 
 
 def get_dummy_components(family: str = "sd15", seed: int = 0) -> dict:
-    """Tiny, seeded diffusers components keyed like a pipeline's (unet, vae, text_encoder[, _2], tokenizer[, _2], scheduler)."""
+    """Tiny, seeded diffusers components keyed like a pipeline's.
+
+    Keys: unet, vae, text_encoder[, text_encoder_2], tokenizer[, tokenizer_2], scheduler.
+    """
     _check_family(family)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -16,7 +16,8 @@ PAD_STYLES = ("clip", "openclip")
 def clip_tokenizer(pad: str = "clip", model_max_length: int = 77):
     """Return a `transformers.CLIPTokenizer` built from the shipped files.
 
-    pad: "clip" (pad with <|endoftext|>, SD1.5 / SDXL tokenizer 1) or "openclip" (pad with "!", SD2.x / SDXL tokenizer 2).
+    pad: "clip" (pad with <|endoftext|>: SD1.5, SDXL tokenizer 1) or "openclip" (pad with "!": SD2.x, SDXL
+    tokenizer 2).
     """
     if pad not in PAD_STYLES:
         raise ValueError(f"pad={pad!r} is not a known padding style; valid values: {', '.join(PAD_STYLES)}")
@@ -25,6 +26,8 @@ def clip_tokenizer(pad: str = "clip", model_max_length: int = 77):
     vocab, merges = TOKENIZER_DIR / "vocab.json", TOKENIZER_DIR / "merges.txt"
     for f in (vocab, merges):
         if not f.is_file():
-            raise FileNotFoundError(f"shipped tokenizer file {f} is missing; rebuild it with tools/build_clip_tokenizer.py")
+            raise FileNotFoundError(
+                f"shipped tokenizer file {f} is missing; rebuild it with tools/build_clip_tokenizer.py"
+            )
     kwargs = {"pad_token": "!"} if pad == "openclip" else {}
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=model_max_length, **kwargs)

@@ -88,7 +88,9 @@ class ModelAdapter(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def encode_prompt(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
+    def encode_prompt(
+        self, prompts: Sequence[str], height: int | None = None, width: int | None = None
+    ) -> Conditioning:
         """Text conditioning for `prompts` (SDXL time ids use height/width, default: the model's native size)."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

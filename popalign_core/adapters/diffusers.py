@@ -55,14 +55,16 @@ class DiffusersAdapter:
             )
         pt = noise_scheduler.config.prediction_type
         if pt not in PREDICTION_TYPES:
-            raise ValueError(f"noise_scheduler.config.prediction_type={pt!r}; valid values: {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(
+                f"noise_scheduler.config.prediction_type={pt!r}; valid values: {', '.join(PREDICTION_TYPES)}"
+            )
         self.unet, self.vae = unet, vae
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.noise_scheduler = noise_scheduler
         self.family = family
         self.reference_unet = reference_unet
-        self.force_zeros_for_empty_prompt = (family == "sdxl") if force_zeros_for_empty_prompt is None else bool(
-            force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt = (
+            (family == "sdxl") if force_zeros_for_empty_prompt is None else bool(force_zeros_for_empty_prompt)
         )
         self._use_reference_unet = False
 
@@ -103,9 +105,10 @@ class DiffusersAdapter:
         if family is None:
             if te2 is not None:
                 family = "sdxl"
-            elif pipe.scheduler.config.prediction_type == "v_prediction" or getattr(
-                pipe.text_encoder.config, "hidden_act", "quick_gelu"
-            ) == "gelu":
+            elif (
+                pipe.scheduler.config.prediction_type == "v_prediction"
+                or getattr(pipe.text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
+            ):
                 family = "sd2"
             else:
                 family = "sd15"
@@ -126,7 +129,9 @@ class DiffusersAdapter:
             return_tensors="pt",
         ).input_ids.to(self.device)
 
-    def encode_prompt(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
+    def encode_prompt(
+        self, prompts: Sequence[str], height: int | None = None, width: int | None = None
+    ) -> Conditioning:
         if isinstance(prompts, str):
             raise TypeError("prompts: expected a list of strings, got a single str")
         prompts = list(prompts)

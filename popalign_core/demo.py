@@ -1,0 +1,241 @@
+"""The demo (README command #1): a short population-level alignment run, end to end, on a tiny model.
+
+What it does, all seeded and offline (about a minute on 2 CPU cores):
+1. builds a tiny SD1.5-style model from configs (random weights: it draws noise-like images, but the whole code path
+   is the one used for real checkpoints);
+2. generates its own population preference data with the seeded sampler: for each identity-neutral prompt
+   ("a photo of a doctor"), a *winning* population sampled from identity-augmented prompts ("a photo of a female
+   doctor", ...) and a *losing* population sampled from the neutral prompt itself; every image is captioned with
+   the neutral prompt, as in PopAlign Sec. 4.1/6.1;
+3. trains a LoRA on the UNet with the chosen loss (default PopAlign, Eq. 11), reference = adapter disabled;
+4. measures, on held-out images of both populations with fixed noise, the implicit reward margin
+   E_w[Lref - Lθ] - E_l[Lref - Lθ] (0 before training by construction; > 0 means the model now prefers the winning
+   population for the neutral caption) and the implicit accuracy;
+5. writes the LoRA in both formats (kohya for ComfyUI's LoraLoader, diffusers/peft), metrics.jsonl, loss_curve.png
+   and summary.json to the output folder, and prints the summary as its last line.
+The toy-world issue replaces this with the full audit -> data -> train -> audit demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .losses import LOSSES
+
+NEUTRAL_PROMPTS = ("a photo of a doctor", "a photo of a nurse", "a photo of a chef")
+IDENTITIES = ("female", "male")
+
+
+def augment(prompt: str, identity: str) -> str:
+    """'a photo of a doctor' + 'female' -> 'a photo of a female doctor' (the demo's fixed template)."""
+    head, _, noun = prompt.rpartition(" a ")
+    return f"{head} a {identity} {noun}" if head else f"{identity} {prompt}"
+
+
+def build_data(adapter, images_per_population: int, seed: int, steps: int, guidance: float):
+    """Winning (augmented prompts) and losing (neutral prompt) populations, as latents with neutral captions."""
+    from .sampling import SamplerConfig, sample
+
+    win_req, lose_req, captions_w, captions_l = [], [], [], []
+    for p in NEUTRAL_PROMPTS:
+        for i in range(images_per_population):
+            win_req.append((augment(p, IDENTITIES[i % len(IDENTITIES)]), i))
+            captions_w.append(p)
+            lose_req.append((p, i))
+            captions_l.append(p)
+    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed, batch_size=16)
+    images = sample(adapter, win_req + lose_req, cfg)
+    with torch.no_grad():
+        latents = adapter.encode_images(images)
+    n = len(win_req)
+    label = torch.tensor([1] * n + [-1] * n)
+    return latents, captions_w + captions_l, label, images
+
+
+def _split(label: torch.Tensor, holdout_per_pop: int, per_prompt: int):
+    """Per prompt and population, the last `holdout_per_pop` images are held out."""
+    idx = torch.arange(label.numel())
+    pos_in_group = idx % per_prompt
+    held = pos_in_group >= per_prompt - holdout_per_pop
+    return idx[~held], idx[held]
+
+
+@torch.no_grad()
+def implicit_margin(adapter, latents, cond, label, draws: int = 4, seed: int = 1234) -> dict[str, float]:
+    """E_w[g] - E_l[g] with g = Lref - Lθ over `draws` fixed noise/timestep draws (same draws before and after)."""
+    from .losses import per_sample_error
+    from .objective import shared_noise_and_timesteps
+
+    gen = torch.Generator().manual_seed(seed)
+    gs = []
+    for _ in range(draws):
+        noise, t = shared_noise_and_timesteps(label, latents.shape, adapter.num_train_timesteps, gen, pair=True)
+        x_t = adapter.add_noise(latents, noise, t)
+        target = adapter.target(latents, noise, t)
+        lm = per_sample_error(adapter.predict(x_t, t, cond), target)
+        with adapter.reference():
+            lr = per_sample_error(adapter.predict(x_t, t, cond), target)
+        gs.append(lr - lm)
+    g = torch.stack(gs).mean(0)
+    w, lo = label > 0, label < 0
+    return {
+        "margin": float(g[w].mean() - g[lo].mean()),
+        "logratio_w": float(g[w].mean()),
+        "logratio_l": float(g[lo].mean()),
+        "implicit_acc": float(((g[w][:, None] - g[lo][None, :]) > 0).float().mean()),
+    }
+
+
+def _plot(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    loss: str = "popalign",
+    steps: int = 60,
+    images_per_population: int = 8,
+    holdout: int = 2,
+    lr: float = 1e-3,
+    rank: int = 4,
+    seed: int = 0,
+    family: str = "sd15",
+    sample_steps: int = 8,
+    guidance: float = 3.0,
+    overwrite: bool = False,
+    log=print,
+    **loss_hparams,
+) -> dict:
+    """Run the demo; returns the summary dict (also written to `out/summary.json`)."""
+    from .lora_io import LoraSpec, add_lora, lora_metadata, save_lora
+    from .objective import preference_loss
+    from .testing import get_dummy_adapter
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
+    for name, v, lo in (("steps", steps, 1), ("images_per_population", images_per_population, 2), ("rank", rank, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}={v!r} is invalid: must be an integer >= {lo}")
+    if not 1 <= holdout < images_per_population:
+        raise ValueError(f"holdout={holdout!r} is invalid: must be in [1, images_per_population - 1]")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out} is not empty; pass overwrite=True (--overwrite) or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    adapter = get_dummy_adapter(family, seed=seed)
+    log(f"[demo] tiny {family} model built; sampling {2 * images_per_population * len(NEUTRAL_PROMPTS)} images")
+    latents, captions, label, _ = build_data(adapter, images_per_population, seed, sample_steps, guidance)
+    with torch.no_grad():
+        cond_all = adapter.encode_prompt(captions)
+    train_idx, held_idx = _split(label, holdout, images_per_population)
+    before = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
+
+    add_lora(adapter, LoraSpec(rank=rank, alpha=float(rank)))
+    params = [p for p in adapter.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tw = train_idx[label[train_idx] > 0]
+    tl = train_idx[label[train_idx] < 0]
+    per_step = min(4, len(tw), len(tl))
+    history = []
+    with open(out / "metrics.jsonl", "w") as mf:
+        for step in range(1, steps + 1):
+            pick_w = tw[torch.randperm(len(tw), generator=gen)[:per_step]]
+            pick_l = tl[torch.randperm(len(tl), generator=gen)[:per_step]]
+            idx = torch.cat([pick_w, pick_l])
+            res = preference_loss(
+                adapter, latents[idx], cond_all.select(idx), label[idx], loss, generator=gen, **loss_hparams
+            )
+            if not torch.isfinite(res.loss):
+                raise FloatingPointError(f"loss became {float(res.loss)} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            opt.step()
+            rec = {"step": step, **res.metrics}
+            history.append(rec)
+            mf.write(json.dumps(rec) + "\n")
+            if step == 1 or step % max(1, steps // 6) == 0 or step == steps:
+                log(f"[demo] step {step:4d}/{steps}  loss {res.metrics['loss']:.4f}")
+    after = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
+    train_after = implicit_margin(adapter, latents[train_idx], cond_all.select(train_idx), label[train_idx])
+
+    meta = lora_metadata(
+        loss=loss, hyperparameters={**loss_hparams, "lr": lr, "steps": steps, "rank": rank}, base_model=adapter.unet
+    )
+    save_lora(adapter, out / "popalign_demo_lora.safetensors", format="kohya", metadata=meta)
+    save_lora(adapter, out / "diffusers_lora", format="diffusers", metadata=meta)
+    _plot([h["loss"] for h in history], out / "loss_curve.png", f"{loss} on the tiny {family} model")
+    summary = {
+        "loss": loss,
+        "family": family,
+        "steps": steps,
+        "train_images": int(train_idx.numel()),
+        "heldout_images": int(held_idx.numel()),
+        "first_loss": history[0]["loss"],
+        "last_loss": history[-1]["loss"],
+        "heldout_margin_before": before["margin"],
+        "heldout_margin_after": after["margin"],
+        "heldout_implicit_acc_after": after["implicit_acc"],
+        "train_margin_after": train_after["margin"],
+        "seconds": round(time.time() - t0, 1),
+        "outputs": sorted(p.name for p in out.iterdir()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="popalign demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    ap.add_argument("--loss", default="popalign", choices=list(LOSSES), help="loss from the zoo (default: popalign)")
+    ap.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    ap.add_argument("--images-per-population", type=int, default=8, help="images per population and prompt")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (default: 1e-3)")
+    ap.add_argument("--beta", type=float, default=None, help="override the loss's beta (its own default otherwise)")
+    ap.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sd2", "sdxl"], help="tiny model family")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out folder")
+    a = ap.parse_args(argv)
+    hp = {} if a.beta is None else {"beta": a.beta}
+    try:
+        summary = run_demo(
+            a.out,
+            loss=a.loss,
+            steps=a.steps,
+            images_per_population=a.images_per_population,
+            lr=a.lr,
+            seed=a.seed,
+            family=a.family,
+            overwrite=a.overwrite,
+            log=lambda m: print(m, file=sys.stderr),
+            **hp,
+        )
+    except (ValueError, FileExistsError) as exc:
+        print(f"popalign demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

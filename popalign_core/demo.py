@@ -19,6 +19,7 @@ The toy-world issue replaces this with the full audit -> data -> train -> audit 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -67,7 +68,7 @@ def _split(label: torch.Tensor, holdout_per_pop: int, per_prompt: int):
 
 
 @torch.no_grad()
-def implicit_margin(adapter, latents, cond, label, draws: int = 4, seed: int = 1234) -> dict[str, float]:
+def implicit_margin(adapter, latents, cond, label, draws: int = 16, seed: int = 1234) -> dict[str, float]:
     """E_w[g] - E_l[g] with g = Lref - Lθ over `draws` fixed noise/timestep draws (same draws before and after)."""
     from .losses import per_sample_error
     from .objective import shared_noise_and_timesteps
@@ -125,7 +126,7 @@ def run_demo(
     **loss_hparams,
 ) -> dict:
     """Run the demo; returns the summary dict (also written to `out/summary.json`)."""
-    from .lora_io import LoraSpec, add_lora, lora_metadata, save_lora
+    from .lora_io import LoraSpec, add_lora, lora_metadata, model_hash, save_lora
     from .objective import preference_loss
     from .testing import get_dummy_adapter
 
@@ -179,8 +180,12 @@ def run_demo(
     after = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
     train_after = implicit_margin(adapter, latents[train_idx], cond_all.select(train_idx), label[train_idx])
 
+    data_hash = hashlib.sha256(latents.detach().float().numpy().tobytes() + "\n".join(captions).encode()).hexdigest()
     meta = lora_metadata(
-        loss=loss, hyperparameters={**loss_hparams, "lr": lr, "steps": steps, "rank": rank}, base_model=adapter.unet
+        loss=loss,
+        hyperparameters={**loss_hparams, "lr": lr, "steps": steps, "rank": rank, "seed": seed},
+        base_model_hash=model_hash(adapter.unet),
+        data_hash=data_hash,
     )
     save_lora(adapter, out / "popalign_demo_lora.safetensors", format="kohya", metadata=meta)
     save_lora(adapter, out / "diffusers_lora", format="diffusers", metadata=meta)

@@ -53,10 +53,24 @@ def build_data(adapter, images_per_population: int, seed: int, steps: int, guida
     cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed, batch_size=16)
     images = sample(adapter, win_req + lose_req, cfg)
     with torch.no_grad():
+        calibrate_vae_scale(adapter, images)
         latents = adapter.encode_images(images)
     n = len(win_req)
     label = torch.tensor([1] * n + [-1] * n)
     return latents, captions_w + captions_l, label, images
+
+
+@torch.no_grad()
+def calibrate_vae_scale(adapter, images: torch.Tensor) -> float:
+    """Set the VAE's latent scaling factor to 1/std of the latents of `images` (the recipe behind SD's 0.18215).
+
+    The tiny random VAE's latents have a std far from SD's, so the shipped 0.18215 would leave them ~100x smaller
+    than the unit-variance noise and drown every difference between images in the forward process."""
+    adapter.vae.register_to_config(scaling_factor=1.0)
+    std = float(adapter.encode_images(images).float().std())
+    factor = 1.0 / max(std, 1e-8)
+    adapter.vae.register_to_config(scaling_factor=factor)
+    return factor
 
 
 def _split(label: torch.Tensor, holdout_per_pop: int, per_prompt: int):
@@ -112,10 +126,10 @@ def _plot(losses: list[float], path: Path, title: str) -> None:
 def run_demo(
     out: str | Path = "runs/demo",
     loss: str = "popalign",
-    steps: int = 60,
-    images_per_population: int = 8,
-    holdout: int = 2,
-    lr: float = 1e-3,
+    steps: int = 150,
+    images_per_population: int = 12,
+    holdout: int = 3,
+    lr: float = 3e-3,
     rank: int = 4,
     seed: int = 0,
     family: str = "sd15",
@@ -213,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="popalign demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     ap.add_argument("--loss", default="popalign", choices=list(LOSSES), help="loss from the zoo (default: popalign)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    ap.add_argument("--images-per-population", type=int, default=8, help="images per population and prompt")
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (default: 1e-3)")
+    ap.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
+    ap.add_argument("--images-per-population", type=int, default=12, help="images per population and prompt")
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the LoRA (default: 3e-3)")
     ap.add_argument("--beta", type=float, default=None, help="override the loss's beta (its own default otherwise)")
     ap.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     ap.add_argument("--family", default="sd15", choices=["sd15", "sd2", "sdxl"], help="tiny model family")

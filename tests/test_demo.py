@@ -1,0 +1,71 @@
+"""The demo (README command #1) end to end, reduced in size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from popalign_core.demo import augment, main, run_demo
+
+
+def test_augment_inserts_the_identity_before_the_noun():
+    assert augment("a photo of a doctor", "female") == "a photo of a female doctor"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out, steps=6, images_per_population=4, holdout=1, log=lambda m: None)
+    return out, summary
+
+
+def test_demo_writes_every_output_and_a_consistent_summary(demo_run):
+    out, s = demo_run
+    for name in (
+        "popalign_demo_lora.safetensors",
+        "diffusers_lora",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "summary.json",
+    ):
+        assert (out / name).exists(), name
+    assert json.loads((out / "summary.json").read_text()) == s
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # fresh LoRA: model == reference, logits 0
+    assert s["heldout_margin_before"] == 0.0 and s["train_images"] + s["heldout_images"] == 2 * 4 * 3
+
+
+def test_demo_lora_files_reload_to_the_trained_model(demo_run):
+    from popalign_core.lora_io import load_lora, read_lora
+    from popalign_core.testing import get_dummy_adapter
+
+    out, s = demo_run
+    sd, meta, fmt = read_lora(out / "popalign_demo_lora.safetensors")
+    assert fmt == "kohya" and meta["loss"] == "popalign" and len(meta["base_model_hash"]) == 64
+    assert any(k.startswith("lora_unet_") for k in sd)
+    a = get_dummy_adapter("sd15", seed=0)
+    b = get_dummy_adapter("sd15", seed=0)
+    load_lora(a, out / "popalign_demo_lora.safetensors")
+    load_lora(b, out / "diffusers_lora")
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        c = a.encode_prompt(["a photo of a doctor"] * 2)
+        pa, pb = a.predict(x, t, c), b.predict(x, t, c)
+        with a.reference():
+            base = a.predict(x, t, c)
+    torch.testing.assert_close(pa, pb)
+    assert not torch.allclose(pa, base)  # the trained LoRA changes the model
+
+
+def test_demo_cli_refuses_a_non_empty_output_and_unknown_losses(demo_run, capsys):
+    out, _ = demo_run
+    assert main(["--out", str(out), "--steps", "1"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--loss", "nope"])
+    with pytest.raises(ValueError, match="holdout=4 is invalid"):
+        run_demo(out / "x", images_per_population=4, holdout=4)

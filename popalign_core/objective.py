@@ -59,9 +59,14 @@ def preference_loss(
     embeddings: torch.Tensor | None = None,
     anchor: Anchor | None = None,
     reduce=None,
+    ref_cond: Conditioning | None = None,
     **hparams,
 ) -> LossOutput:
-    """Loss `loss` (a LOSSES key) on clean latents [B, C, h, w] with conditioning and labels (+1/-1)."""
+    """Loss `loss` (a LOSSES key) on clean latents [B, C, h, w] with conditioning and labels (+1/-1).
+
+    ref_cond: the reference model's conditioning when the text encoder is trained too (its adapters disabled);
+    by default the (detached) training conditioning is used for the reference pass as well.
+    """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
     spec = LOSSES[loss]
@@ -75,7 +80,7 @@ def preference_loss(
     ref_pred = None
     if spec.needs_ref:
         with torch.no_grad(), adapter.reference():
-            ref_pred = adapter.predict(x_t, t, cond.detach())
+            ref_pred = adapter.predict(x_t, t, (ref_cond if ref_cond is not None else cond).detach())
     inputs = LossInputs(
         label=label.to(device),
         model_pred=model_pred,

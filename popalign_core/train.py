@@ -1,0 +1,843 @@
+"""The alignment trainer: LoRA (or full) fine-tuning with any loss of the zoo, resumable, multi-process.
+
+    popalign train --config run.yaml [--lr 1e-4 --loss dpo --loss-param beta=2500 ...]
+
+Design (see docs/training.md):
+- LoRA via peft on the UNet (target modules configurable) and/or the text encoder(s). The reference prediction is
+  the same network with the adapters disabled (no weight copy); full fine-tuning uses a frozen copy instead.
+- Every random choice of a step (which samples, caption dropout, noise, timesteps) is drawn from generators seeded by
+  (seed, step, micro-step, rank), never from a carried RNG state. A resumed run therefore replays exactly the steps an
+  uninterrupted run would have taken: the checkpoint only needs the trainable weights, the optimiser state and the
+  step.
+- Multi-process data parallelism: every process draws the same *global* batch for a step and takes its share
+  (rank::world); gradients of the trainable parameters are averaged with an all-reduce; PopAlign's mu is the global
+  statistic (sums and counts reduced over processes).
+- Checkpoints and final files are written to a temporary name and renamed: the output folder never holds a
+  half-written LoRA. A NaN/inf loss stops the run with a clear message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .losses import LOSSES, loss_config
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+POPULATION_SAMPLING = ("balanced", "uniform")
+LORA_FORMAT_CHOICES = ("kohya", "diffusers")
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user must act on (NaN loss, bad data, ...)."""
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML keys and CLI flags have the same names (dashes for underscores)."""
+
+    # model and data
+    model: str = _help(
+        "base model: a .safetensors checkpoint, a diffusers folder, or 'tiny:<sd15|sd2|sdxl>' (a seeded tiny model "
+        "built from configs, for tests and examples)",
+        default="",
+    )
+    family: str = _help("model family: auto, sd15, sd2, sdxl", default="auto")
+    prediction_type: str | None = _help(
+        "override the scheduler's prediction type: epsilon or v_prediction", default=None
+    )
+    data: str = _help("preference data manifest (.jsonl or .csv; see docs/data-format.md)", default="")
+    data_kind: str | None = _help("pairwise or population (default: detected from the manifest columns)", default=None)
+    resolution: int | None = _help("training image side in pixels (default: the model's native size)", default=None)
+    # loss
+    loss: str = _help(f"loss of the zoo: {', '.join(LOSSES)}", default="popalign")
+    loss_params: dict = _help(
+        "hyper-parameters of the loss; unset ones keep the loss's own defaults", default_factory=dict
+    )
+    # what is trained
+    train_unet: bool = _help("train a LoRA on the UNet", default=True)
+    train_text_encoder: bool = _help("train a LoRA on the text encoder(s) too (attention + MLP)", default=False)
+    full_finetune: bool = _help("train every UNet weight instead of a LoRA (reference: a frozen copy)", default=False)
+    lora_rank: int = _help("LoRA rank", default=8)
+    lora_alpha: float | None = _help("LoRA alpha (default: equal to the rank, i.e. scale 1)", default=None)
+    unet_targets: list = _help(
+        "UNet modules that get a LoRA", default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    text_encoder_targets: list = _help(
+        "text-encoder modules that get a LoRA",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    )
+    # optimisation
+    steps: int = _help("optimiser steps", default=100)
+    batch_size: int = _help("per step and process: pairs (pairwise losses) or images (population losses)", default=4)
+    grad_accum: int = _help("micro-batches accumulated per optimiser step", default=1)
+    lr: float = _help("learning rate (PopAlign paper: 5e-7 for full SDXL; LoRA usually 1e-5..1e-4)", default=1e-4)
+    optimizer: str = _help("adamw, or adamw8bit (bitsandbytes, when installed)", default="adamw")
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
+    mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
+    gradient_checkpointing: bool = _help("recompute UNet activations in backward to save memory", default=False)
+    cache_latents: bool = _help("encode every image with the VAE once, before training", default=True)
+    caption_dropout: float = _help(
+        "probability of training a sample with an empty caption (public PopAlign code: 0.2; default off)", default=0.0
+    )
+    population_sampling: str = _help(
+        "population data: 'balanced' (half winning, half losing per step) or 'uniform' over all images",
+        default="balanced",
+    )
+    anchor_prompts: list = _help(
+        "prior preservation: prompts the frozen reference generates anchor samples from (cached); "
+        "used when loss_params.anchor_weight > 0",
+        default_factory=list,
+    )
+    anchor_images_per_prompt: int = _help("anchor samples generated per anchor prompt", default=4)
+    anchor_batch_size: int = _help("anchor samples per step and process", default=2)
+    anchor_sampler_steps: int = _help("sampler steps for anchor generation", default=25)
+    anchor_guidance: float = _help("CFG scale for anchor generation", default=5.0)
+    seed: int = _help("global seed: LoRA init, batches, noise, timesteps, caption dropout", default=0)
+    # output
+    output_dir: str = _help("output folder (checkpoints, metrics, LoRA files)", default="runs/train")
+    lora_name: str = _help("file name stem of the saved LoRA", default="popalign_lora")
+    lora_formats: list = _help(
+        "LoRA layouts written at the end: kohya, diffusers", default_factory=lambda: ["kohya", "diffusers"]
+    )
+    checkpoint_every: int = _help("steps between resumable checkpoints (0 = only at the end)", default=50)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", default=2)
+    resume: str | None = _help(
+        "'auto' (latest checkpoint in output_dir), a checkpoint folder, or none", default="auto"
+    )
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
+
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
+        if not isinstance(self.loss_params, dict):
+            bad("loss_params", "expected a mapping of hyper-parameter names to values")
+        loss_config(self.loss, **self.loss_params)  # names and values checked by the loss's own config
+        if self.family not in ("auto", "sd15", "sd2", "sdxl"):
+            raise ValueError(f"family={self.family!r} is not supported; valid values: auto, sd15, sd2, sdxl")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            bad("prediction_type", "valid values: epsilon, v_prediction")
+        if self.data_kind not in (None, "pairwise", "population"):
+            bad("data_kind", "valid values: pairwise, population")
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "lora_rank",
+            "anchor_images_per_prompt",
+            "anchor_batch_size",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("checkpoint_every", "keep_checkpoints", "seed", "anchor_sampler_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be an integer >= 0")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            bad("lr", "must be a finite number > 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                bad(name, "must be a finite number >= 0")
+        if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout < 1.0):
+            bad("caption_dropout", "must lie in [0, 1)")
+        if self.mixed_precision not in MIXED_PRECISION:
+            bad("mixed_precision", f"valid values: {', '.join(MIXED_PRECISION)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"valid values: {', '.join(OPTIMIZERS)}")
+        if self.population_sampling not in POPULATION_SAMPLING:
+            bad("population_sampling", f"valid values: {', '.join(POPULATION_SAMPLING)}")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            bad("lora_alpha", "must be a number > 0")
+        if not self.train_unet and not self.train_text_encoder and not self.full_finetune:
+            raise ValueError("train_unet, train_text_encoder and full_finetune are all false: nothing to train")
+        if self.full_finetune and self.train_text_encoder:
+            raise ValueError("full_finetune with train_text_encoder is not supported: choose one")
+        fmts = list(self.lora_formats)
+        if not fmts or any(f not in LORA_FORMAT_CHOICES for f in fmts):
+            bad("lora_formats", f"a non-empty list of: {', '.join(LORA_FORMAT_CHOICES)}")
+        if not self.lora_name or any(c in self.lora_name for c in "/\\") or self.lora_name in (".", ".."):
+            bad("lora_name", "must be a plain file name stem (no path separators)")
+        if float(self.loss_params.get("anchor_weight", 0.0)) > 0 and not self.anchor_prompts:
+            raise ValueError(
+                "loss_params.anchor_weight > 0 needs anchor_prompts (prompts the reference generates from)"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that must not change across a resume (everything but output/progress/steps)."""
+        d = self.to_dict()
+        for k in ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) and keyword overrides; unknown keys are errors."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p}: expected a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    return TrainConfig(**data)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _step_generator(seed: int, *parts: int) -> torch.Generator:
+    h = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "big") & ((1 << 63) - 1))
+
+
+def load_training_model(cfg: TrainConfig):
+    """The model adapter for `cfg.model` (a checkpoint, a diffusers folder or 'tiny:<family>[:seed]')."""
+    if cfg.model.startswith("tiny:"):
+        from .testing import get_dummy_adapter
+
+        parts = cfg.model.split(":")
+        fam = parts[1]
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        adapter = get_dummy_adapter(fam, seed=seed)
+        if cfg.prediction_type is not None and cfg.prediction_type != adapter.prediction_type:
+            from diffusers import DDPMScheduler
+
+            adapter.noise_scheduler = DDPMScheduler.from_config(
+                adapter.noise_scheduler.config, prediction_type=cfg.prediction_type
+            )
+        return adapter
+    if not cfg.model:
+        raise ValueError("model is empty: give a .safetensors checkpoint, a diffusers folder or 'tiny:sd15'")
+    from .models import load_model
+
+    return load_model(cfg.model, family=cfg.family, prediction_type=cfg.prediction_type)
+
+
+class _Dist:
+    """Process group facts (accelerate when several processes run, plain single process otherwise)."""
+
+    def __init__(self, mixed_precision: str):
+        from accelerate import Accelerator
+
+        self.acc = Accelerator(
+            mixed_precision=mixed_precision if torch.cuda.is_available() else _cpu_mp(mixed_precision)
+        )
+        self.rank = self.acc.process_index
+        self.world = self.acc.num_processes
+        self.device = self.acc.device
+        self.main = self.acc.is_main_process
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone().to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu() if t.device.type != "cpu" else t
+
+    def barrier(self):
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+
+def _cpu_mp(mp: str) -> str:
+    # CPU autocast supports bf16; fp16 autocast on CPU is not a thing accelerate offers
+    return "bf16" if mp in ("bf16", "fp16") else "no"
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Runs one training job described by a TrainConfig. `run()` returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig, log=None):
+        self.cfg = cfg.validate()
+        self.out = Path(cfg.output_dir)
+        self.dist = _Dist(cfg.mixed_precision)
+        self.log = log or (lambda m: print(m, file=sys.stderr))
+
+    # -------------------------------------------------------------------------------------------- setup
+    def _setup_model(self):
+        from .lora_io import LoraSpec, add_lora
+
+        cfg = self.cfg
+        self.adapter = adapter = load_training_model(cfg)
+        for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
+            m.to(self.dist.device)
+        torch.manual_seed(cfg.seed)
+        if cfg.full_finetune:
+            adapter.reference_unet = copy.deepcopy(adapter.unet).requires_grad_(False).eval()
+            for m in [adapter.vae, *adapter.text_encoders]:
+                m.requires_grad_(False)
+            adapter.unet.requires_grad_(True)
+        else:
+            spec = LoraSpec(
+                rank=cfg.lora_rank,
+                alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
+                unet_targets=tuple(cfg.unet_targets) if cfg.train_unet else (),
+                text_encoder_targets=tuple(cfg.text_encoder_targets) if cfg.train_text_encoder else None,
+            )
+            add_lora(adapter, spec)
+        if cfg.gradient_checkpointing:
+            adapter.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for te in adapter.text_encoders:
+                    te.gradient_checkpointing_enable()
+        adapter.unet.train()
+        self.params = [p for p in adapter.trainable_parameters() if p.requires_grad]
+        self.param_names = [
+            n
+            for root_name, root in self._roots()
+            for n, p in ((f"{root_name}.{k}", v) for k, v in root.named_parameters())
+            if p.requires_grad
+        ]
+        if not self.params:
+            raise TrainingError("no trainable parameter: check unet_targets / text_encoder_targets")
+
+    def _roots(self):
+        yield "unet", self.adapter.unet
+        for i, te in enumerate(self.adapter.text_encoders):
+            yield f"text_encoder{'' if i == 0 else '_2'}", te
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        named = {n: p for rn, r in self._roots() for n, p in ((f"{rn}.{k}", v) for k, v in r.named_parameters())}
+        return {n: named[n].detach().cpu().contiguous() for n in self.param_names}
+
+    def _setup_optimizer(self):
+        cfg = self.cfg
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise TrainingError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+            self.opt = bnb.optim.AdamW8bit(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _setup_data(self):
+        from .data import load_image, load_preference_data, pair_population
+
+        cfg = self.cfg
+        self.data = data = load_preference_data(cfg.data, kind=cfg.data_kind)
+        spec = LOSSES[cfg.loss]
+        if spec.pairwise:
+            self.pairs = list(data.pairs) if data.kind == "pairwise" else pair_population(data, cfg.seed)
+            if not self.pairs:
+                raise TrainingError(f"{data.manifest}: no (winner, loser) pair could be formed for loss {cfg.loss!r}")
+        self.win_idx = data.winning()
+        self.lose_idx = data.losing()
+        size = cfg.resolution or self.adapter.native_size
+        if size % self.adapter.vae_scale_factor:
+            raise ValueError(f"resolution={size} is invalid: must be a multiple of {self.adapter.vae_scale_factor}")
+        self.size = size
+        self._load_image = lambda i: load_image(data.samples[i].image, size)
+        self.latent_cache: torch.Tensor | None = None
+        if cfg.cache_latents:
+            self.latent_cache = self._encode_indices(list(range(len(data.samples))), chunk=16)
+        captions = sorted({s.caption for s in data.samples} | {""})
+        self.text_cache = None
+        self.ref_text_cache = None
+        if not cfg.train_text_encoder:
+            with torch.no_grad():
+                cond = self.adapter.encode_prompt(captions, self.size, self.size)
+            self.text_cache = {c: cond.select([i]) for i, c in enumerate(captions)}
+        else:
+            with torch.no_grad(), self.adapter.reference():
+                cond = self.adapter.encode_prompt(captions, self.size, self.size)
+            self.ref_text_cache = {c: cond.select([i]) for i, c in enumerate(captions)}
+
+    @torch.no_grad()
+    def _encode_indices(self, idx: list[int], chunk: int = 16) -> torch.Tensor:
+        out = []
+        for s in range(0, len(idx), chunk):
+            imgs = torch.stack([self._load_image(i) for i in idx[s : s + chunk]]).to(self.dist.device)
+            out.append(self.adapter.encode_images(imgs).float().cpu())
+        return torch.cat(out)
+
+    def _setup_anchors(self):
+        cfg = self.cfg
+        self.anchors = None
+        if float(cfg.loss_params.get("anchor_weight", 0.0)) <= 0:
+            return
+        from safetensors.torch import load_file, save_file
+
+        from .sampling import SamplerConfig, sample
+
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    cfg.model,
+                    cfg.seed,
+                    list(cfg.anchor_prompts),
+                    cfg.anchor_images_per_prompt,
+                    cfg.anchor_sampler_steps,
+                    cfg.anchor_guidance,
+                    self.size,
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        path = self.out / f"anchors_{key}.safetensors"
+        if path.is_file():
+            lat = load_file(str(path))["latents"]
+        else:
+            reqs = [(p, i) for p in cfg.anchor_prompts for i in range(cfg.anchor_images_per_prompt)]
+            sc = SamplerConfig(
+                steps=cfg.anchor_sampler_steps,
+                guidance_scale=cfg.anchor_guidance,
+                seed=cfg.seed,
+                height=self.size,
+                width=self.size,
+                output="latents",
+                batch_size=8,
+            )
+            with self.adapter.reference():  # the frozen reference model generates the anchors
+                lat = sample(self.adapter, reqs, sc).float()
+            if self.dist.main:
+                tmp = path.with_suffix(".tmp")
+                save_file({"latents": lat.contiguous()}, str(tmp))
+                os.replace(tmp, path)
+        prompts = [p for p in cfg.anchor_prompts for _ in range(cfg.anchor_images_per_prompt)]
+        with torch.no_grad(), self.adapter.reference():
+            cond = self.adapter.encode_prompt(prompts, self.size, self.size)
+        self.anchors = (lat, cond)
+
+    # -------------------------------------------------------------------------------------------- batches
+    def _global_batch(self, step: int, micro: int) -> tuple[list[int], list[int]]:
+        """(sample indices, labels) of the global batch of one micro-step, drawn from (seed, step, micro) only."""
+        cfg = self.cfg
+        g = _step_generator(cfg.seed, step, micro, 0)
+        n = cfg.batch_size * self.dist.world
+        if LOSSES[cfg.loss].pairwise:
+            pick = torch.randint(0, len(self.pairs), (n,), generator=g).tolist()
+            return [self.pairs[k][0] for k in pick] + [self.pairs[k][1] for k in pick], [1] * n + [-1] * n
+        if cfg.population_sampling == "balanced" and self.win_idx and self.lose_idx:
+            nw = (n + 1) // 2
+            w = [self.win_idx[k] for k in torch.randint(0, len(self.win_idx), (nw,), generator=g).tolist()]
+            lo = [self.lose_idx[k] for k in torch.randint(0, len(self.lose_idx), (n - nw,), generator=g).tolist()]
+            idx = w + lo
+        else:
+            idx = torch.randint(0, len(self.data.samples), (n,), generator=g).tolist()
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        idx = [idx[k] for k in perm]
+        return idx, [self.data.samples[i].label for i in idx]
+
+    def _shard(self, idx: list[int], label: list[int]) -> tuple[list[int], list[int]]:
+        r, w = self.dist.rank, self.dist.world
+        if LOSSES[self.cfg.loss].pairwise:  # keep pairs together: winners then losers of this process's pairs
+            n = len(idx) // 2
+            mine = list(range(r, n, w))
+            return [idx[k] for k in mine] + [idx[n + k] for k in mine], [1] * len(mine) + [-1] * len(mine)
+        mine = list(range(r, len(idx), w))
+        return [idx[k] for k in mine], [label[k] for k in mine]
+
+    def _micro_step(self, step: int, micro: int):
+        from .adapters.base import Conditioning
+        from .objective import Anchor, preference_loss
+
+        cfg = self.cfg
+        idx, label = self._shard(*self._global_batch(step, micro))
+        if not idx:
+            return None
+        g = _step_generator(cfg.seed, step, micro, 1 + self.dist.rank)
+        captions = [self.data.samples[i].caption for i in idx]
+        if cfg.caption_dropout > 0:
+            drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        dev = self.dist.device
+        if self.latent_cache is not None:
+            latents = self.latent_cache[idx].to(dev)
+        else:
+            latents = self._encode_indices(idx).to(dev)
+        latents = latents.to(self.adapter.dtype)
+        ref_cond = None
+        if self.text_cache is not None:
+            cond = Conditioning.cat([self.text_cache[c] for c in captions]).to(dev)
+        else:
+            cond = self.adapter.encode_prompt(captions, self.size, self.size)
+            ref_cond = Conditioning.cat([self.ref_text_cache[c] for c in captions]).to(dev)
+        anchor = None
+        if self.anchors is not None:
+            lat, acond = self.anchors
+            k = torch.randint(0, lat.shape[0], (cfg.anchor_batch_size,), generator=g).tolist()
+            anchor = Anchor(lat[k].to(dev, self.adapter.dtype), acond.select(k).to(dev))
+        reduce = self.dist.sum if self.dist.world > 1 else None
+        with self.dist.acc.autocast():
+            out = preference_loss(
+                self.adapter,
+                latents,
+                cond,
+                torch.tensor(label, device=dev),
+                cfg.loss,
+                generator=g,
+                anchor=anchor,
+                reduce=reduce,
+                ref_cond=ref_cond,
+                **cfg.loss_params,
+            )
+        return out
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def _ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _save_checkpoint(self, step: int) -> None:
+        from safetensors.torch import save_file
+
+        if not self.dist.main:
+            return
+        tensors = {f"param.{k}": v for k, v in self._trainable_state().items()}
+        sd = self.opt.state_dict()
+        scalars: dict = {"param_groups": sd["param_groups"], "state": {}}
+        name_of = {i: n for i, n in enumerate(self.param_names)}
+        for i, st in sd["state"].items():
+            sc = {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.ndim > 0:
+                    tensors[f"opt.{name_of[int(i)]}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    sc[k] = float(v) if isinstance(v, torch.Tensor) else v
+            scalars["state"][str(i)] = sc
+        final = self._ckpt_dir() / f"step_{step:08d}"
+        tmp = self._ckpt_dir() / f".tmp_step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {
+            "step": step,
+            "fingerprint": self.cfg.fingerprint(),
+            "optimizer": scalars,
+            "config": self.cfg.to_dict(),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if p.is_dir())
+        for old in ckpts[: max(0, len(ckpts) - max(1, self.cfg.keep_checkpoints))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _find_resume(self) -> Path | None:
+        r = self.cfg.resume
+        if r in (None, "", "none", False):
+            return None
+        if r == "auto":
+            ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
+            return ckpts[-1] if ckpts else None
+        p = Path(r)
+        if not (p / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume={r!r}: {p / 'trainer_state.json'} does not exist")
+        return p
+
+    def _load_checkpoint(self, path: Path) -> int:
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / "trainer_state.json").read_text())
+        if meta["fingerprint"] != self.cfg.fingerprint():
+            raise TrainingError(
+                f"checkpoint {path} was written by a run with a different configuration; use another output_dir "
+                "or resume=none to start over"
+            )
+        tensors = load_file(str(path / "state.safetensors"))
+        named = {n: p for rn, r in self._roots() for n, p in ((f"{rn}.{k}", v) for k, v in r.named_parameters())}
+        with torch.no_grad():
+            for n in self.param_names:
+                named[n].copy_(tensors[f"param.{n}"])
+        sd = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
+        for i, n in enumerate(self.param_names):
+            sc = meta["optimizer"]["state"].get(str(i))
+            if sc is None:
+                continue
+            st = {k: torch.tensor(v) for k, v in sc.items()}
+            for key, v in tensors.items():
+                if key.startswith(f"opt.{n}."):
+                    st[key[len(f"opt.{n}.") :]] = v
+            sd["state"][i] = st
+        self.opt.load_state_dict(sd)
+        return int(meta["step"])
+
+    # -------------------------------------------------------------------------------------------- outputs
+    def _save_outputs(self, step: int) -> dict[str, str]:
+        from .lora_io import lora_metadata, save_lora
+
+        if not self.dist.main:
+            return {}
+        cfg = self.cfg
+        written = {}
+        if cfg.full_finetune:
+            from safetensors.torch import save_file
+
+            path = self.out / f"{cfg.lora_name}_unet.safetensors"
+            tmp = path.with_name(path.name + ".tmp")
+            sd = {k: v.detach().cpu().contiguous() for k, v in self.adapter.unet.state_dict().items()}
+            save_file(sd, str(tmp), metadata={"loss": cfg.loss, "step": str(step)})
+            os.replace(tmp, path)
+            return {"unet": str(path)}
+        meta = lora_metadata(
+            loss=cfg.loss,
+            hyperparameters={**loss_config(cfg.loss, **cfg.loss_params).__dict__, "lr": cfg.lr, "steps": step},
+            base_model_hash=self.base_hash,
+            data_hash=self.data_hash,
+            popalign_step=str(step),
+        )
+        for fmt in cfg.lora_formats:
+            target = self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
+            written[fmt] = str(save_lora(self.adapter, target, format=fmt, metadata=meta))
+        return written
+
+    def _plot(self, rows: list[dict]) -> None:
+        if not self.dist.main or not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{self.cfg.loss} loss")
+        ax.set_title(f"{self.cfg.loss}: {Path(self.cfg.data).name}")
+        fig.tight_layout()
+        tmp = self.out / "loss_curve.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.out / "loss_curve.png")
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        from .lora_io import model_hash
+
+        cfg = self.cfg
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._setup_model()
+        self.base_hash = model_hash(self.adapter.unet) if not cfg.full_finetune else ""
+        self._setup_data()
+        self.data_hash = self.data.sha256()
+        self._setup_anchors()
+        self._setup_optimizer()
+        start = 0
+        ck = self._find_resume()
+        if ck is not None:
+            start = self._load_checkpoint(ck)
+            self.log(f"[train] resumed from {ck} at step {start}")
+        rows = self._read_metrics(start)
+        if self.dist.main:
+            (self.out / "config.yaml").write_text(_to_yaml(cfg.to_dict()))
+        bar = None
+        if cfg.progress and self.dist.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.loss}", file=sys.stderr)
+        step = start
+        for step in range(start + 1, cfg.steps + 1):
+            ts = time.time()
+            self.opt.zero_grad(set_to_none=True)
+            agg: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                out = self._micro_step(step, micro)
+                finite = torch.tensor([1.0 if out is None or bool(torch.isfinite(out.loss)) else 0.0])
+                if float(self.dist.sum(finite)) < self.dist.world:
+                    last = self._find_resume() if cfg.resume is not None else None
+                    raise TrainingError(
+                        f"loss is not finite (NaN/inf) at step {step}; nothing was saved for this step. "
+                        f"Last good checkpoint: {last or 'none'}. Lower lr or beta, or check the data."
+                    )
+                if out is None:
+                    continue
+                self.dist.acc.backward(out.loss / cfg.grad_accum)
+                for k, v in out.metrics.items():
+                    agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+            if self.dist.world > 1:
+                flat = torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
+                )
+                flat = self.dist.sum(flat.float().cpu()) / self.dist.world
+                off = 0
+                for p in self.params:
+                    n = p.numel()
+                    p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
+                    off += n
+            grad_norm = 0.0
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.opt.step()
+            if self.dist.world > 1:
+                keys = sorted(agg)
+                vals = self.dist.sum(torch.tensor([agg[k] for k in keys], dtype=torch.float64)) / self.dist.world
+                agg = dict(zip(keys, vals.tolist()))
+            row = {"step": step, **agg, "grad_norm": grad_norm, "lr": cfg.lr, "step_seconds": time.time() - ts}
+            rows.append(row)
+            if self.dist.main:
+                self._append_metrics(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                self._save_checkpoint(step)
+            self.dist.barrier()
+        if bar is not None:
+            bar.close()
+        self._save_checkpoint(step)
+        written = self._save_outputs(step)
+        self._plot(rows)
+        self.dist.barrier()
+        summary = {
+            "steps": step,
+            "resumed_from": start,
+            "loss": cfg.loss,
+            "first_loss": rows[0].get("loss") if rows else None,
+            "last_loss": rows[-1].get("loss") if rows else None,
+            "outputs": written,
+            "seconds": round(time.time() - t0, 2),
+            "processes": self.dist.world,
+        }
+        if self.dist.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # metrics files: JSONL (every key) and CSV (fixed columns), truncated to the resumed step on resume
+    def _read_metrics(self, upto: int) -> list[dict]:
+        p = self.out / "metrics.jsonl"
+        rows = []
+        if p.is_file():
+            rows = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+        rows = [r for r in rows if r["step"] <= upto]
+        if self.dist.main:
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, p)
+            self._write_csv(rows)
+        return rows
+
+    def _append_metrics(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        self._write_csv(rows)
+
+    def _write_csv(self, rows: list[dict]) -> None:
+        cols = ["step", "loss"] + sorted({k for r in rows for k in r} - {"step", "loss"})
+        tmp = self.out / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in cols})
+        os.replace(tmp, self.out / "metrics.csv")
+
+
+def _to_yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def train(cfg: TrainConfig | None = None, log=None, **overrides) -> dict:
+    """Run a training job: `train(TrainConfig(...))` or `train(model=..., data=..., loss=...)`."""
+    if cfg is None:
+        cfg = load_config(None, **overrides)
+    elif overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return Trainer(cfg, log=log).run()
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def build_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="popalign train",
+        description="Train a LoRA (or the full UNet) with a loss of the zoo. Every config key is also a flag.",
+    )
+    ap.add_argument("--config", help="YAML file with TrainConfig keys (flags override it)")
+    ap.add_argument(
+        "--loss-param", action="append", default=[], metavar="NAME=VALUE", help="set one loss hyper-parameter"
+    )
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "loss_params":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.name == "loss":
+            ap.add_argument(flag, choices=list(LOSSES), default=None, help=helptext)
+        else:
+            ap.add_argument(flag, type=_parse_value, default=None, metavar="VALUE", help=helptext)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    overrides = {k: v for k, v in vars(a).items() if k not in ("config", "loss_param") and v is not None}
+    try:
+        base = {}
+        if a.config:
+            base = load_config(a.config).to_dict()
+        lp = dict(base.get("loss_params", {}))
+        for item in a.loss_param:
+            if "=" not in item:
+                raise ValueError(f"--loss-param {item!r}: expected NAME=VALUE")
+            k, v = item.split("=", 1)
+            lp[k.strip()] = _parse_value(v)
+        if overrides.get("loss") and overrides["loss"] != base.get("loss") and not a.loss_param:
+            lp = {}  # switching the loss switches to its own defaults
+        base.update(overrides)
+        base["loss_params"] = lp
+        cfg = load_config(None, **base)
+        summary = Trainer(cfg).run()
+    except (ValueError, FileNotFoundError, TrainingError) as exc:
+        print(f"popalign train: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

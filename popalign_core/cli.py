@@ -1,8 +1,8 @@
 """`popalign` command line: one entry point, one sub-command per job.
 
-    popalign demo [...]          the demo on the embedded default (see popalign_core/demo.py)
-    popalign losses [--json]     the loss zoo with each loss's default hyper-parameters
-    popalign mog [...]           PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
+popalign demo [...]          the demo on the embedded default (see popalign_core/demo.py)
+popalign losses [--json]     the loss zoo with each loss's default hyper-parameters
+popalign mog [...]           PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ class Anchor:
 
     latents: torch.Tensor
     cond: Conditioning
+    noise: torch.Tensor | None = None  # optional fixed noise / timesteps (else drawn from the generator)
+    timesteps: torch.Tensor | None = None
 
 
 def shared_noise_and_timesteps(
@@ -60,20 +62,34 @@ def preference_loss(
     anchor: Anchor | None = None,
     reduce=None,
     ref_cond: Conditioning | None = None,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
     **hparams,
 ) -> LossOutput:
     """Loss `loss` (a LOSSES key) on clean latents [B, C, h, w] with conditioning and labels (+1/-1).
 
     ref_cond: the reference model's conditioning when the text encoder is trained too (its adapters disabled);
     by default the (detached) training conditioning is used for the reference pass as well.
+    noise, timesteps: given by the caller (e.g. drawn for a global multi-process batch); drawn from `generator`
+    with pairs sharing them otherwise.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
     spec = LOSSES[loss]
     device, dtype = latents.device, latents.dtype
-    noise, t = shared_noise_and_timesteps(
-        label, latents.shape, adapter.num_train_timesteps, generator, pair=True, device=device, dtype=dtype
-    )
+    if (noise is None) != (timesteps is None):
+        raise ValueError("noise and timesteps: give both or neither")
+    if noise is None:
+        noise, t = shared_noise_and_timesteps(
+            label, latents.shape, adapter.num_train_timesteps, generator, pair=True, device=device, dtype=dtype
+        )
+    else:
+        if noise.shape != latents.shape or timesteps.shape != (latents.shape[0],):
+            raise ValueError(
+                f"noise/timesteps: expected shapes {tuple(latents.shape)} and ({latents.shape[0]},), "
+                f"got {tuple(noise.shape)} and {tuple(timesteps.shape)}"
+            )
+        noise, t = noise.to(device=device, dtype=dtype), timesteps.to(device)
     x_t = adapter.add_noise(latents, noise, t)
     target = adapter.target(latents, noise, t)
     model_pred = adapter.predict(x_t, t, cond)
@@ -90,15 +106,18 @@ def preference_loss(
         num_train_timesteps=adapter.num_train_timesteps,
     )
     if anchor is not None and hparams.get("anchor_weight", 0.0) > 0:
-        a_noise, a_t = shared_noise_and_timesteps(
-            torch.ones(anchor.latents.shape[0]),
-            anchor.latents.shape,
-            adapter.num_train_timesteps,
-            generator,
-            pair=False,
-            device=device,
-            dtype=dtype,
-        )
+        if anchor.noise is not None and anchor.timesteps is not None:
+            a_noise, a_t = anchor.noise.to(device=device, dtype=dtype), anchor.timesteps.to(device)
+        else:
+            a_noise, a_t = shared_noise_and_timesteps(
+                torch.ones(anchor.latents.shape[0]),
+                anchor.latents.shape,
+                adapter.num_train_timesteps,
+                generator,
+                pair=False,
+                device=device,
+                dtype=dtype,
+            )
         a_xt = adapter.add_noise(anchor.latents, a_noise, a_t)
         inputs.anchor_model_pred = adapter.predict(a_xt, a_t, anchor.cond)
         inputs.anchor_target = adapter.target(anchor.latents, a_noise, a_t)

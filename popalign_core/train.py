@@ -59,6 +59,10 @@ class TrainConfig:
         default="",
     )
     family: str = _help("model family: auto, sd15, sd2, sdxl", default="auto")
+    model_config_dir: str | None = _help(
+        "diffusers config folder for a single-file checkpoint (default: the shipped config of its family)",
+        default=None,
+    )
     prediction_type: str | None = _help(
         "override the scheduler's prediction type: epsilon or v_prediction", default=None
     )
@@ -250,7 +254,9 @@ def load_training_model(cfg: TrainConfig):
         raise ValueError("model is empty: give a .safetensors checkpoint, a diffusers folder or 'tiny:sd15'")
     from .models import load_model
 
-    return load_model(cfg.model, family=cfg.family, prediction_type=cfg.prediction_type)
+    return load_model(
+        cfg.model, family=cfg.family, prediction_type=cfg.prediction_type, config_dir=cfg.model_config_dir
+    )
 
 
 class _Dist:
@@ -461,28 +467,48 @@ class Trainer:
         idx = [idx[k] for k in perm]
         return idx, [self.data.samples[i].label for i in idx]
 
-    def _shard(self, idx: list[int], label: list[int]) -> tuple[list[int], list[int]]:
+    def _mine(self, n_global: int) -> list[int]:
+        """Positions of the global batch this process handles (pairwise: positions of its pairs' winners and losers,
+        winners first, so the k-th +1 is still paired with the k-th -1)."""
         r, w = self.dist.rank, self.dist.world
-        if LOSSES[self.cfg.loss].pairwise:  # keep pairs together: winners then losers of this process's pairs
-            n = len(idx) // 2
+        if LOSSES[self.cfg.loss].pairwise:
+            n = n_global // 2
             mine = list(range(r, n, w))
-            return [idx[k] for k in mine] + [idx[n + k] for k in mine], [1] * len(mine) + [-1] * len(mine)
-        mine = list(range(r, len(idx), w))
-        return [idx[k] for k in mine], [label[k] for k in mine]
+            return mine + [n + k for k in mine]
+        return list(range(r, n_global, w))
 
     def _micro_step(self, step: int, micro: int):
         from .adapters.base import Conditioning
-        from .objective import Anchor, preference_loss
+        from .objective import Anchor, preference_loss, shared_noise_and_timesteps
 
         cfg = self.cfg
-        idx, label = self._shard(*self._global_batch(step, micro))
-        if not idx:
-            return None
-        g = _step_generator(cfg.seed, step, micro, 1 + self.dist.rank)
-        captions = [self.data.samples[i].caption for i in idx]
+        g_idx, g_label = self._global_batch(step, micro)
+        # every random draw is made for the GLOBAL batch from (seed, step, micro), then sharded: N processes with
+        # batch b reproduce one process with batch N*b up to float summation order
+        g = _step_generator(cfg.seed, step, micro, 1)
+        latent_shape = (len(g_idx), self.adapter.latent_channels, self.size // self.adapter.vae_scale_factor) + (
+            self.size // self.adapter.vae_scale_factor,
+        )
+        noise, tsteps = shared_noise_and_timesteps(
+            torch.tensor(g_label), latent_shape, self.adapter.num_train_timesteps, g, pair=True
+        )
+        captions = [self.data.samples[i].caption for i in g_idx]
         if cfg.caption_dropout > 0:
-            drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+            drop = torch.rand(len(g_idx), generator=g) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        anchor_pick = None
+        if self.anchors is not None:
+            na = cfg.anchor_batch_size * self.dist.world
+            anchor_pick = torch.randint(0, self.anchors[0].shape[0], (na,), generator=g).tolist()
+            a_noise, a_t = shared_noise_and_timesteps(
+                torch.ones(na), (na,) + latent_shape[1:], self.adapter.num_train_timesteps, g, pair=False
+            )
+        mine = self._mine(len(g_idx))
+        if not mine:
+            return None
+        idx = [g_idx[k] for k in mine]
+        label = [g_label[k] for k in mine]
+        captions = [captions[k] for k in mine]
         dev = self.dist.device
         if self.latent_cache is not None:
             latents = self.latent_cache[idx].to(dev)
@@ -496,10 +522,13 @@ class Trainer:
             cond = self.adapter.encode_prompt(captions, self.size, self.size)
             ref_cond = Conditioning.cat([self.ref_text_cache[c] for c in captions]).to(dev)
         anchor = None
-        if self.anchors is not None:
+        if anchor_pick is not None:
             lat, acond = self.anchors
-            k = torch.randint(0, lat.shape[0], (cfg.anchor_batch_size,), generator=g).tolist()
+            r, w = self.dist.rank, self.dist.world
+            ka = list(range(r, len(anchor_pick), w))
+            k = [anchor_pick[j] for j in ka]
             anchor = Anchor(lat[k].to(dev, self.adapter.dtype), acond.select(k).to(dev))
+            anchor.noise, anchor.timesteps = a_noise[ka].to(dev), a_t[ka].to(dev)
         reduce = self.dist.sum if self.dist.world > 1 else None
         with self.dist.acc.autocast():
             out = preference_loss(
@@ -512,6 +541,8 @@ class Trainer:
                 anchor=anchor,
                 reduce=reduce,
                 ref_cond=ref_cond,
+                noise=noise[mine],
+                timesteps=tsteps[mine],
                 **cfg.loss_params,
             )
         return out
@@ -556,13 +587,16 @@ class Trainer:
         for old in ckpts[: max(0, len(ckpts) - max(1, self.cfg.keep_checkpoints))]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _latest_checkpoint(self) -> Path | None:
+        ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
+        return ckpts[-1] if ckpts else None
+
     def _find_resume(self) -> Path | None:
         r = self.cfg.resume
         if r in (None, "", "none", False):
             return None
         if r == "auto":
-            ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
-            return ckpts[-1] if ckpts else None
+            return self._latest_checkpoint()
         p = Path(r)
         if not (p / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume={r!r}: {p / 'trainer_state.json'} does not exist")
@@ -678,7 +712,7 @@ class Trainer:
                 out = self._micro_step(step, micro)
                 finite = torch.tensor([1.0 if out is None or bool(torch.isfinite(out.loss)) else 0.0])
                 if float(self.dist.sum(finite)) < self.dist.world:
-                    last = self._find_resume() if cfg.resume is not None else None
+                    last = self._latest_checkpoint()
                     raise TrainingError(
                         f"loss is not finite (NaN/inf) at step {step}; nothing was saved for this step. "
                         f"Last good checkpoint: {last or 'none'}. Lower lr or beta, or check the data."
@@ -698,6 +732,15 @@ class Trainer:
                     n = p.numel()
                     p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
                     off += n
+            gfin = torch.tensor(
+                [1.0 if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params) else 0.0]
+            )
+            if float(self.dist.sum(gfin)) < self.dist.world:
+                raise TrainingError(
+                    f"gradients are not finite (NaN/inf) at step {step}; the update was not applied and nothing "
+                    f"was saved for this step. Last good checkpoint: {self._latest_checkpoint() or 'none'}. "
+                    "Lower lr or beta."
+                )
             grad_norm = 0.0
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))

@@ -265,9 +265,9 @@ class _Dist:
     def __init__(self, mixed_precision: str):
         from accelerate import Accelerator
 
-        self.acc = Accelerator(
-            mixed_precision=mixed_precision if torch.cuda.is_available() else _cpu_mp(mixed_precision)
-        )
+        cuda = torch.cuda.is_available()
+        # cpu=True is what makes accelerate see a torchrun / multi-process launch on a machine without CUDA
+        self.acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else _cpu_mp(mixed_precision))
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
         self.device = self.acc.device

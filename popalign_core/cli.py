@@ -43,6 +43,7 @@ def _losses(argv: list[str]) -> int:
 
 COMMANDS = {
     "demo": ("popalign_core.demo", "the demo on the embedded default"),
+    "train": ("popalign_core.train", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
     "losses": (None, "list the loss zoo and its defaults"),
     "mog": ("popalign_core.experiments.mog", "PopAlign Sec. 5 1-D mixture-of-Gaussians experiment"),
 }

@@ -260,18 +260,50 @@ def load_training_model(cfg: TrainConfig):
 
 
 class _Dist:
-    """Process group facts (accelerate when several processes run, plain single process otherwise)."""
+    """Process-group facts from accelerate (torchrun / accelerate launch), plus mixed precision.
+
+    Autocast and the fp16 gradient scaler are handled here with torch's own API rather than through accelerate's
+    process-wide `AcceleratorState`, whose precision cannot change within one process: ComfyUI (and tests) run several
+    trainings with different settings in one process.
+    """
 
     def __init__(self, mixed_precision: str):
         from accelerate import Accelerator
 
         cuda = torch.cuda.is_available()
         # cpu=True is what makes accelerate see a torchrun / multi-process launch on a machine without CUDA
-        self.acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else _cpu_mp(mixed_precision))
+        self.acc = Accelerator(cpu=not cuda)
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
         self.device = self.acc.device
         self.main = self.acc.is_main_process
+        mp = mixed_precision
+        if self.device.type == "cpu" and mp == "fp16":
+            mp = "bf16"  # CPU autocast runs in bfloat16; fp16 is a GPU format
+        self.mixed_precision = mp
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        self.scaler = torch.amp.GradScaler("cuda") if (mp == "fp16" and self.device.type == "cuda") else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, opt) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+
+    def step(self, opt) -> None:
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
@@ -285,11 +317,6 @@ class _Dist:
     def barrier(self):
         if self.world > 1:
             self.acc.wait_for_everyone()
-
-
-def _cpu_mp(mp: str) -> str:
-    # CPU autocast supports bf16; fp16 autocast on CPU is not a thing accelerate offers
-    return "bf16" if mp in ("bf16", "fp16") else "no"
 
 
 # ---------------------------------------------------------------------------------------------------- the trainer
@@ -530,7 +557,7 @@ class Trainer:
             anchor = Anchor(lat[k].to(dev, self.adapter.dtype), acond.select(k).to(dev))
             anchor.noise, anchor.timesteps = a_noise[ka].to(dev), a_t[ka].to(dev)
         reduce = self.dist.sum if self.dist.world > 1 else None
-        with self.dist.acc.autocast():
+        with self.dist.autocast():
             out = preference_loss(
                 self.adapter,
                 latents,
@@ -719,7 +746,7 @@ class Trainer:
                     )
                 if out is None:
                     continue
-                self.dist.acc.backward(out.loss / cfg.grad_accum)
+                self.dist.backward(out.loss / cfg.grad_accum)
                 for k, v in out.metrics.items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
             if self.dist.world > 1:
@@ -732,10 +759,11 @@ class Trainer:
                     n = p.numel()
                     p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
                     off += n
-            gfin = torch.tensor(
-                [1.0 if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params) else 0.0]
-            )
-            if float(self.dist.sum(gfin)) < self.dist.world:
+            self.dist.unscale(self.opt)
+            grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+            gfin = torch.tensor([1.0 if grads_ok else 0.0])
+            # with the fp16 gradient scaler an overflow is routine: the scaler skips that update and lowers its scale
+            if float(self.dist.sum(gfin)) < self.dist.world and self.dist.scaler is None:
                 raise TrainingError(
                     f"gradients are not finite (NaN/inf) at step {step}; the update was not applied and nothing "
                     f"was saved for this step. Last good checkpoint: {self._latest_checkpoint() or 'none'}. "
@@ -744,7 +772,7 @@ class Trainer:
             grad_norm = 0.0
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            self.opt.step()
+            self.dist.step(self.opt)
             if self.dist.world > 1:
                 keys = sorted(agg)
                 vals = self.dist.sum(torch.tensor([agg[k] for k in keys], dtype=torch.float64)) / self.dist.world

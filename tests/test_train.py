@@ -246,3 +246,31 @@ def test_cli_reports_data_errors_with_file_and_row(data, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "row 1" in err and "missing.png" in err
+
+
+def test_memory_options_run_and_change_nothing_else(data, tmp_path):
+    """Gradient checkpointing, no latent cache and bf16 autocast are real code paths: they train the same LoRA
+    (checkpointing / no cache exactly, bf16 closely)."""
+    ref = Trainer(_cfg(data, tmp_path / "ref", loss="dpo"), log=lambda m: None)
+    ref.run()
+    ckpt = Trainer(_cfg(data, tmp_path / "ck", loss="dpo", gradient_checkpointing=True, cache_latents=False))
+    ckpt.log = lambda m: None
+    ckpt.run()
+    a, b = _final_lora(tmp_path / "ref"), _final_lora(tmp_path / "ck")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    bf = Trainer(_cfg(data, tmp_path / "bf", loss="dpo", mixed_precision="bf16"), log=lambda m: None)
+    s = bf.run()
+    assert s["last_loss"] is not None and all(torch.isfinite(v).all() for v in _final_lora(tmp_path / "bf").values())
+
+
+def test_adamw8bit_without_bitsandbytes_says_what_to_install(data, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(TrainingError, match=r"adamw8bit' needs bitsandbytes: pip install bitsandbytes"):
+        Trainer(_cfg(data, tmp_path, optimizer="adamw8bit"), log=lambda m: None).run()

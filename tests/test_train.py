@@ -180,8 +180,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run must really be killed mid-way"
     assert not (killed / "popalign_lora.safetensors").exists()
-    assert not list(killed.glob("*.tmp")), "no half-written file under a final name"
+    # whatever carries a final name is complete: checkpoints have both files, no LoRA was written yet
+    for ck in (killed / "checkpoints").glob("step_*"):
+        assert (ck / "state.safetensors").is_file() and (ck / "trainer_state.json").is_file()
     assert main([*args, "--output-dir", str(killed)]) == 0
+    assert not list(killed.glob("*.tmp")) and not list((killed / "checkpoints").glob(".tmp_*"))
+    steps = [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
     assert main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
     a, b = _final_lora(killed), _final_lora(tmp_path / "straight")
     for k in a:

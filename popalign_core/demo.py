@@ -57,7 +57,35 @@ def build_data(adapter, images_per_population: int, seed: int, steps: int, guida
         latents = adapter.encode_images(images)
     n = len(win_req)
     label = torch.tensor([1] * n + [-1] * n)
-    return latents, captions_w + captions_l, label, images
+    return latents, captions_w + captions_l, label, images, win_req + lose_req
+
+
+def export_population(folder: Path, images: torch.Tensor, requests, captions, label) -> Path:
+    """Write the generated populations as PNGs + a population manifest (docs/data-format.md): the data `popalign
+    train` reads (see examples/train_demo.yaml)."""
+    from PIL import Image
+
+    from .data import write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, (img, (prompt, index), cap, lab) in enumerate(zip(images, requests, captions, label.tolist())):
+        name = f"{k:04d}.png"
+        arr = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / name)
+        rows.append(
+            {
+                "set_id": cap,
+                "population": "winning" if lab > 0 else "losing",
+                "caption": cap,
+                "image": name,
+                "prompt": prompt,
+                "index": index,
+            }
+        )
+    manifest = folder / "population.jsonl"
+    write_manifest(manifest, rows)
+    return manifest
 
 
 @torch.no_grad()
@@ -159,7 +187,10 @@ def run_demo(
     torch.manual_seed(seed)
     adapter = get_dummy_adapter(family, seed=seed)
     log(f"[demo] tiny {family} model built; sampling {2 * images_per_population * len(NEUTRAL_PROMPTS)} images")
-    latents, captions, label, _ = build_data(adapter, images_per_population, seed, sample_steps, guidance)
+    latents, captions, label, images, requests = build_data(
+        adapter, images_per_population, seed, sample_steps, guidance
+    )
+    export_population(out / "data", images, requests, captions, label)
     with torch.no_grad():
         cond_all = adapter.encode_prompt(captions)
     train_idx, held_idx = _split(label, holdout, images_per_population)

@@ -69,3 +69,22 @@ def test_demo_cli_refuses_a_non_empty_output_and_unknown_losses(demo_run, capsys
         main(["--loss", "nope"])
     with pytest.raises(ValueError, match="holdout=4 is invalid"):
         run_demo(out / "x", images_per_population=4, holdout=4)
+
+
+def test_demo_data_feeds_the_example_training_config(demo_run, tmp_path):
+    """examples/train_demo.yaml trains on the population data the demo exports (reduced to 2 steps)."""
+    from pathlib import Path
+
+    from popalign_core.data import load_preference_data
+    from popalign_core.train import load_config, train
+
+    out, _ = demo_run
+    data = load_preference_data(out / "data" / "population.jsonl")
+    assert data.kind == "population" and len(data.samples) == 2 * 4 * 3
+    assert {data.samples[i].caption for i in data.winning()} == {data.samples[i].caption for i in data.losing()}
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_demo.yaml"
+    cfg = load_config(
+        example, data=str(out / "data" / "population.jsonl"), output_dir=str(tmp_path), steps=2, progress=False
+    )
+    summary = train(cfg, log=lambda m: None)
+    assert Path(summary["outputs"]["kohya"]).is_file()

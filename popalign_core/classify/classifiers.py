@@ -1,0 +1,524 @@
+"""Attribute classifiers: face crop -> class probabilities per attribute axis (registry `CLASSIFIERS`).
+
+Backends (keys of `CLASSIFIERS`, which feed CLI choices and ComfyUI dropdowns):
+
+- ``fairface``: the FairFace ResNet-34 (Karkkainen & Joo, WACV 2021), race 7 (or 4) / gender / age 9.
+  Weight file ``res34_fair_align_multi_7_20190809.pt`` (a plain state dict) or the same tensors as ``.safetensors``,
+  in ``ComfyUI/models/popalign/classifiers/`` (standalone: ``<models_dir>/popalign/classifiers/``).
+- ``clip``: open_clip zero-shot classification over text prompts per class (configurable), any open_clip
+  architecture whose tokenizer is open_clip's built-in CLIP BPE (e.g. ``ViT-B-32``); weight file
+  ``open_clip_<arch>.safetensors`` (or ``.pt`` / ``.bin`` state dict) in the same folder, or ``weights=PATH``.
+
+Both are torch models and differentiable: ``logits(x)`` takes face crops ``x`` [B, 3, H, W] in [0, 1] and returns
+per axis logits whose gradients reach the input pixels (the distributional-alignment loss needs this).
+``classify(images)`` is the audit path: detector -> largest face -> crop -> probabilities.
+
+Nothing is ever downloaded unless ``allow_download=True`` (and then only where the backend's package can fetch
+its own weights: open_clip pretrained tags). Models folder: the ``models_dir=`` option (the ComfyUI nodes pass
+ComfyUI's ``models`` folder), else the environment variable ``POPALIGN_MODELS_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popalign_core.attributes import AGE_FAIRFACE9, AXES, GENDER, RACE_FAIRFACE7, RACE_GROUP4
+from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector
+
+CLASSIFIER_SUBDIR = os.path.join("popalign", "classifiers")
+COMFY_FOLDER_HINT = "ComfyUI/models/popalign/classifiers/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------------ detectors
+class FullImage:
+    """The "no detection" detector: the whole image is the face crop (box = the full image, score 1).
+
+    For images that are already face crops (aligned FairFace-style chips, the toy world's rendered faces) and for
+    tests. Every classifier uses it when built with ``detector=None``; real detectors come from
+    ``popalign_core.classify.detectors.make_detector``.
+    """
+
+    name = "full_image"
+
+    def detect(self, image: np.ndarray) -> Face | None:
+        """Return the whole image as the face (never None)."""
+        h, w = image.shape[:2]
+        return Face(box=(0, 0, int(w), int(h)), score=1.0, crop=image)
+
+
+def _resolve_detector(detector: FaceDetector | str | None) -> FaceDetector:
+    """`None` -> FullImage(); a registry name -> `detectors.make_detector(name)` (imported only then)."""
+    if detector is None:
+        return FullImage()
+    if isinstance(detector, str):
+        if detector in ("full_image", "none"):
+            return FullImage()
+        from popalign_core.classify.detectors import make_detector  # lazy: optional heavy backends
+
+        return make_detector(detector)
+    if not callable(getattr(detector, "detect", None)):
+        raise TypeError(f"detector must have a detect(image) -> Face | None method, got {type(detector).__name__}")
+    return detector
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def check_image(image: Any) -> np.ndarray:
+    """Validate one image and return it as [H, W, 3] uint8 RGB (grey [H, W] and RGBA are converted).
+
+    Raises ValueError with a message that says what is wrong (used as `Classification.error`).
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a numpy array [H, W, 3] uint8 RGB, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected dtype uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected shape [H, W, 3], got {tuple(image.shape)}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"image too small: {tuple(image.shape)}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def models_dir_candidates(models_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for classifier weights: ``<models_dir>/popalign/classifiers`` when `models_dir` is given,
+    else ``$POPALIGN_MODELS_DIR/popalign/classifiers`` when that variable is set. (The core never imports ComfyUI:
+    the ComfyUI nodes pass ``models_dir=folder_paths.models_dir``.)"""
+    if models_dir is not None:
+        roots = [Path(models_dir)]
+    elif os.environ.get("POPALIGN_MODELS_DIR"):
+        roots = [Path(os.environ["POPALIGN_MODELS_DIR"])]
+    else:
+        roots = []
+    return [r / CLASSIFIER_SUBDIR for r in roots]
+
+
+def find_weights(
+    backend: str, file_names: Sequence[str], weights: str | os.PathLike | None, models_dir: str | os.PathLike | None
+) -> Path:
+    """The weight file: `weights` if given (must exist), else the first of `file_names` in the searched folders.
+
+    Raises BackendUnavailable naming the file and the folder to put it in.
+    """
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackendUnavailable(
+                f"{backend}: weight file {str(path)!r} not found. Pass an existing file, or put "
+                f"{file_names[0]!r} in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/)."
+            )
+        return path
+    folders = models_dir_candidates(models_dir)
+    for folder in folders:
+        for name in file_names:
+            if (folder / name).is_file():
+                return folder / name
+    searched = ", ".join(str(f) for f in folders) or "none (no models_dir given, $POPALIGN_MODELS_DIR unset)"
+    raise BackendUnavailable(
+        f"{backend}: weight file {file_names[0]!r} not found (also accepted: {', '.join(file_names[1:]) or '-'}). "
+        f"Put it in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/ with models_dir= or "
+        f"$POPALIGN_MODELS_DIR), or pass weights=PATH. Searched: {searched}."
+    )
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file or a torch state-dict file, read with ``weights_only=True`` (no arbitrary
+    pickled objects). A ``{"state_dict": ...}`` wrapper and a DataParallel ``module.`` prefix are removed."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(
+            f"cannot read weight file {str(path)!r} as a safetensors file or a torch state dict "
+            f"(torch.load weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"weight file {str(path)!r} holds no state dict (got {type(sd).__name__})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+# ------------------------------------------------------------------------------------------------ base class
+class TorchAttributeClassifier:
+    """Shared machinery of the torch backends: detection + cropping, batching, validation, softmax.
+
+    Subclasses set `name`, `axes` and `self.input_size`, `self.mean`, `self.std`, and implement `_forward(x)`:
+    normalised [B, 3, S, S] -> {axis: logits [B, len(axes[axis])]} in the class order of `axes[axis]`.
+    """
+
+    name: str = ""
+    axes: dict[str, tuple[str, ...]] = {}
+    differentiable = True
+
+    def __init__(self, detector: FaceDetector | str | None = None, device: str = "cpu", batch_size: int = 32):
+        import torch
+
+        self.detector = _resolve_detector(detector)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.input_size: tuple[int, int] = (224, 224)
+        self.mean: tuple[float, ...] = IMAGENET_MEAN
+        self.std: tuple[float, ...] = IMAGENET_STD
+
+    # -- differentiable path
+    def preprocess(self, x):
+        """[B, 3, H, W] in [0, 1] -> resized (bilinear, antialiased) to `input_size` and normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected images [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
+        x = x.to(self.device, torch.float32)
+        if tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def logits(self, images) -> dict[str, Any]:
+        """Face crops [B, 3, H, W] in [0, 1] -> {axis: logits [B, n_classes]} (class order = `axes[axis]`).
+
+        Differentiable end to end: gradients flow to `images` (the model's own weights are frozen)."""
+        return self._forward(self.preprocess(images))
+
+    def probs(self, images) -> dict[str, Any]:
+        """softmax of `logits(images)` per axis (differentiable)."""
+        return {axis: t.softmax(dim=-1) for axis, t in self.logits(images).items()}
+
+    def _forward(self, x) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- audit path
+    def classify(self, images: list[np.ndarray]) -> list[Classification]:
+        """images: list of [H, W, 3] uint8 RGB. One Classification per image: largest face -> probabilities per
+        axis; no face -> face_found=False; invalid image or failing detector -> face_found=False + error."""
+        import torch
+
+        results: list[Classification | None] = [None] * len(images)
+        crops: list[tuple[int, Face]] = []
+        for i, image in enumerate(images):
+            try:
+                image = check_image(image)
+                face = self.detector.detect(image)
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop an audit
+                results[i] = Classification(face_found=False, error=f"{type(e).__name__}: {e}")
+                continue
+            if face is None or face.crop is None or face.crop.size == 0 or min(face.crop.shape[:2]) < 2:
+                results[i] = Classification(face_found=False)
+                continue
+            crops.append((i, face))
+        for start in range(0, len(crops), self.batch_size):
+            chunk = crops[start : start + self.batch_size]
+            with torch.no_grad():
+                x = torch.cat([self._crop_to_tensor(face.crop) for _, face in chunk])
+                probs = {axis: p.float().cpu().numpy() for axis, p in self.probs(x).items()}
+            for j, (i, face) in enumerate(chunk):
+                results[i] = Classification(
+                    face_found=True,
+                    box=tuple(int(v) for v in face.box),
+                    probs={axis: p[j].astype(np.float64) / p[j].sum() for axis, p in probs.items()},
+                )
+        return results  # type: ignore[return-value]
+
+    def _crop_to_tensor(self, crop: np.ndarray):
+        """uint8 [h, w, 3] crop -> [1, 3, S, S] float in [0, 1], resized like `preprocess` does."""
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(np.ascontiguousarray(crop[:, :, :3])).permute(2, 0, 1)[None].float() / 255.0
+        return F.interpolate(t, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+
+    def _freeze(self, model):
+        model.eval().requires_grad_(False)
+        return model.to(self.device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(detector={getattr(self.detector, 'name', '?')}, device={self.device})"
+
+
+# ------------------------------------------------------------------------------------------------ FairFace
+FAIRFACE_FILES = {
+    "fairface7": ("res34_fair_align_multi_7_20190809.pt", "res34_fair_align_multi_7_20190809.safetensors"),
+    "group4": ("res34_fair_align_multi_4_20190809.pt", "res34_fair_align_multi_4_20190809.safetensors"),
+}
+# Output layout of the public FairFace models (fc with 18 outputs; predict.py of github.com/dchen236/FairFace):
+#   [0:7]  race  White, Black, Latino_Hispanic, East Asian, Southeast Asian, Indian, Middle Eastern  (7-race model)
+#   [0:4]  race  White, Black, Asian, Indian                                                          (4-race model)
+#   [7:9]  gender  Male, Female   <- reversed w.r.t. our GENDER = ("female", "male")
+#   [9:18] age  0-2, 3-9, 10-19, 20-29, 30-39, 40-49, 50-59, 60-69, 70+
+# FAIRFACE_INDEX[race_set][axis][k] = output index of class axes[axis][k] (our canonical order).
+FAIRFACE_INDEX = {
+    "fairface7": {"race": list(range(0, 7)), "gender": [8, 7], "age": list(range(9, 18))},
+    "group4": {"race": list(range(0, 4)), "gender": [8, 7], "age": list(range(9, 18))},
+}
+
+
+class FairFaceClassifier(TorchAttributeClassifier):
+    """FairFace ResNet-34: torchvision ``resnet34`` with ``fc`` -> 18 outputs (race / gender / age heads).
+
+    Preprocessing as in FairFace's predict.py: resize to 224 x 224, ImageNet mean/std. FairFace was trained on
+    dlib-aligned face chips with 25 % padding, so pass crops of that kind (a detector with some margin).
+    `race_set`: "fairface7" (``res34_fair_align_multi_7``) or "group4" (``res34_fair_align_multi_4``); guessed from
+    the file name when `weights` is given. ``detector=None`` uses `FullImage` (the image is the face crop).
+    """
+
+    name = "fairface"
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        detector: FaceDetector | str | None = None,
+        device: str = "cpu",
+        allow_download: bool = False,
+        race_set: str | None = None,
+        models_dir: str | os.PathLike | None = None,
+        batch_size: int = 32,
+    ):
+        super().__init__(detector=detector, device=device, batch_size=batch_size)
+        if race_set is None:
+            race_set = "group4" if weights is not None and "multi_4" in Path(weights).name else "fairface7"
+        if race_set not in FAIRFACE_INDEX:
+            raise ValueError(f"fairface: race_set must be one of {sorted(FAIRFACE_INDEX)}, got {race_set!r}")
+        try:
+            import torch
+            import torchvision
+        except ImportError as e:
+            raise BackendUnavailable(f"fairface needs torch and torchvision: pip install torchvision ({e})") from e
+        files = FAIRFACE_FILES[race_set]
+        try:
+            path = find_weights("fairface", files, weights, models_dir)
+        except BackendUnavailable as e:
+            if allow_download:
+                raise BackendUnavailable(
+                    f"{e} The FairFace weights are not downloaded automatically: get them from the FairFace "
+                    "project (github.com/dchen236/FairFace, 'Download our models')."
+                ) from e
+            raise
+        model = torchvision.models.resnet34(weights=None)
+        model.fc = torch.nn.Linear(model.fc.in_features, 18)
+        sd = load_state_dict(path)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"fairface: {str(path)!r} is not a FairFace ResNet-34 state dict (torchvision resnet34, fc -> 18): {e}"
+            ) from e
+        self.model = self._freeze(model)
+        self.weights_path = path
+        self.race_set = race_set
+        race = RACE_FAIRFACE7 if race_set == "fairface7" else RACE_GROUP4
+        self.axes = {"race": race, "gender": GENDER, "age": AGE_FAIRFACE9}
+        self._index = {a: torch.tensor(ix, device=self.device) for a, ix in FAIRFACE_INDEX[race_set].items()}
+        self.input_size, self.mean, self.std = (224, 224), IMAGENET_MEAN, IMAGENET_STD
+
+    def _forward(self, x):
+        out = self.model(x)
+        return {axis: out.index_select(1, self._index[axis]) for axis in self.axes}
+
+
+# ------------------------------------------------------------------------------------------------ CLIP zero-shot
+def _prompts(template_list: Sequence[str], phrases: dict[str, str]) -> dict[str, list[str]]:
+    return {c: [t.format(p) for t in template_list] for c, p in phrases.items()}
+
+
+_PERSON = ("a photo of a {} person.", "a close-up portrait photo of a {} person.")
+_AGE = ("a photo of {}.", "a close-up portrait photo of {}.")
+# DEFAULT_CLIP_PROMPTS[axis][class] -> prompts (their normalised text embeddings are averaged per class)
+DEFAULT_CLIP_PROMPTS: dict[str, dict[str, list[str]]] = {
+    "gender": _prompts(_PERSON, {"female": "female", "male": "male"}),
+    "race": _prompts(
+        _PERSON,
+        {
+            "white": "White",
+            "black": "Black",
+            "latino_hispanic": "Latino Hispanic",
+            "east_asian": "East Asian",
+            "southeast_asian": "Southeast Asian",
+            "asian": "Asian",
+            "indian": "Indian",
+            "middle_eastern": "Middle Eastern",
+        },
+    ),
+    "age": _prompts(
+        _AGE,
+        {
+            "0-2": "a baby",
+            "3-9": "a child",
+            "10-19": "a teenager",
+            "20-29": "a person in their twenties",
+            "30-39": "a person in their thirties",
+            "40-49": "a person in their forties",
+            "50-59": "a person in their fifties",
+            "60-69": "a person in their sixties",
+            "70+": "a person over seventy",
+            "young": "a young person",
+            "old": "an old person",
+        },
+    ),
+}
+DEFAULT_CLIP_AXES = {"gender": "binary", "race": "fairface7", "age": "fairface9"}
+
+
+class ClipZeroShotClassifier(TorchAttributeClassifier):
+    """open_clip zero-shot: probabilities = softmax(logit_scale * cosine(image, class text embedding)) per axis.
+
+    `arch`: an open_clip architecture name (built offline with ``pretrained=None``; the CLIP BPE tokenizer ships
+    in the package). `model_cfg`: optional overrides of that architecture's config (e.g. a tiny test model).
+    `weights`: an open_clip state dict (``.safetensors`` / ``.pt`` / ``.bin``, e.g. ``open_clip_model.safetensors``
+    of an open_clip model repository); default file ``open_clip_<arch>.safetensors`` in the classifiers folder.
+    OpenAI's original TorchScript ``.pt`` archives are not read (no unsafe unpickling): use a state-dict file.
+    `axes`: {axis: class-set variant from `attributes.AXES`}, default gender/binary, race/fairface7, age/fairface9.
+    `prompts`: {axis: {class: [prompt, ...]}} overriding `DEFAULT_CLIP_PROMPTS` class by class.
+    With ``allow_download=True`` and no local file, open_clip fetches `pretrained` (a tag such as "openai").
+    Images are resized to the model's input size (no centre crop: inputs are face crops), CLIP mean/std.
+    ``detector=None`` uses `FullImage` (the image is the face crop).
+    """
+
+    name = "clip"
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        detector: FaceDetector | str | None = None,
+        device: str = "cpu",
+        allow_download: bool = False,
+        arch: str = "ViT-B-32",
+        model_cfg: dict[str, Any] | None = None,
+        pretrained: str = "openai",
+        axes: dict[str, str] | None = None,
+        prompts: dict[str, dict[str, Sequence[str]]] | None = None,
+        models_dir: str | os.PathLike | None = None,
+        batch_size: int = 32,
+    ):
+        super().__init__(detector=detector, device=device, batch_size=batch_size)
+        try:
+            import open_clip
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable(f"clip needs open_clip: pip install open_clip_torch ({e})") from e
+        if open_clip.get_model_config(arch) is None:
+            raise ValueError(f"clip: unknown open_clip architecture {arch!r}; valid: {open_clip.list_models()}")
+        self.axes = self._select_axes(axes)
+        files = tuple(f"open_clip_{arch}{ext}" for ext in (".safetensors", ".pt", ".bin"))
+        import logging
+
+        quiet = logging.getLogger().level
+        try:
+            path = find_weights("clip", files, weights, models_dir)
+        except BackendUnavailable:
+            if not allow_download:
+                raise
+            path = None
+        try:
+            logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "model initialized randomly" otherwise
+            if path is None:
+                model = open_clip.create_model(arch, pretrained=pretrained, **(model_cfg or {}))
+            else:
+                model = open_clip.create_model(arch, pretrained=None, **(model_cfg or {}))
+                try:
+                    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+                except Exception as e:  # noqa: BLE001 - re-raised with file + arch
+                    raise ValueError(
+                        f"clip: cannot load {str(path)!r} into open_clip {arch!r} (wrong architecture or not a "
+                        f"state dict; TorchScript archives are not read): {type(e).__name__}: {e}"
+                    ) from e
+        finally:
+            logging.getLogger().setLevel(quiet)
+        self.model = self._freeze(model)
+        self.weights_path = path
+        self.arch = arch
+        visual = model.visual
+        size = getattr(visual, "image_size", 224)
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        cfg = getattr(visual, "preprocess_cfg", None) or {}
+        self.mean = tuple(cfg.get("mean", OPENAI_CLIP_MEAN))
+        self.std = tuple(cfg.get("std", OPENAI_CLIP_STD))
+        tokenizer = open_clip.get_tokenizer(arch, context_length=getattr(model, "context_length", None))
+        self.prompts = self._select_prompts(prompts)
+        with torch.no_grad():
+            self._text = {}
+            for axis, classes in self.axes.items():
+                rows = []
+                for c in classes:
+                    emb = model.encode_text(tokenizer(list(self.prompts[axis][c])).to(self.device)).float()
+                    emb = torch.nn.functional.normalize(emb, dim=-1).mean(0)
+                    rows.append(torch.nn.functional.normalize(emb, dim=0))
+                self._text[axis] = torch.stack(rows)  # [C, D]
+
+    @staticmethod
+    def _select_axes(axes: dict[str, str] | None) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for axis, variant in (axes or DEFAULT_CLIP_AXES).items():
+            if axis not in AXES or variant not in AXES[axis]:
+                valid = {a: sorted(v) for a, v in AXES.items()}
+                raise ValueError(f"clip: unknown axis/class set {axis!r}/{variant!r}; valid: {valid}")
+            out[axis] = AXES[axis][variant]
+        return out
+
+    def _select_prompts(self, prompts: dict[str, dict[str, Sequence[str]]] | None) -> dict[str, dict[str, list]]:
+        out = {}
+        for axis, classes in self.axes.items():
+            given = (prompts or {}).get(axis, {})
+            unknown = set(given) - set(classes)
+            if unknown:
+                raise ValueError(f"clip: prompts for unknown {axis} classes {sorted(unknown)}; classes: {classes}")
+            out[axis] = {}
+            for c in classes:
+                p = given.get(c) or DEFAULT_CLIP_PROMPTS.get(axis, {}).get(c)
+                if not p:
+                    raise ValueError(
+                        f"clip: no prompt for {axis} class {c!r}: pass prompts={{{axis!r}: {{{c!r}: [...]}}}}"
+                    )
+                out[axis][c] = [p] if isinstance(p, str) else list(p)
+        return out
+
+    def _forward(self, x):
+        import torch
+
+        img = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+        scale = self.model.logit_scale.exp().float()
+        return {axis: scale * img @ text.T for axis, text in self._text.items()}
+
+
+# ------------------------------------------------------------------------------------------------ registry
+CLASSIFIERS: dict[str, Callable[..., TorchAttributeClassifier]] = {
+    "fairface": FairFaceClassifier,
+    "clip": ClipZeroShotClassifier,
+}
+
+
+def make_classifier(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    detector: FaceDetector | str | None = None,
+    device: str = "cpu",
+    allow_download: bool = False,
+    **options: Any,
+):
+    """Build the classifier `name` (a key of `CLASSIFIERS`); `options` go to its constructor (e.g. `models_dir`,
+    `arch`, `prompts`). ``detector=None`` -> `FullImage` (the whole image is the face crop)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; valid: {sorted(CLASSIFIERS)}")
+    return CLASSIFIERS[name](
+        weights=weights, detector=detector, device=device, allow_download=allow_download, **options
+    )

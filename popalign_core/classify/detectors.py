@@ -1,0 +1,261 @@
+"""Face detectors: registry `DETECTORS = {name: factory}` and `make_detector(name, **options)`.
+
+Every backend implements `popalign_core.classify.base.FaceDetector`: `detect(image)` takes one `[H, W, 3]` uint8
+RGB array and returns the LARGEST face (by box area, ties broken by score) as `Face(box, score, crop)` or None.
+`box` is `(x0, y0, x1, y1)` in integer pixels, clipped to the image, and `crop` is exactly `image[y0:y1, x0:x1]`
+(use `base.crop_box(image, face.box, margin)` for a crop with context). No backend downloads anything: each one
+uses model files that ship inside its pip package.
+
+Backends (name: package, install command, score):
+
+- `opencv_haar`: OpenCV's Haar cascade `haarcascade_frontalface_default.xml` from `cv2.data.haarcascades`.
+  Install `pip install "opencv-python-headless<5"` (OpenCV 5 wheels ship no cascade files). Options: `scale_factor`
+  (1.1), `min_neighbors` (5), `min_size` ((30, 30)), `cascade` (file name in `cv2.data.haarcascades` or a path),
+  `equalize` (False: histogram-equalise the grey image first). Score = the number of neighbouring raw detections
+  merged into the box (from `detectMultiScale2`; >= `min_neighbors`): a vote count, not a probability.
+- `mtcnn`: facenet-pytorch's MTCNN (P/R/O-Net weights ship in the wheel; runs on torch + torchvision ops).
+  Install `pip install --no-deps facenet-pytorch==2.6.0` (its declared pins on torch/numpy/pillow are old; it runs
+  with current ones). Options: `device` ("cpu"), `min_face_size` (20), `thresholds` ((0.6, 0.7, 0.7)),
+  `factor` (0.709), `min_score` (0.0: drop faces whose probability is lower). Score = the O-Net face probability.
+- `mediapipe`: MediaPipe face detection (BlazeFace `.tflite` models ship in mediapipe 0.10.21; later releases
+  ship none). Install `pip install --no-deps mediapipe==0.10.21 "protobuf>=4.25.3,<5" absl-py flatbuffers`
+  (`--no-deps`: its metadata asks for numpy<2 and opencv-contrib-python, which the face-detection graph does
+  not need). Options: `model_selection` (0: short range, faces within ~2 m; 1: full range), `min_confidence`
+  (0.5). Score = the detection confidence. One detector object must not be shared between threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .base import BackendUnavailable, Face, FaceDetector, largest
+
+__all__ = [
+    "DETECTORS",
+    "INSTALL",
+    "MTCNNDetector",
+    "MediaPipeDetector",
+    "OpenCVHaarDetector",
+    "make_detector",
+]
+
+# backend name -> the command that installs its package (quoted in BackendUnavailable messages)
+INSTALL: dict[str, str] = {
+    "opencv_haar": 'pip install "opencv-python-headless<5"',
+    "mtcnn": "pip install --no-deps facenet-pytorch==2.6.0",
+    "mediapipe": 'pip install --no-deps mediapipe==0.10.21 "protobuf>=4.25.3,<5" absl-py flatbuffers',
+}
+
+
+def _import(module: str, backend: str) -> ModuleType:
+    """Import `module` for `backend`, or raise BackendUnavailable saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"face detector {backend!r} needs the Python module {module!r}, which cannot be imported ({err}). "
+            f"Install it with: {INSTALL[backend]}"
+        ) from err
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """Validate a detector input: [H, W, 3] uint8 RGB (a [H, W] grey or [H, W, 4] RGBA image is converted)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"face detectors take uint8 images (0..255), got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"face detectors take [H, W, 3] RGB images, got shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def _clip_box(box: Any, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Round a float (x0, y0, x1, y1) box to ints clipped to the image; None if nothing of it is left inside."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
+    x1, y1 = min(width, int(round(x1))), min(height, int(round(y1)))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def _pick(image: np.ndarray, candidates: list[tuple[Any, float]]) -> Face | None:
+    """Clip candidate (box, score) pairs to the image and return the largest as a Face (crop = the box)."""
+    height, width = image.shape[:2]
+    boxes_scores = []
+    for box, score in candidates:
+        clipped = _clip_box(box, width, height)
+        if clipped is not None:
+            boxes_scores.append((clipped, float(score)))
+    index = largest(boxes_scores)
+    if index is None:
+        return None
+    box, score = boxes_scores[index]
+    x0, y0, x1, y1 = box
+    return Face(box=box, score=score, crop=np.ascontiguousarray(image[y0:y1, x0:x1]))
+
+
+class OpenCVHaarDetector:
+    """OpenCV Haar-cascade face detector (frontal faces; fast, CPU only, more misses on turned faces).
+
+    Score = number of merged neighbouring detections (a vote count >= `min_neighbors`, not a probability).
+    """
+
+    name = "opencv_haar"
+
+    def __init__(
+        self,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        min_size: tuple[int, int] = (30, 30),
+        cascade: str = "haarcascade_frontalface_default.xml",
+        equalize: bool = False,
+    ) -> None:
+        cv2 = _import("cv2", self.name)
+        self._cv2 = cv2
+        path = cascade
+        if not os.path.isabs(cascade):
+            folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+            if not folder:
+                raise BackendUnavailable(
+                    f"OpenCV {cv2.__version__} has no `cv2.data.haarcascades` (OpenCV 5 wheels ship no cascade "
+                    f'files). Install an OpenCV 4 wheel: {INSTALL[self.name]}, or pass cascade="/path/to/{cascade}"'
+                )
+            path = os.path.join(folder, cascade)
+        if not os.path.isfile(path):
+            raise BackendUnavailable(
+                f"Haar cascade file not found: {path} (pass `cascade` as a file name in "
+                f"cv2.data.haarcascades or an absolute path to an OpenCV cascade XML)"
+            )
+        self._classifier = cv2.CascadeClassifier(path)
+        if self._classifier.empty():
+            raise BackendUnavailable(f"OpenCV could not load the Haar cascade {path}")
+        self.scale_factor = float(scale_factor)
+        self.min_neighbors = int(min_neighbors)
+        self.min_size = (int(min_size[0]), int(min_size[1]))
+        self.equalize = bool(equalize)
+
+    def detect(self, image: np.ndarray) -> Face | None:
+        """Largest frontal face of an [H, W, 3] uint8 RGB image, or None."""
+        image = _as_rgb(image)
+        grey = self._cv2.cvtColor(image, self._cv2.COLOR_RGB2GRAY)
+        if self.equalize:
+            grey = self._cv2.equalizeHist(grey)
+        rects, neighbours = self._classifier.detectMultiScale2(
+            grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=self.min_size
+        )
+        candidates = [((x, y, x + w, y + h), float(n)) for (x, y, w, h), n in zip(rects, neighbours)]
+        return _pick(image, candidates)
+
+
+class MTCNNDetector:
+    """facenet-pytorch MTCNN face detector (P/R/O-Net cascade; weights ship inside the facenet-pytorch wheel).
+
+    Score = the O-Net face probability.
+    """
+
+    name = "mtcnn"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        min_face_size: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+        min_score: float = 0.0,
+    ) -> None:
+        facenet = _import("facenet_pytorch", self.name)
+        self._mtcnn = facenet.MTCNN(
+            keep_all=True,
+            device=device,
+            min_face_size=int(min_face_size),
+            thresholds=list(thresholds),
+            factor=float(factor),
+            post_process=False,
+        )
+        self.min_score = float(min_score)
+
+    def detect(self, image: np.ndarray) -> Face | None:
+        """Largest face of an [H, W, 3] uint8 RGB image, or None."""
+        import torch
+
+        image = _as_rgb(image)
+        with torch.no_grad():
+            boxes, probs = self._mtcnn.detect(image)
+        if boxes is None:
+            return None
+        candidates = [(box, float(p)) for box, p in zip(boxes, probs) if p is not None and p >= self.min_score]
+        return _pick(image, candidates)
+
+
+class MediaPipeDetector:
+    """MediaPipe (BlazeFace) face detector from mediapipe 0.10.21's legacy `solutions.face_detection`.
+
+    Score = the detection confidence. Not thread-safe: use one detector per thread.
+    """
+
+    name = "mediapipe"
+
+    def __init__(self, model_selection: int = 0, min_confidence: float = 0.5) -> None:
+        mp = _import("mediapipe", self.name)
+        solutions = getattr(mp, "solutions", None)
+        if solutions is None or not hasattr(solutions, "face_detection"):
+            raise BackendUnavailable(
+                f"mediapipe {getattr(mp, '__version__', '?')} has no `solutions.face_detection` with bundled models "
+                f"(releases after 0.10.21 ship none). Install: {INSTALL[self.name]}"
+            )
+        if model_selection not in (0, 1):
+            raise ValueError(f"model_selection must be 0 (short range) or 1 (full range), got {model_selection!r}")
+        self._detector = solutions.face_detection.FaceDetection(
+            model_selection=model_selection, min_detection_confidence=float(min_confidence)
+        )
+
+    def detect(self, image: np.ndarray) -> Face | None:
+        """Largest face of an [H, W, 3] uint8 RGB image, or None."""
+        image = _as_rgb(image)
+        height, width = image.shape[:2]
+        result = self._detector.process(image)
+        candidates = []
+        for detection in result.detections or []:
+            rel = detection.location_data.relative_bounding_box
+            box = (
+                rel.xmin * width,
+                rel.ymin * height,
+                (rel.xmin + rel.width) * width,
+                (rel.ymin + rel.height) * height,
+            )
+            candidates.append((box, float(detection.score[0]) if detection.score else 0.0))
+        return _pick(image, candidates)
+
+    def close(self) -> None:
+        """Release the MediaPipe graph (also done when the object is garbage-collected)."""
+        self._detector.close()
+
+
+DETECTORS: dict[str, Callable[..., FaceDetector]] = {
+    "opencv_haar": OpenCVHaarDetector,
+    "mtcnn": MTCNNDetector,
+    "mediapipe": MediaPipeDetector,
+}
+
+
+def make_detector(name: str, **options: Any) -> FaceDetector:
+    """Build the face detector registered as `name` with backend `options` (see the module docstring).
+
+    Raises ValueError for an unknown name (listing the valid ones) and BackendUnavailable when the backend's
+    package is missing (saying what to pip install).
+    """
+    try:
+        factory = DETECTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown face detector {name!r}; valid names: {', '.join(sorted(DETECTORS))}") from None
+    return factory(**options)

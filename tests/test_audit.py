@@ -1,0 +1,191 @@
+"""Tests of `popalign audit` (popalign_core.audit) and its reports (popalign_core.report), on the tiny sd15 model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from popalign_core.audit import compare_audits, main, read_prompts, run_audit
+
+pytest.importorskip("torchvision")
+pytest.importorskip("matplotlib")
+
+N_BOOT = 50
+SAMPLER = {"steps": 2, "guidance": 7.5, "seed": 0, "height": 32, "width": 32}
+PROMPTS = ["a photo of a doctor", "a photo of a nurse"]
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """Seeded random FairFace weights (torchvision resnet34, fc -> 18), saved as a plain state dict."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, 18)
+    with torch.no_grad():
+        model.fc.weight.mul_(0.01)
+    path = tmp_path_factory.mktemp("weights") / "fairface_random.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def classifier(weights):
+    from popalign_core.classify.classifiers import make_classifier
+
+    return make_classifier("fairface", weights=weights)
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, classifier):
+    root = tmp_path_factory.mktemp("audit_root")
+    out = root / "out"
+    res = run_audit(
+        model="tiny:sd15",
+        prompts=PROMPTS,
+        images_per_prompt=4,
+        classifier=classifier,
+        out_dir=out,
+        n_boot=N_BOOT,
+        **SAMPLER,
+    )
+    return root, out, res
+
+
+def test_sampling_audit_structure(sampled):
+    root, out, res = sampled
+    assert _files(root) == {"out"} | {f"out/{f}" for f in _files(out)}  # nothing outside out_dir
+    on_disk = json.loads((out / "audit.json").read_text())
+    assert on_disk["prompts"] == PROMPTS
+    assert on_disk["settings"]["sampler"]["steps"] == 2 and "guidance" in on_disk["settings"]["sampler"]["cfg"]
+    assert on_disk["settings"]["model"] == "tiny:sd15"
+    assert on_disk["counts"] == {"images": 8, "readable": 8, "corrupt": 0, "errors": 0, "faces": 8, "no_face": 0}
+    assert len(on_disk["images"]) == 8 and all(r["face_found"] and r["box"] for r in on_disk["images"])
+    for axis in ("gender", "race"):
+        e = on_disk["axes"][axis]
+        assert np.allclose(e["target"], 1.0 / len(e["classes"]))
+        for p in PROMPTS:
+            r = e["discrepancy"]["per_prompt"][p]
+            assert r["n"] == 4 and math.isfinite(r["value"]) and r["floor"] > 0
+            assert r["ci"][0] - 1e-12 <= r["value"] <= r["ci"][1] + 1e-12
+            assert 0 <= e["bias_pairwise"]["per_prompt"][p]["value"] <= 1
+        m = e["discrepancy"]["mean_over_prompts"]
+        assert m["value"] == pytest.approx(np.mean([e["discrepancy"]["per_prompt"][p]["value"] for p in PROMPTS]))
+        assert "pooled" in e["discrepancy"]["pooled"]["note"]
+    # images + manifest
+    rows = [json.loads(x) for x in (out / "images.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p for p in PROMPTS for _ in range(4)]
+    assert all((out / r["image"]).is_file() and isinstance(r["seed"], int) for r in rows)
+    for f in ("report.md", "report.html", "shares_gender.png", "shares_race.png", "discrepancy.png", "grid.png"):
+        assert (out / f).is_file(), f
+    md = (out / "report.md").read_text()
+    assert md.index("MEAN over prompts") < md.index("Pooled") and "docs/metrics.md" in md
+    assert "src='grid.png'" in (out / "report.html").read_text()
+
+
+def test_images_mode_reproduces_sampling_audit(sampled, classifier, tmp_path):
+    _, out, res = sampled
+    before = _files(tmp_path)
+    res2 = run_audit(
+        images_dir=out, manifest=out / "images.jsonl", classifier=classifier, out_dir=tmp_path / "o", n_boot=N_BOOT
+    )
+    assert _files(tmp_path) - before == {"o"} | {f"o/{f}" for f in _files(tmp_path / "o")}
+    assert res2["prompts"] == PROMPTS
+    for axis in ("gender", "race"):
+        a, b = res["axes"][axis]["discrepancy"], res2["axes"][axis]["discrepancy"]
+        for p in PROMPTS:
+            assert b["per_prompt"][p]["value"] == pytest.approx(a["per_prompt"][p]["value"], abs=1e-9)
+            assert b["per_prompt"][p]["ci"] == pytest.approx(a["per_prompt"][p]["ci"], abs=1e-9)
+
+
+class NoFace:
+    """A real detector that never finds a face."""
+
+    name = "no_face"
+
+    def detect(self, image):
+        return None
+
+
+def test_zero_faces_and_corrupt_image(sampled, weights, tmp_path):
+    _, out, _ = sampled
+    from popalign_core.classify.classifiers import make_classifier
+
+    folder = tmp_path / "imgs"
+    for i in range(len(PROMPTS)):
+        (folder / f"prompt{i}").mkdir(parents=True)
+        for j in range(2):
+            (folder / f"prompt{i}" / f"{j}.png").write_bytes((out / "images" / f"p{i:03d}_{j:04d}.png").read_bytes())
+    (folder / "prompt0" / "broken.png").write_bytes(b"not a png at all")
+    clf = make_classifier("fairface", weights=weights, detector=NoFace())
+    res = run_audit(images_dir=folder, classifier=clf, out_dir=tmp_path / "o", n_boot=N_BOOT)
+    assert res["counts"]["corrupt"] == 1 and res["counts"]["readable"] == 4 and res["counts"]["faces"] == 0
+    assert any("no face" in w for w in res["warnings"])
+    for axis in ("gender", "race"):
+        d = res["axes"][axis]["discrepancy"]
+        assert d["mean_over_prompts"]["value"] is None and d["mean_over_prompts"]["reason"]
+        assert all(d["per_prompt"][p]["value"] is None for p in ("prompt0", "prompt1"))
+    assert res["face_rate"]["mean_over_prompts"]["value"] == 0.0
+    assert (tmp_path / "o" / "report.md").is_file() and "n/a" in (tmp_path / "o" / "report.md").read_text()
+    broken = [r for r in res["images"] if r["image"].endswith("broken.png")]
+    assert broken[0]["error"].startswith("unreadable")
+    # the same folder with a working classifier counts the corrupt file once and still measures
+    res2 = run_audit(images_dir=folder, classifier="fairface", classifier_options={"weights": weights},
+                     out_dir=tmp_path / "o2", n_boot=N_BOOT, report=False)  # fmt: skip
+    assert res2["counts"]["corrupt"] == 1 and res2["counts"]["faces"] == 4
+
+
+def test_prompt_file_errors(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(f)
+    f.write_text("a doctor\n# c\na nurse\n\na doctor\n")
+    with pytest.raises(ValueError, match=r"'a doctor' on lines 1, 5"):
+        read_prompts(f)
+    f.write_text("a doctor\n  \n# x\na nurse\n")
+    assert read_prompts(f) == ["a doctor", "a nurse"]
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_unknown_classifier(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown classifier 'nope'.*clip.*fairface"):
+        run_audit(model="tiny:sd15", prompts=PROMPTS, classifier="nope", out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_and_cli(sampled, weights, tmp_path):
+    _, out, res = sampled
+    # a second audit through the CLI (different seed), then compare
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS) + "\n")
+    rc = main(["--model", "tiny:sd15", "--prompts", str(pf), "--images-per-prompt", "3", "--classifier", "fairface",
+               "--weights", weights, "--steps", "2", "--height", "32", "--width", "32", "--seed", "1",
+               "--n-boot", str(N_BOOT), "--out", str(tmp_path / "b"), "--no-report"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "b" / "audit.json").is_file()
+    before = _files(tmp_path)
+    rc = main(["compare", str(out / "audit.json"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")])
+    assert rc == 0
+    assert _files(tmp_path) - before == {"cmp"} | {f"cmp/{f}" for f in _files(tmp_path / "cmp")}
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    b = json.loads((tmp_path / "b" / "audit.json").read_text())
+    for axis in ("gender", "race"):
+        row = cmp["axes"][axis]["per_prompt"][PROMPTS[0]]
+        assert row["before"] == pytest.approx(res["axes"][axis]["discrepancy"]["per_prompt"][PROMPTS[0]]["value"])
+        assert row["after"] == pytest.approx(b["axes"][axis]["discrepancy"]["per_prompt"][PROMPTS[0]]["value"])
+        assert row["change"] == pytest.approx(row["after"] - row["before"])
+        assert cmp["axes"][axis]["mean_over_prompts"]["before_ci"] is not None
+    assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
+    res3 = compare_audits(res, b, tmp_path / "cmp2", report=False)
+    assert res3["warnings"] == []

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,32 +36,14 @@ from .metrics import POOLED_NOTE, ambiguity, bias_pairwise, face_rate, per_promp
 AUDIT_VERSION = 1
 AUDIT_FILE = "audit.json"
 IMAGES_MANIFEST = "images.jsonl"
+from .fileio import atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_AXES = ("gender", "race")
 CLASSIFY_CHUNK = 32  # images read and classified at a time
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file beside it, then `os.replace` (never a half-written file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """UTF-8 text version of `atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

@@ -27,11 +27,12 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .fileio import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -591,15 +592,4 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
         for row in rows:
             cells = {str(k): v for k, v in row.items()}
             writer.writerow([_csv_cell(cells.get(c)) for c in columns])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    atomic_write_text(target, buf.getvalue(), fsync=True)

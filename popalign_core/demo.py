@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write_text
 from .losses import LOSSES
 
 NEUTRAL_PROMPTS = ("a photo of a doctor", "a photo of a nurse", "a photo of a chef")
@@ -250,7 +251,7 @@ def run_demo(
         "seconds": round(time.time() - t0, 1),
         "outputs": sorted(p.name for p in out.iterdir()),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

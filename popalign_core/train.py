@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write_text
 from .losses import LOSSES, loss_config
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -725,7 +726,7 @@ class Trainer:
             self.log(f"[train] resumed from {ck} at step {start}")
         rows = self._read_metrics(start)
         if self.dist.main:
-            (self.out / "config.yaml").write_text(_to_yaml(cfg.to_dict()))
+            atomic_write_text(self.out / "config.yaml", _to_yaml(cfg.to_dict()))
         bar = None
         if cfg.progress and self.dist.main:
             from tqdm.auto import tqdm
@@ -805,7 +806,7 @@ class Trainer:
             "processes": self.dist.world,
         }
         if self.dist.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     # metrics files: JSONL (every key) and CSV (columns fixed by the first row), truncated to the resumed step

@@ -189,3 +189,29 @@ def test_compare_and_cli(sampled, weights, tmp_path):
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
     res3 = compare_audits(res, b, tmp_path / "cmp2", report=False)
     assert res3["warnings"] == []
+
+
+def test_recall_from_csv_manifest_identities(sampled, classifier, tmp_path):
+    """Identity-specific prompts: recall = share of images whose predicted class is the recorded identity (word
+    level: an image recorded as 'female' and predicted 'male' is a miss), from a CSV manifest."""
+    import csv
+
+    _, out, _ = sampled
+    rows = [json.loads(ln) for ln in (out / "images.jsonl").read_text().splitlines()]
+    manifest = tmp_path / "ids.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "prompt", "identity"])
+        for k, r in enumerate(rows):
+            w.writerow([str(out / r["image"]), r["prompt"], "gender=female" if k % 2 == 0 else "gender=male"])
+    res = run_audit(manifest=manifest, classifier=classifier, out_dir=tmp_path / "o", n_boot=N_BOOT)
+    rec = res["axes"]["gender"]["recall"]["per_prompt"]
+    classes = res["axes"]["gender"]["classes"]
+    for p in PROMPTS:
+        imgs = [im for im in res["images"] if im["prompt"] == p]
+        hits = [
+            classes[int(np.argmax([im["probs"]["gender"][c] for c in classes]))] == im["identity"]["gender"]
+            for im in imgs
+        ]
+        value = rec[p]["value"] if isinstance(rec[p], dict) else rec[p]
+        assert value == pytest.approx(sum(hits) / len(hits))

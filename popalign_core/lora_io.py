@@ -54,7 +54,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -652,17 +651,12 @@ def _diffusers_adapter_metadata(adapter, sd, alphas, adapter_name: str) -> dict:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     import safetensors.torch
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_lora(

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write_text
+from .fileio import atomic_path, atomic_write_text
 from .losses import LOSSES, loss_config
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -467,9 +467,8 @@ class Trainer:
             with self.adapter.reference():  # the frozen reference model generates the anchors
                 lat = sample(self.adapter, reqs, sc).float()
             if self.dist.main:
-                tmp = path.with_suffix(".tmp")
-                save_file({"latents": lat.contiguous()}, str(tmp))
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    save_file({"latents": lat.contiguous()}, str(tmp))
         prompts = [p for p in cfg.anchor_prompts for _ in range(cfg.anchor_images_per_prompt)]
         with torch.no_grad(), self.adapter.reference():
             cond = self.adapter.encode_prompt(prompts, self.size, self.size)
@@ -669,10 +668,9 @@ class Trainer:
             from safetensors.torch import save_file
 
             path = self.out / f"{cfg.lora_name}_unet.safetensors"
-            tmp = path.with_name(path.name + ".tmp")
             sd = {k: v.detach().cpu().contiguous() for k, v in self.adapter.unet.state_dict().items()}
-            save_file(sd, str(tmp), metadata={"loss": cfg.loss, "step": str(step)})
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file(sd, str(tmp), metadata={"loss": cfg.loss, "step": str(step)})
             return {"unet": str(path)}
         meta = lora_metadata(
             loss=cfg.loss,
@@ -700,10 +698,9 @@ class Trainer:
         ax.set_ylabel(f"{self.cfg.loss} loss")
         ax.set_title(f"{self.cfg.loss}: {Path(self.cfg.data).name}")
         fig.tight_layout()
-        tmp = self.out / "loss_curve.tmp.png"
-        fig.savefig(tmp)
+        with atomic_path(self.out / "loss_curve.png") as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        os.replace(tmp, self.out / "loss_curve.png")
 
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -823,9 +820,7 @@ class Trainer:
                     rows.append(r)
         self._csv_cols = None
         if self.dist.main:
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, p)
+            atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in rows))
             self._write_csv(rows)
         return rows
 
@@ -847,19 +842,17 @@ class Trainer:
             return
         cols = ["step", "loss"] + sorted({k for r in rows for k in r} - {"step", "loss"})
         self._csv_cols = cols
-        tmp = self.out / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow({k: r.get(k, "") for k in cols})
-        os.replace(tmp, self.out / "metrics.csv")
 
     def _clean_stale_temporaries(self) -> None:
         """Remove temporary files a killed run left behind (they never carry a final name)."""
         if not self.dist.main:
             return
-        for p in list(self.out.glob("*.tmp")) + list(self.out.glob("*.tmp.png")):
+        for p in self.out.glob("*.tmp"):
             p.unlink(missing_ok=True)
         for p in self._ckpt_dir().glob(".tmp_step_*"):
             shutil.rmtree(p, ignore_errors=True)

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import POOLED_NOTE, ambiguity, bias_pairwise, face_rate, per_prompt_report, recall
+from .metrics import POOLED_NOTE, ambiguity, bias_pairwise, bootstrap_ci, face_rate, per_prompt_report, recall
+from .metrics import clip_score as clip_score_metric
 
 AUDIT_VERSION = 1
 AUDIT_FILE = "audit.json"
@@ -403,6 +404,7 @@ def run_audit(
     report: bool = True,
     grid_k: int = 4,
     progress: Callable[[str], None] | None = None,
+    clip_score: Any = None,
 ) -> dict[str, Any]:
     """Audit a model (sampling mode: `model` + `prompts`) or a folder of images (`images_dir` and/or `manifest`).
 
@@ -410,6 +412,10 @@ def run_audit(
     **classifier_options)`, e.g. options {"weights": path}) or a ready classifier object. detector: None (the
     whole image is the face: `FullImage`), a name of `DETECTORS` or an object with ``detect(image)``.
     targets: axis -> probabilities over the classifier's class set of that axis (default: uniform).
+    clip_score: None (skipped), options of the `clip` backend (e.g. {"weights": path, "arch": "ViT-B-32"}) or an
+    object with ``embed_images`` / ``embed_texts``: adds CLIPScore (prompt-image alignment, `metrics.clip_score`)
+    per image, per prompt with a bootstrap CI, and over prompts.
+    progress: called with a status line after each chunk; an exception it raises (e.g. a cancel) stops the audit.
     Returns the audit dict, also written to ``out_dir/audit.json`` (plus the report when `report`).
     """
     from .classify.classifiers import make_classifier
@@ -438,6 +444,7 @@ def run_audit(
         raise ValueError(f"`axes` {missing} are not provided by classifier {clf.name!r}; it has {list(clf.axes)}")
     classes = {a: tuple(clf.axes[a]) for a in axes}
     tvec = _resolve_targets(axes, classes, targets)
+    scorer = _clip_scorer(clip_score, clf)
 
     settings: dict[str, Any] = {
         "mode": "sampling" if sampling_mode else "images",
@@ -475,8 +482,11 @@ def run_audit(
         counts = {p: sum(r["prompt"] == p for r in rows) for p in plist}
         settings["images_per_prompt"] = counts
 
-    records = _classify_rows(clf, rows, axes, progress)
+    records = _classify_rows(clf, rows, axes, progress, scorer=scorer)
     metrics = compute_metrics(records, plist, axes, classes, tvec, hard_labels, n_boot, seed=0)
+    if scorer is not None:
+        settings["clip_score"] = {"weights": str(getattr(scorer, "weights_path", "") or "") or None, "w": 100.0}
+        metrics["clip_score"] = clip_score_report(records, plist, n_boot, seed=0)
     n_read = sum(r["error"] is None for r in records)
     n_faces = sum(r["face_found"] for r in records)
     counts = {
@@ -522,9 +532,69 @@ def run_audit(
     return result
 
 
-def _classify_rows(clf: Any, rows: list[dict], axes: Sequence[str], progress: Callable | None) -> list[dict]:
-    """One record per row: read the image (corrupt -> error, skipped), classify, keep the audited axes."""
+def _clip_scorer(clip_score: Any, clf: Any) -> Any:
+    """None, a ready embedder (``embed_images``/``embed_texts``) or options of the `clip` backend -> embedder."""
+    if clip_score is None or clip_score is False:
+        return None
+    if callable(getattr(clip_score, "embed_images", None)) and callable(getattr(clip_score, "embed_texts", None)):
+        return clip_score
+    if isinstance(clip_score, Mapping):
+        from .classify.classifiers import make_classifier
+
+        opts = dict(clip_score)
+        if getattr(clf, "name", None) == "clip" and not opts:
+            return clf
+        return make_classifier("clip", **opts)
+    raise ValueError(
+        f"`clip_score` must be None, options of the clip backend (a dict) or an object with embed_images/"
+        f"embed_texts; got {clip_score!r}"
+    )
+
+
+def clip_score_report(records: list[dict], prompts: Sequence[str], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """CLIPScore per prompt (mean over its readable images, within-prompt bootstrap CI) and the mean over prompts
+    (two-level bootstrap CI); images without a score (unreadable) are left out."""
+    groups = {
+        p: np.array([r["clip_score"] for r in records if r["prompt"] == p and r.get("clip_score") is not None])
+        for p in prompts
+    }
+    per: dict[str, Any] = {}
+    for i, (p, x) in enumerate(groups.items()):
+        if len(x) == 0:
+            per[p] = {"n": 0, "value": None, "ci": None, "reason": "no readable images"}
+            continue
+        ci = bootstrap_ci(np.mean, x, n_boot=n_boot, seed=seed + i) if len(x) > 1 else None
+        per[p] = {"n": len(x), "value": float(x.mean()), "ci": [ci.low, ci.high] if ci else None}
+    have = {p: x for p, x in groups.items() if len(x)}
+    mean: dict[str, Any] = {"value": None, "ci": None, "n_prompts": len(have)}
+    if have:
+        mean["value"] = float(np.mean([x.mean() for x in have.values()]))
+        if len(have) > 1:
+            ci = bootstrap_ci(
+                lambda gs: float(np.mean([g.mean() for g in gs])),
+                list(have.values()),
+                n_boot=n_boot,
+                seed=seed,
+                two_level=True,
+            )
+            mean["ci"] = [ci.low, ci.high]
+    return {
+        "definition": "mean over images of 100 * max(cos(CLIP image embedding, CLIP prompt embedding), 0)",
+        "per_prompt": per,
+        "mean_over_prompts": mean,
+    }
+
+
+def _classify_rows(
+    clf: Any, rows: list[dict], axes: Sequence[str], progress: Callable | None, scorer: Any = None
+) -> list[dict]:
+    """One record per row: read the image (corrupt -> error, skipped), classify, keep the audited axes; with a
+    `scorer`, also the image's CLIPScore against its prompt."""
     records: list[dict] = []
+    text_emb: dict[str, np.ndarray] = {}
+    if scorer is not None:
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+        text_emb = dict(zip(prompts, np.asarray(scorer.embed_texts(prompts)))) if prompts else {}
     for start in range(0, len(rows), CLASSIFY_CHUNK):
         chunk = rows[start : start + CLASSIFY_CHUNK]
         imgs, ok = [], []
@@ -549,6 +619,10 @@ def _classify_rows(clf: Any, rows: list[dict], axes: Sequence[str], progress: Ca
                 rec["error"] = f"unreadable: {type(e).__name__}: {e}"
             recs.append(rec)
         results = clf.classify(imgs) if imgs else []
+        if scorer is not None and imgs:
+            emb = np.asarray(scorer.embed_images(imgs))
+            for rec, e in zip(ok, emb):
+                rec["clip_score"] = clip_score_metric(e[None], text_emb[rec["prompt"]][None])
         for rec, c in zip(ok, results):
             if c.error is not None:
                 rec["error"] = c.error
@@ -649,6 +723,9 @@ def compare_audits(before: Any, after: Any, out_dir: str | os.PathLike, report: 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
+    from .classify.classifiers import CLASSIFIERS
+    from .classify.detectors import DETECTORS
+
     ap = argparse.ArgumentParser(
         prog="popalign audit",
         description="Audit the demographic bias of a model (--model + --prompts) or of images (--images). "
@@ -661,15 +738,22 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="folder of images (sub-folders = prompts without --manifest)")
     src.add_argument("--manifest", help="JSONL/CSV with columns image, prompt [, identity]")
     c = ap.add_argument_group("classification")
-    c.add_argument("--classifier", default="fairface")
-    c.add_argument("--weights", help="classifier weight file")
+    c.add_argument("--classifier", default="fairface", choices=sorted(CLASSIFIERS))
+    c.add_argument("--weights", help="classifier weight file (or folder, for backends that read one)")
     c.add_argument("--models-dir", help="models folder holding popalign/classifiers/")
-    c.add_argument("--detector", default=None, help="face detector name (default: the whole image is the face)")
+    c.add_argument(
+        "--detector",
+        default=None,
+        choices=sorted(DETECTORS),
+        help="face detector (default: the backend's own, or the whole image is the face)",
+    )
     c.add_argument("--device", default="cpu")
     c.add_argument("--axes", default=",".join(DEFAULT_AXES), help="comma-separated axes")
-    c.add_argument("--targets", help="JSON: {axis: {class: p}} (default: uniform per axis)")
+    c.add_argument("--targets", help="JSON text or a .json file: {axis: {class: p}} (default: uniform per axis)")
     c.add_argument("--hard-labels", action="store_true", help="argmax one-hot labels instead of probabilities")
     c.add_argument("--n-boot", type=int, default=1000)
+    c.add_argument("--clip-score-weights", help="open_clip state dict: also report CLIPScore (prompt-image alignment)")
+    c.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-score-weights")
     s = ap.add_argument_group("sampler")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -706,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         options["weights"] = a.weights
     if a.models_dir:
         options["models_dir"] = a.models_dir
-    targets = json.loads(a.targets) if a.targets else None
+    targets = _parse_targets(a.targets) if a.targets else None
+    clip = {"weights": a.clip_score_weights, "arch": a.clip_arch, "device": a.device} if a.clip_score_weights else None
     res = run_audit(
         model=a.model,
         prompts=a.prompts,
@@ -730,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         n_boot=a.n_boot,
         report=not a.no_report,
         progress=lambda msg: print(msg, file=sys.stderr),
+        clip_score=clip,
     )
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -739,5 +825,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{axis}: discrepancy mean over prompts = {m['value']} CI {m.get('ci')} "
             f"(pooled, flagged: {h['pooled']['value']})"
         )
+    if "clip_score" in res:
+        m = res["clip_score"]["mean_over_prompts"]
+        print(f"clip_score: mean over prompts = {m['value']} CI {m.get('ci')}")
     print(f"wrote {Path(a.out) / AUDIT_FILE}")
     return 0
+
+
+def _parse_targets(text: str) -> Any:
+    """--targets: inline JSON, or the path of a JSON file (ValueError naming the option otherwise)."""
+    src = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--targets: {text!r} is neither JSON text nor an existing .json file")
+        src = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(src)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--targets: invalid JSON ({e})") from e

@@ -203,6 +203,33 @@ def face_rate(found: Any) -> float:
     return float(f.mean())
 
 
+def clip_score(image_embeds: Any, text_embeds: Any, w: float = 100.0) -> float:
+    """CLIPScore (Hessel et al. 2021, Eq. 1): mean over images i of w * max(cos(E_img_i, E_text_i), 0).
+
+    image_embeds, text_embeds: [N, D] rows paired (image i was made from text i); a single text row [1, D] or
+    [D] is broadcast to every image. Embeddings need not be normalised. w = 100 as in torchmetrics'
+    ``CLIPScore`` (the paper uses w = 2.5). Range [0, w]; higher = better prompt-image alignment.
+    """
+    img, txt = _np(image_embeds).astype(np.float64), _np(text_embeds).astype(np.float64)
+    if img.ndim != 2 or img.shape[0] == 0:
+        raise ValueError(f"`image_embeds` must be a non-empty [N, D] array; got shape {img.shape}")
+    if txt.ndim == 1:
+        txt = txt[None]
+    if txt.ndim != 2 or txt.shape[1] != img.shape[1] or txt.shape[0] not in (1, img.shape[0]):
+        raise ValueError(
+            f"`text_embeds` must be [N, D] or [1, D] matching `image_embeds` {img.shape}; got {txt.shape}"
+        )
+    if not (np.isfinite(img).all() and np.isfinite(txt).all()):
+        raise ValueError("`image_embeds` / `text_embeds` contain NaN or inf")
+    if not float(w) > 0:
+        raise ValueError(f"`w` must be > 0; got {w!r}")
+    ni, nt = np.linalg.norm(img, axis=1), np.linalg.norm(txt, axis=1)
+    if (ni == 0).any() or (nt == 0).any():
+        raise ValueError("`image_embeds` / `text_embeds` contain an all-zero row (cosine undefined)")
+    cos = (img / ni[:, None] * (txt / nt[:, None])).sum(axis=1)
+    return float(np.mean(float(w) * np.maximum(cos, 0.0)))
+
+
 def _discrepancy_hard(probs: Any, target: Any) -> float:
     return discrepancy(probs, target, hard=True)
 
@@ -247,6 +274,12 @@ METRICS: dict[str, MetricSpec] = {
         ambiguity, ("probs",), (0.0, 1.0), "share of faces whose top class probability is below 0.6"
     ),
     "face_rate": MetricSpec(face_rate, ("found",), (0.0, 1.0), "share of images with a detected face"),
+    "clip_score": MetricSpec(
+        clip_score,
+        ("image_embeds", "text_embeds"),
+        (0.0, 100.0),
+        "mean of 100 * max(cos(CLIP image, CLIP prompt), 0) over images (CLIPScore, Hessel et al. 2021)",
+    ),
 }
 
 

@@ -8,6 +8,7 @@ Per-prompt figures and their mean over prompts come first; the pooled value is a
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import os
@@ -246,6 +247,17 @@ def write_report(audit: dict, out_dir: str | os.PathLike, grid_k: int = 4) -> di
         htm += [f"<h2>{html.escape(axis)}</h2><p>Per prompt, then the mean over prompts (headline):</p>"]
         htm += [_html_table(header, rows), f"<p><i>{html.escape(pooled[0])}</i></p>"]
         htm += [f"<img src='{files[f'shares_{axis}']}' alt='{html.escape(axis)} shares'>"]
+    if "clip_score" in audit:
+        cs = audit["clip_score"]
+        header = ["prompt", "n", "CLIPScore", "95% CI"]
+        rows = [
+            [_short(p, 60), str(v["n"]), _fmt(v["value"], 2), _fmt_ci(v["ci"])] for p, v in cs["per_prompt"].items()
+        ]
+        m = cs["mean_over_prompts"]
+        rows.append(["**mean over prompts**", str(m["n_prompts"]), _fmt(m["value"], 2), _fmt_ci(m["ci"])])
+        md += ["## CLIPScore (prompt-image alignment)", "", f"_{cs['definition']}_", "", _md_table(header, rows), ""]
+        htm += ["<h2>CLIPScore (prompt-image alignment)</h2>", f"<p><i>{html.escape(cs['definition'])}</i></p>"]
+        htm += [_html_table(header, rows)]
     md += ["## Discrepancy per prompt", "", f"![discrepancy]({files['discrepancy']})", ""]
     htm += ["<h2>Discrepancy per prompt</h2>", f"<img src='{files['discrepancy']}' alt='discrepancy'>"]
     if "grid" in files:
@@ -254,9 +266,18 @@ def write_report(audit: dict, out_dir: str | os.PathLike, grid_k: int = 4) -> di
     md += ["## Limitations", "", LIMITATIONS, ""]
     htm += ["<h2>Limitations</h2>", _md_to_html_par(LIMITATIONS), "</body></html>"]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", "\n".join(htm))
+    atomic_write_text(out / "report.html", _embed_images("\n".join(htm), out, files))
     files["markdown"], files["html"] = "report.md", "report.html"
     return files
+
+
+def _embed_images(page: str, out: Path, files: dict[str, str]) -> str:
+    """Inline the PNGs as data URIs so report.html is one self-contained file (it can be mailed or attached)."""
+    for name in files.values():
+        if name.endswith(".png") and (out / name).is_file():
+            data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+            page = page.replace(f"src='{name}'", f"src='data:image/png;base64,{data}'")
+    return page
 
 
 def write_compare_report(cmp: dict, out_dir: str | os.PathLike) -> dict[str, str]:
@@ -303,5 +324,5 @@ def write_compare_report(cmp: dict, out_dir: str | os.PathLike) -> dict[str, str
     htm += ["<img src='compare.png' alt='before / after'>", "<h2>Limitations</h2>", _md_to_html_par(LIMITATIONS)]
     htm += ["</body></html>"]
     atomic_write_text(out / "compare.md", "\n".join(md))
-    atomic_write_text(out / "compare.html", "\n".join(htm))
+    atomic_write_text(out / "compare.html", _embed_images("\n".join(htm), out, {"plot": "compare.png"}))
     return {"plot": "compare.png", "markdown": "compare.md", "html": "compare.html"}

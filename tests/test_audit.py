@@ -90,7 +90,8 @@ def test_sampling_audit_structure(sampled):
         assert (out / f).is_file(), f
     md = (out / "report.md").read_text()
     assert md.index("MEAN over prompts") < md.index("Pooled") and "docs/metrics.md" in md
-    assert "src='grid.png'" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "src='grid.png'" not in page and page.count("src='data:image/png;base64,") == 4  # self-contained
 
 
 def test_images_mode_reproduces_sampling_audit(sampled, classifier, tmp_path):
@@ -215,3 +216,71 @@ def test_recall_from_csv_manifest_identities(sampled, classifier, tmp_path):
         ]
         value = rec[p]["value"] if isinstance(rec[p], dict) else rec[p]
         assert value == pytest.approx(sum(hits) / len(hits))
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_clip_score_in_audit_matches_hand_computation(sampled, classifier, tmp_path):
+    """CLIPScore per image = 100 * max(cos(image, prompt), 0) with the clip backend's embeddings; per prompt the
+    mean, with a bootstrap CI; reported in audit.json and report.md."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    from popalign_core.classify.classifiers import make_classifier
+
+    _, out, _ = sampled
+    torch.manual_seed(3)
+    sd = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP_CFG).state_dict()
+    wpath = tmp_path / "clip_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(wpath))
+    opts = {"weights": str(wpath), "model_cfg": TINY_CLIP_CFG}
+    res = run_audit(images_dir=out, manifest=out / "images.jsonl", classifier=classifier, out_dir=tmp_path / "o",
+                    n_boot=N_BOOT, clip_score=opts)  # fmt: skip
+    clip = make_classifier("clip", **opts)
+    from popalign_core.audit import load_rgb
+
+    for p in PROMPTS:
+        recs = [r for r in res["images"] if r["prompt"] == p]
+        img = clip.embed_images([load_rgb(r["path"]) for r in recs])
+        txt = clip.embed_texts([p])[0]
+        want = [100 * max(float(e @ txt / np.linalg.norm(e) / np.linalg.norm(txt)), 0.0) for e in img]
+        assert [r["clip_score"] for r in recs] == pytest.approx(want, abs=1e-6)
+        row = res["clip_score"]["per_prompt"][p]
+        assert row["n"] == 4 and row["value"] == pytest.approx(np.mean(want), abs=1e-6)
+        assert row["ci"][0] - 1e-9 <= row["value"] <= row["ci"][1] + 1e-9
+    m = res["clip_score"]["mean_over_prompts"]
+    assert m["value"] == pytest.approx(np.mean([res["clip_score"]["per_prompt"][p]["value"] for p in PROMPTS]))
+    assert res["settings"]["clip_score"]["weights"] == str(wpath)
+    assert "CLIPScore" in (tmp_path / "o" / "report.md").read_text()
+    with pytest.raises(ValueError, match="`clip_score` must be None, options of the clip backend"):
+        run_audit(images_dir=out, manifest=out / "images.jsonl", classifier=classifier, out_dir=tmp_path / "x",
+                  clip_score="yes")  # fmt: skip
+
+
+def test_cli_targets_file_inline_and_named_detector(sampled, weights, tmp_path, capsys):
+    _, out, _ = sampled
+    tf = tmp_path / "targets.json"
+    tf.write_text(json.dumps({"gender": {"female": 0.3, "male": 0.7}}))
+    common = ["--images", str(out), "--manifest", str(out / "images.jsonl"), "--classifier", "fairface",
+              "--weights", weights, "--n-boot", str(N_BOOT), "--no-report", "--axes", "gender"]  # fmt: skip
+    assert main([*common, "--targets", str(tf), "--out", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert a["axes"]["gender"]["classes"] == ["female", "male"] and a["axes"]["gender"]["target"] == [0.3, 0.7]
+    inline = '{"gender": {"female": 0.5, "male": 0.5}}'
+    assert main([*common, "--targets", inline, "--detector", "opencv_haar", "--out", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "audit.json").read_text())
+    assert b["axes"]["gender"]["target"] == [0.5, 0.5] and b["settings"]["detector"] == "opencv_haar"
+    # the tiny model draws no faces: the Haar cascade finds none, and the audit says so instead of dividing by 0
+    assert b["counts"]["faces"] == 0 and "no face was detected" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--targets: 'nope.json' is neither JSON text nor an existing"):
+        main([*common, "--targets", "nope.json", "--out", str(tmp_path / "c")])
+    with pytest.raises(ValueError, match=r"`targets\['gender'\]` must sum to 1"):
+        main([*common, "--targets", '{"gender": {"female": 0.3, "male": 0.3}}', "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit):
+        main([*common, "--detector", "nope", "--out", str(tmp_path / "e")])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

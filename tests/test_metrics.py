@@ -15,6 +15,7 @@ from popalign_core.metrics import (
     ambiguity,
     bias_pairwise,
     bootstrap_ci,
+    clip_score,
     discrepancy,
     discrepancy_floor,
     discrepancy_floor_detail,
@@ -129,6 +130,21 @@ def test_ambiguity_and_face_rate():
         face_rate(np.array([1, 0]))
 
 
+def test_clip_score_by_hand():
+    # cos = 1, 0, -1 (clamped to 0), 0.6 -> 100 * (1 + 0 + 0 + 0.6) / 4 = 40
+    img = [[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [3.0, 4.0]]
+    assert clip_score(img, [1.0, 0.0]) == pytest.approx(40.0)
+    # paired rows; w = 2.5 as in Hessel et al.: 2.5 * (1 + 0.8) / 2
+    assert clip_score([[1.0, 0.0], [0.0, 1.0]], [[5.0, 0.0], [0.6, 0.8]], w=2.5) == pytest.approx(2.25)
+    assert clip_score(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.0]])) == pytest.approx(100 / math.sqrt(2))
+    with pytest.raises(ValueError, match=r"`text_embeds` must be \[N, D\] or \[1, D\] matching"):
+        clip_score([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="all-zero row"):
+        clip_score([[0.0, 0.0]], [1.0, 0.0])
+    with pytest.raises(ValueError, match=r"`image_embeds` must be a non-empty \[N, D\] array"):
+        clip_score(np.zeros((0, 2)), [1.0, 0.0])
+
+
 def _inputs(rng):
     probs = rng.dirichlet([1.0, 1.0, 1.0], size=20)
     return {
@@ -139,6 +155,8 @@ def _inputs(rng):
         "pred_labels": probs.argmax(1),
         "true_labels": rng.integers(0, 3, 20),
         "found": rng.random(20) < 0.8,
+        "image_embeds": rng.normal(size=(20, 8)),
+        "text_embeds": rng.normal(size=(1, 8)),
     }
 
 

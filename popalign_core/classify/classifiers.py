@@ -491,6 +491,35 @@ class ClipZeroShotClassifier(TorchAttributeClassifier):
                 out[axis][c] = [p] if isinstance(p, str) else list(p)
         return out
 
+    # -- embeddings for CLIPScore (metrics.clip_score): whole images and free texts, no face detection
+    def embed_images(self, images: list[np.ndarray]):
+        """Whole images (uint8 [H, W, 3] RGB) -> L2-normalised CLIP image embeddings [N, D] (numpy float64).
+
+        Each image is resized to the model's input size (bilinear, antialiased; no crop) and normalised."""
+        import torch
+
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [check_image(im) for im in images[start : start + self.batch_size]]
+            with torch.no_grad():
+                x = torch.cat([self._crop_to_tensor(im) for im in chunk])
+                e = self.model.encode_image(self.preprocess(x)).float()
+                out.append(torch.nn.functional.normalize(e, dim=-1).cpu().numpy())
+        dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else 0
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, dim))
+
+    def embed_texts(self, texts: Sequence[str]):
+        """Texts -> L2-normalised CLIP text embeddings [N, D] (numpy float64), with the model's own tokenizer."""
+        import open_clip
+        import torch
+
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"clip: `texts` must be a list of strings; got {texts!r}")
+        tokenizer = open_clip.get_tokenizer(self.arch, context_length=getattr(self.model, "context_length", None))
+        with torch.no_grad():
+            e = self.model.encode_text(tokenizer(list(texts)).to(self.device)).float()
+        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy().astype(np.float64)
+
     def _forward(self, x):
         import torch
 

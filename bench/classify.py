@@ -65,6 +65,20 @@ def _classifier_weights(name: str, folder: Path) -> dict:
         path = folder / "open_clip_ViT-B-32.safetensors"
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
         return {"weights": str(path), "arch": "ViT-B-32"}
+    if name == "age_gender":
+        return {}  # its CC0 models ship in the package
+    if name == "deepface":
+        # seeded random weights in deepface's file format (VGG-Face trunk + head, ~540 MB per attribute)
+        from popalign_core.classify.deepface_backend import DEEPFACE_FILES, DEEPFACE_OUTPUTS, _vgg_face_classifier
+
+        torch.manual_seed(0)
+        for axis, file in DEEPFACE_FILES.items():
+            m = _vgg_face_classifier(DEEPFACE_OUTPUTS[axis]).to_empty(device="cpu")
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.normal_(0.0, 0.01)
+            torch.save(m.state_dict(), folder / file)
+        return {"weights": str(folder)}
     raise ValueError(name)
 
 

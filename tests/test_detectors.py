@@ -15,7 +15,14 @@ from popalign_core.classify import detectors
 from popalign_core.classify.base import BackendUnavailable, Face, FaceDetector
 
 # backend name -> the module it imports (for importorskip)
-MODULES = {"opencv_haar": "cv2", "mtcnn": "facenet_pytorch", "mediapipe": "mediapipe"}
+MODULES = {
+    "opencv_haar": "cv2",
+    "mtcnn": "facenet_pytorch",
+    "mediapipe": "mediapipe",
+    "deepface_opencv": "deepface",
+    "deepface_yunet": "deepface",
+    "deepface_retinaface": "deepface",
+}
 
 # The astronaut's (Eileen Collins) face in skimage.data.astronaut() (512 x 512), (x0, y0, x1, y1): determined by eye
 # and from the three backends' boxes (haar (177, 66, 272, 161), mtcnn (181, 62, 268, 172), mediapipe

@@ -529,9 +529,14 @@ class ClipZeroShotClassifier(TorchAttributeClassifier):
 
 
 # ------------------------------------------------------------------------------------------------ registry
-CLASSIFIERS: dict[str, Callable[..., TorchAttributeClassifier]] = {
+from popalign_core.classify.age_gender import AgeGenderClassifier  # noqa: E402  (imports this module lazily)
+from popalign_core.classify.deepface_backend import DeepFaceClassifier  # noqa: E402  (subclasses the base above)
+
+CLASSIFIERS: dict[str, Callable[..., Any]] = {
     "fairface": FairFaceClassifier,
     "clip": ClipZeroShotClassifier,
+    "deepface": DeepFaceClassifier,
+    "age_gender": AgeGenderClassifier,
 }
 
 

@@ -22,6 +22,14 @@ Backends (name: package, install command, score):
   (`--no-deps`: its metadata asks for numpy<2 and opencv-contrib-python, which the face-detection graph does
   not need). Options: `model_selection` (0: short range, faces within ~2 m; 1: full range), `min_confidence`
   (0.5). Score = the detection confidence. One detector object must not be shared between threads.
+- `deepface_opencv`: DeepFace's default detector (OpenCV Haar cascades from the cv2 wheel plus DeepFace's eye
+  check; no weight file). Install `pip install deepface==0.0.103`. Score = DeepFace's confidence for the box.
+- `deepface_yunet`: DeepFace's YuNet client; needs `face_detection_yunet_2023mar.onnx` in
+  `$DEEPFACE_HOME/.deepface/weights/` (never downloaded). Install `pip install deepface==0.0.103`. Score = YuNet's
+  face score.
+- `deepface_retinaface`: DeepFace's RetinaFace client; needs `retinaface.pth` (pytorch engine) or
+  `retinaface.onnx` in `$DEEPFACE_HOME/.deepface/weights/`. Install `pip install deepface==0.0.103`. Score =
+  RetinaFace's face probability. See docs/classifiers.md for all DeepFace options.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ INSTALL: dict[str, str] = {
     "opencv_haar": 'pip install "opencv-python-headless<5"',
     "mtcnn": "pip install --no-deps facenet-pytorch==2.6.0",
     "mediapipe": 'pip install --no-deps mediapipe==0.10.21 "protobuf>=4.25.3,<5" absl-py flatbuffers',
+    "deepface_opencv": "pip install deepface==0.0.103",
+    "deepface_yunet": "pip install deepface==0.0.103",
+    "deepface_retinaface": "pip install deepface==0.0.103",
 }
 
 
@@ -241,10 +252,19 @@ class MediaPipeDetector:
         self._detector.close()
 
 
+from .deepface_backend import (  # noqa: E402  (it imports this module lazily only)
+    DeepFaceOpenCVDetector,
+    DeepFaceRetinaFaceDetector,
+    DeepFaceYuNetDetector,
+)
+
 DETECTORS: dict[str, Callable[..., FaceDetector]] = {
     "opencv_haar": OpenCVHaarDetector,
     "mtcnn": MTCNNDetector,
     "mediapipe": MediaPipeDetector,
+    "deepface_opencv": DeepFaceOpenCVDetector,
+    "deepface_yunet": DeepFaceYuNetDetector,
+    "deepface_retinaface": DeepFaceRetinaFaceDetector,
 }
 
 

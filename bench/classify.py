@@ -65,8 +65,8 @@ def _classifier_weights(name: str, folder: Path) -> dict:
         path = folder / "open_clip_ViT-B-32.safetensors"
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
         return {"weights": str(path), "arch": "ViT-B-32"}
-    if name == "age_gender":
-        return {}  # its CC0 models ship in the package
+    if name in ("age_gender", "toy"):
+        return {}  # age_gender: CC0 models ship in the package; toy: the shipped toy world (if built)
     if name == "deepface":
         # seeded random weights in deepface's file format (VGG-Face trunk + head, ~540 MB per attribute)
         from popalign_core.classify.deepface_backend import DEEPFACE_FILES, DEEPFACE_OUTPUTS, _vgg_face_classifier

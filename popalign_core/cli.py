@@ -47,6 +47,7 @@ COMMANDS = {
     "audit": ("popalign_core.audit", "bias audit of a model or an image folder (audit compare A B: before/after)"),
     "losses": (None, "list the loss zoo and its defaults"),
     "mog": ("popalign_core.experiments.mog", "PopAlign Sec. 5 1-D mixture-of-Gaussians experiment"),
+    "toyworld": ("popalign_core.toyworld", "toy world: build (seeded, --preset full|ci), check, render"),
 }
 
 

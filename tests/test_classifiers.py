@@ -140,7 +140,11 @@ class CentreBox:
 
 # backends tested here from generated state-dict files; the others have their own test modules
 BACKENDS = ["clip", "fairface"]
-OWN_TEST_MODULE = {"deepface": "tests/test_deepface_backend.py", "age_gender": "tests/test_age_gender_backend.py"}
+OWN_TEST_MODULE = {
+    "deepface": "tests/test_deepface_backend.py",
+    "age_gender": "tests/test_age_gender_backend.py",
+    "toy": "tests/test_toyworld_build.py",
+}
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -150,7 +154,7 @@ def test_registry_and_unknown_name():
     assert set(CLASSIFIERS) == set(BACKENDS) | set(OWN_TEST_MODULE)
     root = Path(__file__).resolve().parents[1]
     assert all((root / f).is_file() for f in OWN_TEST_MODULE.values())
-    with pytest.raises(ValueError, match="valid: \\['age_gender', 'clip', 'deepface', 'fairface'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['age_gender', 'clip', 'deepface', 'fairface', 'toy'\\]"):
         make_classifier("nope")
 
 

@@ -531,12 +531,14 @@ class ClipZeroShotClassifier(TorchAttributeClassifier):
 # ------------------------------------------------------------------------------------------------ registry
 from popalign_core.classify.age_gender import AgeGenderClassifier  # noqa: E402  (imports this module lazily)
 from popalign_core.classify.deepface_backend import DeepFaceClassifier  # noqa: E402  (subclasses the base above)
+from popalign_core.toyworld.classifier import ToyClassifier  # noqa: E402
 
 CLASSIFIERS: dict[str, Callable[..., Any]] = {
     "fairface": FairFaceClassifier,
     "clip": ClipZeroShotClassifier,
     "deepface": DeepFaceClassifier,
     "age_gender": AgeGenderClassifier,
+    "toy": ToyClassifier,
 }
 
 

@@ -1,0 +1,107 @@
+"""The toy-world build (`ci` preset: the full build's code path in minutes), the `toy` classifiers and the check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from popalign_core.toyworld.build import PRESETS, BuildConfig, build
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tw") / "toyworld"
+    lines = []
+    build(out, BuildConfig(seed=0, **PRESETS["ci"]), progress=lines.append)
+    return out, lines
+
+
+def test_build_layout_and_refusals(built, tmp_path):
+    out, lines = built
+    for f in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+              "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json", "toyworld.json",
+              "classifiers/toy_classifiers.json", "classifiers/toy_train.safetensors",
+              "classifiers/toy_eval.safetensors", "classifiers/toy_face_bank.safetensors"):  # fmt: skip
+        assert (out / f).is_file(), f
+    assert not out.with_name(out.name + ".partial").exists()
+    meta = json.loads((out / "toyworld.json").read_text())
+    assert meta["config"]["unet_steps"] == PRESETS["ci"]["unet_steps"] and meta["seconds"] > 0
+    assert any("vae step" in m for m in lines) and any("unet step" in m for m in lines)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        build(out, BuildConfig(**PRESETS["ci"]))
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
+    def boom(msg):
+        if msg.startswith("unet step"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "tw"
+    with pytest.raises(KeyboardInterrupt):
+        build(out, BuildConfig(n_images=300, vae_steps=2, unet_steps=3, unet_batch=8), progress=boom)
+    assert not out.exists()
+
+
+def test_model_loads_and_samples_through_the_sd15_path(built):
+    from popalign_core.models import load_model
+    from popalign_core.sampling import SamplerConfig, sample
+
+    out, _ = built
+    adapter = load_model(str(out))
+    assert adapter.family == "sd15"
+    imgs = sample(adapter, [("a photo of a baker", 0), ("a photo of a tree", 1)], SamplerConfig(steps=4, height=32,
+                  width=32))  # fmt: skip
+    assert imgs.shape == (2, 3, 32, 32) and torch.isfinite(imgs).all()
+
+
+def test_toy_classifier_backend(built):
+    from popalign_core.classify.classifiers import make_classifier
+    from popalign_core.toyworld.classifier import labelled_renders
+
+    out, _ = built
+    clf = make_classifier("toy", weights=out, which="train")
+    imgs, labels = labelled_renders(64, seed=3)
+    res = clf.classify(list(imgs) + [np.zeros((5, 5), np.float32)])
+    assert len(res) == 65 and res[-1].error and not res[-1].face_found
+    for r in res[:-1]:
+        if r.face_found:
+            assert set(r.probs) == {"form", "hue", "stature"}
+            assert all(abs(p.sum() - 1) < 1e-9 for p in r.probs.values())
+            x0, y0, x1, y1 = r.box
+            assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
+    x = torch.from_numpy(imgs[:4]).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    sum(v.sum() for v in clf.probs(x).values()).backward()  # differentiable
+    logits = clf.logits(x.detach())
+    assert x.grad is not None and logits["hue"].shape == (4, 4)
+    emb = clf.embed_images(list(imgs[:3]))
+    assert emb.shape[0] == 3 and np.allclose(np.linalg.norm(emb, axis=1), 1)
+    assert clf.face_bank().ndim == 2
+    ev = make_classifier("toy", weights=out, which="eval")
+    assert type(ev.net).__name__ != type(clf.net).__name__  # independent architecture
+    with pytest.raises(ValueError, match="`which` must be one of"):
+        make_classifier("toy", weights=out, which="best")
+    with pytest.raises(ValueError, match="`detector` must be None"):
+        make_classifier("toy", weights=out, detector="opencv_haar")
+
+
+def test_check_runs_and_reports_every_field(built):
+    from popalign_core.toyworld.check import main
+
+    out, _ = built
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["--model", str(out), "--n", "4", "--n-identity", "2", "--n-concept", "2", "--steps", "3"]) == 0
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    for k in ("roles", "base_discrepancy", "skew_error_mean", "skew_error_floor", "identity_recall",
+              "concept_accuracy", "classifier_accuracy", "classifier_agreement", "sampler"):  # fmt: skip
+        assert k in res, k
+    assert set(res["base_discrepancy"]) == {"form", "hue", "stature"}
+    assert res["sampler"]["guidance_scale"] == 1.0 and res["n_per_role"] == 4

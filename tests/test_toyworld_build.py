@@ -105,3 +105,27 @@ def test_check_runs_and_reports_every_field(built):
         assert k in res, k
     assert set(res["base_discrepancy"]) == {"form", "hue", "stature"}
     assert res["sampler"]["guidance_scale"] == 1.0 and res["n_per_role"] == 4
+
+
+def test_audit_of_the_toy_model_folder_with_the_toy_backend(built, tmp_path):
+    """`popalign audit` on a model folder loaded from disk (the toy world) with the `toy` classifier and the toy
+    axes, a non-uniform target on one of them."""
+    from popalign_core.audit import main
+
+    out, _ = built
+    rc = main(["--model", str(out), "--prompts", str(_prompts(tmp_path)), "--images-per-prompt", "3",
+               "--classifier", "toy", "--weights", str(out), "--axes", "form,hue,stature", "--steps", "3",
+               "--guidance", "1", "--targets", '{"stature": {"tall": 0.25, "short": 0.75}}', "--n-boot", "20",
+               "--out", str(tmp_path / "a")])  # fmt: skip
+    assert rc == 0
+    res = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert res["settings"]["classifier"] == "toy" and res["counts"]["images"] == 6
+    assert res["axes"]["stature"]["target"] == [0.25, 0.75] and res["axes"]["hue"]["classes"] == [
+        "red", "green", "blue", "gold"]  # fmt: skip
+    assert (tmp_path / "a" / "report.html").is_file()
+
+
+def _prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a photo of a baker\na photo of a pilot\n")
+    return f

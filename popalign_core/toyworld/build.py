@@ -50,6 +50,8 @@ class BuildConfig:
     text_layers: int = 2
     cond_dropout: float = 0.1
     ema_decay: float = 0.999
+    classifier_images: int = 40000  # labelled renders for the toy classifiers
+    classifier_steps: int = 2000  # training steps of each toy classifier
     mix: CaptionMix = field(default_factory=CaptionMix)
     threads: int = 0  # torch threads (0: leave as is)
 
@@ -63,7 +65,14 @@ class BuildConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     # the same code path in minutes (CI): a smaller set and far fewer steps; check metrics are not expected to pass
-    "ci": {"n_images": 3000, "vae_steps": 150, "unet_steps": 200, "unet_batch": 64},
+    "ci": {
+        "n_images": 3000,
+        "vae_steps": 150,
+        "unet_steps": 200,
+        "unet_batch": 64,
+        "classifier_images": 4000,
+        "classifier_steps": 100,
+    },  # fmt: skip
 }
 
 

@@ -215,9 +215,8 @@ def train_classifiers(
 
     out = Path(folder) / "classifiers"
     out.mkdir(parents=True, exist_ok=True)
-    ci = cfg.n_images < 10000
-    n = n or (4000 if ci else 40000)
-    steps = steps or (100 if ci else 2000)
+    n = n or cfg.classifier_images
+    steps = steps or cfg.classifier_steps
     imgs, labels = labelled_renders(n, cfg.seed + 10)
     rt = vae_roundtrip(vae, imgs, seed=cfg.seed + 11)
     rt_noisy = vae_roundtrip(vae, imgs, noise=0.15, seed=cfg.seed + 12)

@@ -226,16 +226,18 @@ def sample_images(
             parts = spec.split(":")
             adapter = get_dummy_adapter(parts[1], seed=int(parts[2]) if len(parts) > 2 else 0)
         else:
-            if not Path(spec).exists():
+            from .models import TOYWORLD, load_model
+
+            if spec != TOYWORLD and not Path(spec).exists():
                 raise FileNotFoundError(f"model {spec!r} does not exist (a checkpoint file or diffusers folder)")
-            from .models import load_model
 
             adapter = load_model(spec)
     elif model is not None and hasattr(model, "encode_prompt"):
         spec, adapter = type(model).__name__, model
     else:
         raise ValueError(
-            f"`model` must be a checkpoint path, a diffusers folder, 'tiny:sd15' or an adapter; got {model!r}"
+            "`model` must be a checkpoint path, a diffusers folder, 'toyworld', 'tiny:sd15' or an adapter; "
+            f"got {model!r}"
         )
     config = SamplerConfig(**dict(sampler))
     rows = []
@@ -732,7 +734,10 @@ def _parser() -> argparse.ArgumentParser:
         "`popalign audit compare A B --out DIR` compares two audits.",
     )
     src = ap.add_argument_group("what to audit")
-    src.add_argument("--model", help="checkpoint (.safetensors), diffusers folder or 'tiny:sd15'")
+    src.add_argument(
+        "--model",
+        help="checkpoint (.safetensors), diffusers folder, 'toyworld' (the shipped toy world) or 'tiny:sd15'",
+    )
     src.add_argument("--prompts", help="prompts file: one prompt a line, # comments")
     src.add_argument("--images-per-prompt", type=int, default=16)
     src.add_argument("--images", help="folder of images (sub-folders = prompts without --manifest)")

@@ -1,19 +1,22 @@
-"""The demo (README command #1): a short population-level alignment run, end to end, on a tiny model.
+"""The demo (README command #1): a short population-level alignment run, end to end, on the embedded toy world.
 
 What it does, all seeded and offline (about a minute on 2 CPU cores):
-1. builds a tiny SD1.5-style model from configs (random weights: it draws noise-like images, but the whole code path
-   is the one used for real checkpoints);
-2. generates its own population preference data with the seeded sampler: for each identity-neutral prompt
-   ("a photo of a doctor"), a *winning* population sampled from identity-augmented prompts ("a photo of a female
-   doctor", ...) and a *losing* population sampled from the neutral prompt itself; every image is captioned with
-   the neutral prompt, as in PopAlign Sec. 4.1/6.1;
-3. trains a LoRA on the UNet with the chosen loss (default PopAlign, Eq. 11), reference = adapter disabled;
-4. measures, on held-out images of both populations with fixed noise, the implicit reward margin
+1. loads the toy world shipped with the package (docs/toyworld.md: a tiny SD1.5-layout model that learned a designed
+   bias; ``--model tiny`` uses a random tiny model of ``--family`` instead, which draws noise-like images);
+2. measures the bias the model has: for three training roles' neutral prompts ("a photo of a baker"), the share of
+   each ``form`` class (the toy world's gender analogue) among ``--eval-images`` images, judged by the toy
+   *evaluation* classifier, and the discrepancy (PopAlign Eq. 13) against 50/50;
+3. generates its own population preference data with the seeded sampler: for each neutral prompt, a *winning*
+   population sampled from identity-augmented prompts ("a photo of a round baker", "... angular baker") and a
+   *losing* population sampled from the neutral prompt itself; every image is captioned with the neutral prompt,
+   as in PopAlign Sec. 4.1/6.1;
+4. trains a LoRA on the UNet with the chosen loss (default PopAlign, Eq. 11), reference = adapter disabled;
+5. measures, on held-out images of both populations with fixed noise, the implicit reward margin
    E_w[Lref - Lθ] - E_l[Lref - Lθ] (0 before training by construction; > 0 means the model now prefers the winning
-   population for the neutral caption) and the implicit accuracy;
-5. writes the LoRA in both formats (kohya for ComfyUI's LoraLoader, diffusers/peft), metrics.jsonl, loss_curve.png
+   population for the neutral caption) and the implicit accuracy, and measures the bias of step 2 again;
+6. writes the LoRA in both formats (kohya for ComfyUI's LoraLoader, diffusers/peft), metrics.jsonl, loss_curve.png
    and summary.json to the output folder, and prints the summary as its last line.
-The toy-world issue replaces this with the full audit -> data -> train -> audit demo.
+The population-pipeline issue grows this into the full audit -> data -> train -> audit demo with baselines.
 """
 
 from __future__ import annotations
@@ -30,8 +33,13 @@ import torch
 from .fileio import atomic_write_text
 from .losses import LOSSES
 
+MODELS = ("toyworld", "tiny")
+# the random tiny model: real-world words (its text conditioning is random anyway)
 NEUTRAL_PROMPTS = ("a photo of a doctor", "a photo of a nurse", "a photo of a chef")
 IDENTITIES = ("female", "male")
+# the toy world: three training roles with strong and mild `form` skews in both directions; its `form` keywords
+TOY_NEUTRAL_PROMPTS = ("a photo of a baker", "a photo of a pilot", "a photo of a guard")
+TOY_IDENTITIES = ("round", "angular")
 
 
 def augment(prompt: str, identity: str) -> str:
@@ -40,21 +48,31 @@ def augment(prompt: str, identity: str) -> str:
     return f"{head} a {identity} {noun}" if head else f"{identity} {prompt}"
 
 
-def build_data(adapter, images_per_population: int, seed: int, steps: int, guidance: float):
+def build_data(
+    adapter,
+    images_per_population: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    prompts=NEUTRAL_PROMPTS,
+    identities=IDENTITIES,
+    calibrate: bool = True,
+):
     """Winning (augmented prompts) and losing (neutral prompt) populations, as latents with neutral captions."""
     from .sampling import SamplerConfig, sample
 
     win_req, lose_req, captions_w, captions_l = [], [], [], []
-    for p in NEUTRAL_PROMPTS:
+    for p in prompts:
         for i in range(images_per_population):
-            win_req.append((augment(p, IDENTITIES[i % len(IDENTITIES)]), i))
+            win_req.append((augment(p, identities[i % len(identities)]), i))
             captions_w.append(p)
             lose_req.append((p, i))
             captions_l.append(p)
     cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed, batch_size=16)
     images = sample(adapter, win_req + lose_req, cfg)
     with torch.no_grad():
-        calibrate_vae_scale(adapter, images)
+        if calibrate:
+            calibrate_vae_scale(adapter, images)
         latents = adapter.encode_images(images)
     n = len(win_req)
     label = torch.tensor([1] * n + [-1] * n)
@@ -136,6 +154,38 @@ def implicit_margin(adapter, latents, cond, label, draws: int = 16, seed: int = 
     }
 
 
+@torch.no_grad()
+def measure_form_bias(adapter, prompts, n: int, seed: int, steps: int, guidance: float = 1.0) -> dict:
+    """Per neutral prompt: shares of the toy `form` classes among `n` seeded images (guidance 1: the model's own
+    distribution), judged by the toy *evaluation* classifier (hard labels among images with a face), and the
+    discrepancy (PopAlign Eq. 13) against 50/50; plus their mean over prompts. Same seeds before and after."""
+    import numpy as np
+
+    from .metrics import discrepancy
+    from .sampling import SamplerConfig, sample
+    from .toyworld.classifier import ToyClassifier
+    from .toyworld.world import FORM
+
+    clf = ToyClassifier(which="eval")
+    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed + 7, batch_size=64)
+    per = {}
+    for p in prompts:
+        imgs = sample(adapter, [(p, k) for k in range(n)], cfg)
+        pred = clf.predict(list(imgs.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()))
+        face = pred["face"] >= clf.face_threshold
+        onehot = np.eye(len(FORM))[pred["form"][face].argmax(1)]
+        shares = onehot.mean(0) if len(onehot) else np.zeros(len(FORM))
+        disc = discrepancy(onehot, np.full(len(FORM), 1 / len(FORM))) if len(onehot) else float("nan")
+        per[p] = {"shares": dict(zip(FORM, shares.round(4).tolist())), "faces": int(face.sum()), "discrepancy": disc}
+    return {
+        "n_per_prompt": n,
+        "sampler": {"steps": steps, "guidance_scale": guidance, "scheduler": "ddim"},
+        "judge": "toy evaluation classifier",
+        "prompts": per,
+        "mean_discrepancy": float(np.nanmean([v["discrepancy"] for v in per.values()])),
+    }
+
+
 def _plot(losses: list[float], path: Path, title: str) -> None:
     import matplotlib
 
@@ -162,8 +212,10 @@ def run_demo(
     rank: int = 4,
     seed: int = 0,
     family: str = "sd15",
-    sample_steps: int = 8,
+    sample_steps: int | None = None,
     guidance: float = 3.0,
+    model: str = "toyworld",
+    eval_images: int = 48,
     overwrite: bool = False,
     log=print,
     **loss_hparams,
@@ -173,6 +225,10 @@ def run_demo(
     from .objective import preference_loss
     from .testing import get_dummy_adapter
 
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is not a demo model; valid values: {', '.join(MODELS)}")
+    if not isinstance(eval_images, int) or eval_images < 0:
+        raise ValueError(f"eval_images={eval_images!r} is invalid: must be an integer >= 0")
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
     for name, v, lo in (("steps", steps, 1), ("images_per_population", images_per_population, 2), ("rank", rank, 1)):
@@ -186,10 +242,22 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(seed)
-    adapter = get_dummy_adapter(family, seed=seed)
-    log(f"[demo] tiny {family} model built; sampling {2 * images_per_population * len(NEUTRAL_PROMPTS)} images")
+    toy = model == "toyworld"
+    if toy:
+        from .models import load_model
+
+        adapter, prompts, identities = load_model("toyworld"), TOY_NEUTRAL_PROMPTS, TOY_IDENTITIES
+        family, what = adapter.family, "the toy world"
+    else:
+        adapter, prompts, identities = get_dummy_adapter(family, seed=seed), NEUTRAL_PROMPTS, IDENTITIES
+        what = f"the tiny {family} model"
+    sample_steps = sample_steps or (25 if toy else 8)
+    bias_before = measure_form_bias(adapter, prompts, eval_images, seed, sample_steps) if toy and eval_images else None
+    if bias_before:
+        log(f"[demo] form discrepancy before: {bias_before['mean_discrepancy']:.3f} ({eval_images} images/prompt)")
+    log(f"[demo] {what} loaded; sampling {2 * images_per_population * len(prompts)} images")
     latents, captions, label, images, requests = build_data(
-        adapter, images_per_population, seed, sample_steps, guidance
+        adapter, images_per_population, seed, sample_steps, guidance, prompts, identities, calibrate=not toy
     )
     export_population(out / "data", images, requests, captions, label)
     with torch.no_grad():
@@ -225,6 +293,9 @@ def run_demo(
                 log(f"[demo] step {step:4d}/{steps}  loss {res.metrics['loss']:.4f}")
     after = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
     train_after = implicit_margin(adapter, latents[train_idx], cond_all.select(train_idx), label[train_idx])
+    bias_after = measure_form_bias(adapter, prompts, eval_images, seed, sample_steps) if bias_before else None
+    if bias_after:
+        log(f"[demo] form discrepancy after: {bias_after['mean_discrepancy']:.3f}")
 
     data_hash = hashlib.sha256(latents.detach().float().numpy().tobytes() + "\n".join(captions).encode()).hexdigest()
     meta = lora_metadata(
@@ -235,9 +306,10 @@ def run_demo(
     )
     save_lora(adapter, out / "popalign_demo_lora.safetensors", format="kohya", metadata=meta)
     save_lora(adapter, out / "diffusers_lora", format="diffusers", metadata=meta)
-    _plot([h["loss"] for h in history], out / "loss_curve.png", f"{loss} on the tiny {family} model")
+    _plot([h["loss"] for h in history], out / "loss_curve.png", f"{loss} on {what}")
     summary = {
         "loss": loss,
+        "model": model,
         "family": family,
         "steps": steps,
         "train_images": int(train_idx.numel()),
@@ -248,6 +320,8 @@ def run_demo(
         "heldout_margin_after": after["margin"],
         "heldout_implicit_acc_after": after["implicit_acc"],
         "train_margin_after": train_after["margin"],
+        "form_bias_before": bias_before,
+        "form_bias_after": bias_after,
         "seconds": round(time.time() - t0, 1),
         "outputs": sorted(p.name for p in out.iterdir()),
     }
@@ -264,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the LoRA (default: 3e-3)")
     ap.add_argument("--beta", type=float, default=None, help="override the loss's beta (its own default otherwise)")
     ap.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
-    ap.add_argument("--family", default="sd15", choices=["sd15", "sd2", "sdxl"], help="tiny model family")
+    ap.add_argument("--model", default="toyworld", choices=list(MODELS), help="toyworld (default) or tiny")
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sd2", "sdxl"], help="family of --model tiny")
+    ap.add_argument("--eval-images", type=int, default=48, help="toy world: images per prompt for the bias readout")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out folder")
     a = ap.parse_args(argv)
     hp = {} if a.beta is None else {"beta": a.beta}
@@ -277,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             lr=a.lr,
             seed=a.seed,
             family=a.family,
+            model=a.model,
+            eval_images=a.eval_images,
             overwrite=a.overwrite,
             log=lambda m: print(m, file=sys.stderr),
             **hp,

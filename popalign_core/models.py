@@ -298,6 +298,23 @@ def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, 
 
 
 # --------------------------------------------------------------------------------------------------------------- API
+TOYWORLD = "toyworld"  # model spec of the toy world shipped with the package (docs/toyworld.md)
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path; the spec ``"toyworld"`` names the toy-world model shipped with the package."""
+    if str(path) == TOYWORLD:
+        from .toyworld.classifier import default_toyworld_dir
+
+        p = default_toyworld_dir()
+        if not (p / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped toy world is missing from {p}: rebuild it with `popalign toyworld build --out {p}`"
+            )
+        return p
+    return Path(path).expanduser()
+
+
 def load_pipeline(
     path: str | os.PathLike,
     *,
@@ -320,7 +337,7 @@ def load_pipeline(
         torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps'): {e}") from e
-    p = Path(path).expanduser()
+    p = resolve_model_path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path {str(p)!r} does not exist: {_WHERE}")
 
@@ -383,7 +400,8 @@ def load_model(
 
     path: a single-file ``.safetensors`` checkpoint in the original layout (ComfyUI's ``models/checkpoints/``,
         A1111, CivitAI), or a diffusers folder with ``model_index.json`` (loaded with ``from_pretrained``,
-        safetensors only; a folder without tokenizer files gets the shipped CLIP tokenizer).
+        safetensors only; a folder without tokenizer files gets the shipped CLIP tokenizer), or ``"toyworld"``
+        (the toy world shipped with the package).
     family: "auto" (detected from the checkpoint keys or the folder's configs), "sd15", "sd2" or "sdxl";
         an explicit family must match what is detected.
     prediction_type: None (the config's), "epsilon" or "v_prediction". SD2.x checkpoints cannot be told apart by

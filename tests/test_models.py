@@ -336,3 +336,16 @@ def test_full_size_sd15_checkpoint_loads_with_shipped_config(tmp_path):
     )
     assert torch.equal(pipe.unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2.to_k.weight, want.bfloat16())
     assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_toyworld_spec_names_the_shipped_model(monkeypatch, tmp_path):
+    from popalign_core.models import resolve_model_path
+    from popalign_core.toyworld import classifier
+
+    assert resolve_model_path("toyworld") == classifier.default_toyworld_dir()
+    assert resolve_model_path("~/x.safetensors") == Path.home() / "x.safetensors"
+    adapter = load_model("toyworld")
+    assert adapter.family == "sd15" and adapter.unet.dtype == torch.float32  # stored fp16, loaded fp32
+    monkeypatch.setattr(classifier, "default_toyworld_dir", lambda: tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="rebuild it with `popalign toyworld build --out"):
+        load_model("toyworld")

@@ -101,8 +101,11 @@ def test_check_runs_and_reports_every_field(built):
         assert main(["--model", str(out), "--n", "4", "--n-identity", "2", "--n-concept", "2", "--steps", "3"]) == 0
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
     for k in ("roles", "base_discrepancy", "skew_error_mean", "skew_error_floor", "identity_recall",
-              "concept_accuracy", "classifier_accuracy", "classifier_agreement", "sampler"):  # fmt: skip
+              "concept_accuracy", "classifier_accuracy", "classifier_agreement", "train_classifier_calibration",
+              "sampler"):  # fmt: skip
         assert k in res, k
+    for v in res["train_classifier_calibration"].values():
+        assert 0 <= v["ece"] <= 1 and 0 < v["mean_confidence"] <= 1 and 0 <= v["saturated_share"] <= 1
     assert set(res["base_discrepancy"]) == {"form", "hue", "stature"}
     assert res["sampler"]["guidance_scale"] == 1.0 and res["n_per_role"] == 4
 
@@ -129,3 +132,91 @@ def _prompts(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a photo of a baker\na photo of a pilot\n")
     return f
+
+
+def test_caption_labels_by_hand():
+    from popalign_core.toyworld.build import AUX_HEADS, caption_labels
+    from popalign_core.toyworld.world import ROLE_NAMES
+
+    assert list(AUX_HEADS) == ["role", "concept", "hidden", "form", "hue", "stature"]
+    caps = ["a photo of a tall red baker", "a photo of a tree", "", "a photo of an angular pilot in a cloak",
+            "a photo of a small emerald curvy chef"]  # fmt: skip
+    assert caption_labels(caps).tolist() == [
+        [1 + ROLE_NAMES.index("baker"), 0, 0, 0, 1, 1],
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [1 + ROLE_NAMES.index("pilot"), 0, 1, 2, 0, 0],
+        [1 + ROLE_NAMES.index("chef"), 0, 0, 1, 2, 2],
+    ]
+
+
+def test_text_pretraining_makes_every_named_attribute_readable():
+    """After the caption-attribute pretraining, linear read-outs recover every named attribute (and "not named")
+    from every position from the end-of-text token on, for captions it was trained on."""
+    from transformers import CLIPTextModel
+
+    from popalign_core.toyworld.build import (
+        EOS_ID,
+        TextAux,
+        caption_labels,
+        pretrain_text,
+        text_encoder_config,
+        tokenize,
+    )
+    from popalign_core.toyworld.data import make_dataset
+
+    torch.manual_seed(0)
+    cfg = BuildConfig(text_hidden=32, text_layers=1, text_pretrain_steps=150)
+    _, caps, _ = make_dataset(400, seed=1)
+    text = CLIPTextModel(text_encoder_config(cfg))
+    aux = TextAux(cfg.text_hidden, seed=0)
+    ids, labels = tokenize(caps).input_ids, caption_labels(caps)
+    with torch.no_grad():
+        before = float(aux.loss(text(ids)[0], ids, labels))
+    pretrain_text(text, caps, cfg, aux)
+    with torch.no_grad():
+        states = text(ids)[0]
+        after = float(aux.loss(states, ids, labels))
+        eos = (ids == EOS_ID).int().argmax(1)
+        last = states[torch.arange(len(caps)), -1]  # the last padding position
+        acc = [float((head(last).argmax(1) == labels[:, k]).float().mean()) for k, head in enumerate(aux.heads)]
+    assert (eos < ids.shape[1] - 1).all()
+    assert after < 0.1 * before, (before, after)
+    assert min(acc) > 0.98, acc
+
+
+def test_shipped_toy_world_is_complete_current_and_small():
+    """The committed build: every file, built by the current build version with the `full` preset, <= 20 MB."""
+    from popalign_core.toyworld.build import BUILD_VERSION
+    from popalign_core.toyworld.classifier import default_toyworld_dir
+
+    d = default_toyworld_dir()
+    files = [p for p in d.rglob("*") if p.is_file()]
+    names = {str(p.relative_to(d)) for p in files}
+    expected = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json", "toyworld.json",
+                "scheduler/scheduler_config.json", "classifiers/toy_classifiers.json",
+                "classifiers/toy_train.safetensors", "classifiers/toy_eval.safetensors",
+                "classifiers/toy_face_bank.safetensors"]  # fmt: skip
+    assert not set(expected) - names
+    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
+    meta = json.loads((d / "toyworld.json").read_text())
+    assert meta["build_version"] == BUILD_VERSION
+    assert meta["config"] == BuildConfig(**PRESETS["full"]).to_dict() | {"threads": meta["config"]["threads"]}
+
+
+def test_calibration_statistics_by_hand():
+    from popalign_core.toyworld.check import _calibration
+
+    form = np.array([[0.95, 0.05], [0.95, 0.05], [0.65, 0.35], [0.65, 0.35]])
+
+    class Fixed:
+        def predict(self, imgs):
+            return {"form": form, "stature": form, "hue": np.tile([1.0, 0, 0, 0], (4, 1))}
+
+    labels = {"form": [0, 1, 0, -1], "stature": [0, 1, 0, -1], "hue": [0, 0, 0, 0]}
+    res = _calibration(Fixed(), np.zeros((4, 32, 32, 3), np.uint8), labels)
+    # bin 9: conf 0.95, accuracy 1/2, weight 2/3; bin 6: conf 0.65, accuracy 1, weight 1/3
+    assert res["form"]["ece"] == pytest.approx(0.45 * 2 / 3 + 0.35 / 3)
+    assert res["form"]["mean_confidence"] == pytest.approx(0.85) and res["form"]["saturated_share"] == 0
+    assert res["hue"] == {"ece": 0.0, "mean_confidence": 1.0, "saturated_share": 1.0}

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from .data import CaptionMix, make_dataset
+from .world import CONCEPTS, ROLE_NAMES, TOY_AXES, parse_caption
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
+EOS_ID = 49407  # CLIP's end-of-text token, also its padding token
 
 
 @dataclass
@@ -36,12 +38,12 @@ class BuildConfig:
 
     seed: int = 0
     n_images: int = 60000  # rendered training images (base model)
-    vae_steps: int = 2500
+    vae_steps: int = 600
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    unet_steps: int = 30000
-    unet_batch: int = 128
+    unet_steps: int = 10000
+    unet_batch: int = 32  # small batches, many updates: faster learning per sample at this size
     unet_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (64, 64)
     unet_layers: int = 1
@@ -49,9 +51,12 @@ class BuildConfig:
     text_hidden: int = 64
     text_layers: int = 2
     cond_dropout: float = 0.1
+    text_pretrain_steps: int = 400  # caption-attribute pretraining of the text encoder (see `TextAux`)
+    text_aux_weight: float = 0.1  # weight of the caption-attribute loss while training the UNet (0: off)
+    snr_gamma: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023) of the UNet loss (0: off)
     ema_decay: float = 0.999
-    classifier_images: int = 40000  # labelled renders for the toy classifiers
-    classifier_steps: int = 2000  # training steps of each toy classifier
+    classifier_images: int = 20000  # labelled renders for the toy classifiers
+    classifier_steps: int = 1200  # training steps of each toy classifier
     mix: CaptionMix = field(default_factory=CaptionMix)
     threads: int = 0  # torch threads (0: leave as is)
 
@@ -72,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet_batch": 64,
         "classifier_images": 4000,
         "classifier_steps": 100,
+        "text_pretrain_steps": 50,
     },  # fmt: skip
 }
 
@@ -188,6 +194,83 @@ def tokenize(captions: list[str]):
     return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
 
 
+# caption attributes the text encoder is taught to expose at every position from the end-of-text token on
+AUX_HEADS: dict[str, tuple[str, ...]] = {
+    "role": ROLE_NAMES,
+    "concept": CONCEPTS,
+    "hidden": ("cloak",),
+    **TOY_AXES,
+}
+
+
+def caption_labels(captions: list[str]):
+    """[N, len(AUX_HEADS)] long labels: 0 = not named in the caption, 1 + class index otherwise."""
+    import torch
+
+    rows = []
+    for c in captions:
+        p = parse_caption(c)
+        named = {"role": p["role"], "concept": p["concept"], "hidden": "cloak" if p["hidden"] else None,
+                 **p["identity"]}  # fmt: skip
+        rows.append([0 if named.get(h) is None else 1 + classes.index(named[h]) for h, classes in AUX_HEADS.items()])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class TextAux:
+    """Linear read-outs of the caption's attributes from the text encoder's last hidden states.
+
+    A real text-to-image model starts from a pretrained text encoder (CLIP) whose states already separate "red"
+    from "blue". The toy world's encoder starts from random weights; trained only through the UNet's loss it
+    learns the role (which changes the whole background) long before the identity keywords (a small part of the
+    image), and the UNet then cannot follow them. This loss - cross-entropy of per-head linear read-outs at every
+    position from the first end-of-text token on (those positions see the whole caption through causal attention)
+    - teaches the encoder to expose every named attribute; it is used to pretrain the encoder and, weighted by
+    ``text_aux_weight``, while training the UNet. The read-outs are discarded after the build."""
+
+    def __init__(self, hidden: int, seed: int):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, 1 + len(c)) for c in AUX_HEADS.values())
+        for h in self.heads:
+            torch.nn.init.normal_(h.weight, std=hidden**-0.5, generator=g)
+            torch.nn.init.zeros_(h.bias)
+
+    def parameters(self):
+        return self.heads.parameters()
+
+    def loss(self, states, ids, labels):
+        import torch
+
+        eos = (ids == EOS_ID).int().argmax(dim=1)
+        mask = torch.arange(ids.shape[1])[None, :] >= eos[:, None]  # [B, L]
+        total = states.new_zeros(())
+        for k, head in enumerate(self.heads):
+            logits = head(states[mask])  # [M, C]
+            lab = labels[:, k][:, None].expand_as(mask)[mask]
+            total = total + torch.nn.functional.cross_entropy(logits, lab)
+        return total / len(self.heads)
+
+
+def pretrain_text(text, captions: list[str], cfg: BuildConfig, aux: TextAux, progress=None) -> None:
+    """Caption-attribute pretraining of the text encoder (see `TextAux`) on the build's distinct captions."""
+    import torch
+
+    uniq = sorted(set(captions) | {""})
+    ids = tokenize(uniq).input_ids
+    labels = caption_labels(uniq)
+    opt = torch.optim.AdamW([*text.parameters(), *aux.parameters()], lr=1e-3, weight_decay=1e-2)
+    gen = np.random.default_rng(cfg.seed + 5)
+    for step in range(cfg.text_pretrain_steps):
+        idx = torch.from_numpy(gen.integers(0, len(uniq), 256))
+        loss = aux.loss(text(ids[idx])[0], ids[idx], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.text_pretrain_steps - 1:
+            _log(progress, f"text pretrain step {step + 1}/{cfg.text_pretrain_steps} loss {loss.item():.4f}")
+
+
 def train_unet(latents, captions: list[str], cfg: BuildConfig, progress=None):
     """Train UNet + text encoder on scaled latents; returns (unet_ema, text_encoder_ema)."""
     import copy
@@ -202,8 +285,15 @@ def train_unet(latents, captions: list[str], cfg: BuildConfig, progress=None):
     noise_sched = DDPMScheduler(**scheduler_config())
     ac = noise_sched.alphas_cumprod
     ids_all = tokenize(captions).input_ids
+    labels_all = caption_labels(captions)
     empty = tokenize([""]).input_ids[0]
+    empty_labels = caption_labels([""])[0]
+    aux = TextAux(cfg.text_hidden, cfg.seed + 6)
+    if cfg.text_pretrain_steps:
+        pretrain_text(text, captions, cfg, aux, progress)
     params = list(unet.parameters()) + list(text.parameters())
+    if cfg.text_aux_weight:
+        params += list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     warm = min(500, max(cfg.unet_steps // 10, 1))
 
@@ -225,13 +315,20 @@ def train_unet(latents, captions: list[str], cfg: BuildConfig, progress=None):
         ids = ids_all[idx].clone()
         drop = torch.from_numpy(gen.random(cfg.unet_batch) < cfg.cond_dropout)
         ids[drop] = empty
+        labels = labels_all[idx].clone()
+        labels[drop] = empty_labels
         noise = torch.randn(x0.shape, generator=tgen)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=tgen)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = text(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=emb).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if cfg.snr_gamma:  # Min-SNR-gamma for epsilon prediction: weight min(SNR, gamma) / SNR (Hang et al. 2023)
+            snr = (a / (1 - a)).flatten()
+            per = per * snr.clamp(max=cfg.snr_gamma) / snr
+        mse = per.mean()
+        loss = mse + cfg.text_aux_weight * aux.loss(emb, ids, labels) if cfg.text_aux_weight else mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,7 +339,7 @@ def train_unet(latents, captions: list[str], cfg: BuildConfig, progress=None):
             for m, e in ((unet, ema_unet), (text, ema_text)):
                 for p, q in zip(m.parameters(), e.parameters()):
                     q.lerp_(p, 1 - d)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
         if step % 500 == 0 or step == cfg.unet_steps - 1:
             el = time.time() - t0
             _log(

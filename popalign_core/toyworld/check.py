@@ -14,6 +14,8 @@ images with the **evaluation** classifier. Prints progress, then as its last lin
 * ``hidden_face_rate``: share of "in a cloak" images with a detected face (should be near 0);
 * ``classifier_accuracy``: the evaluation classifier on fresh renders (renderer ground truth), per head;
 * ``classifier_agreement``: per axis, training vs evaluation classifier argmax agreement on generated images;
+* ``train_classifier_calibration``: per axis, the training classifier's expected calibration error, mean
+  confidence and share of saturated (>= 0.999) predictions on fresh renders (it must not be saturated at 0/1);
 * ``sampler``: the sampler settings (guidance changes proportions; PopAlign Fig. 6).
 """
 
@@ -63,6 +65,24 @@ def _max_err_floor(designed: np.ndarray, n: int, rng: np.random.Generator, reps:
         return float("nan")
     draws = rng.multinomial(n, designed, size=reps) / n
     return float(np.abs(draws - designed).max(axis=1).mean())
+
+
+def _calibration(clf, imgs: np.ndarray, labels: dict, bins: int = 10) -> dict[str, dict[str, float]]:
+    """Per axis, on labelled renders with a face: expected calibration error (`bins` equal-width confidence bins),
+    mean confidence (max probability) and the share of saturated predictions (max probability >= 0.999)."""
+    p = clf.predict(list(imgs))
+    out = {}
+    for axis in TOY_AXES:
+        y = np.asarray(labels[axis])
+        keep = y >= 0
+        prob = p[axis][keep]
+        conf, hit = prob.max(1), prob.argmax(1) == y[keep]
+        idx = np.minimum((conf * bins).astype(int), bins - 1)
+        ece = sum(abs(hit[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean() for b in range(bins)
+                  if (idx == b).any())  # fmt: skip
+        out[axis] = {"ece": float(ece), "mean_confidence": float(conf.mean()),
+                     "saturated_share": float((conf >= 0.999).mean())}  # fmt: skip
+    return out
 
 
 def run_check(
@@ -128,6 +148,7 @@ def run_check(
     # the evaluation classifier against renderer ground truth
     r_imgs, r_lab = labelled_renders(2000, seed=777)
     acc = ev.accuracy(r_imgs, r_lab)
+    calibration = _calibration(tr, r_imgs, r_lab)
     result = {
         "model": str(model),
         "n_per_role": n,
@@ -142,6 +163,7 @@ def run_check(
         "hidden_face_rate": hidden_face,
         "classifier_accuracy": acc,
         "classifier_agreement": {a: float(np.mean(v)) if v else None for a, v in agree.items()},
+        "train_classifier_calibration": calibration,
         "keywords": {a: {c: list(k) for c, k in v.items()} for a, v in KEYWORDS.items()},
         "seconds": round(time.time() - t0, 1),
     }

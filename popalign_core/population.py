@@ -59,10 +59,10 @@ def keyword_sets(spec: str) -> tuple[dict[str, dict[str, str]], dict[str, dict[s
         detect = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"--keywords {spec!r}: not valid JSON ({e})") from e
-    from .prompts import _check_config
+    from .prompts import check_keyword_config
 
     try:
-        _check_config(detect)
+        check_keyword_config(detect)
     except ValueError as e:
         raise ValueError(f"--keywords {spec!r}: {e}") from e
     return {a: {c: list(k)[0] for c, k in v.items()} for a, v in detect.items()}, detect, tuple(detect)

@@ -119,7 +119,7 @@ _FILLERS = frozenset({"a", "an", "the", "his", "her", "their", "its", "some", "b
 _TOKEN = re.compile(r"[a-z]+")
 
 
-def _check_config(axes: KeywordConfig) -> None:
+def check_keyword_config(axes: KeywordConfig) -> None:
     if not isinstance(axes, Mapping) or not axes:
         raise ValueError(f"`axes` must be a non-empty mapping axis -> class -> keywords; got {axes!r}")
     for axis, classes in axes.items():
@@ -160,7 +160,7 @@ def find_identity_terms(prompt: str, axes: KeywordConfig | None = None) -> list[
     if not isinstance(prompt, str):
         raise ValueError(f"`prompt` must be a string; got {type(prompt).__name__}")
     axes = DEFAULT_KEYWORDS if axes is None else axes
-    _check_config(axes)
+    check_keyword_config(axes)
     table: dict[tuple[str, ...], tuple[str, str]] = {}
     for axis, classes in axes.items():
         for cls, kws in classes.items():

@@ -3,9 +3,10 @@
 ``popalign toyworld build --out DIR [--preset full|ci] [--seed 0] [--overwrite]``
 
 Steps: render a training set with the designed skews (`data.make_dataset`) -> train a tiny `AutoencoderKL`
-(32x32 RGB <-> 4x8x8 latents) -> encode the set -> train a tiny `UNet2DConditionModel` jointly with a tiny
-`CLIPTextModel` (full CLIP BPE vocabulary, shipped tokenizer) with 10% caption dropout (classifier-free guidance)
--> train the two toy classifiers (`classifier.py`) -> write a Stable-Diffusion-1.x-layout diffusers folder.
+(32x32 RGB <-> 4x8x8 latents) -> encode the set -> pretrain a tiny `CLIPTextModel` (full CLIP BPE vocabulary,
+shipped tokenizer) on caption attributes (`TextAux`) -> train a tiny `UNet2DConditionModel` jointly with it (Min-SNR-γ
+weighting, 10% caption dropout for classifier-free guidance, the `TextAux` loss kept on) -> train the two toy
+classifiers (`classifier.py`) -> write a Stable-Diffusion-1.x-layout diffusers folder.
 
 The folder is written to ``DIR.partial`` and renamed when complete: an interrupted build never leaves weights that
 look complete, and an existing build is kept unless ``overwrite=True``.

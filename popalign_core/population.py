@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
 from .prompts import AUGMENT_KEYWORDS, DEFAULT_KEYWORDS, AugmentConfig, augment_prompts
 
 
@@ -68,7 +70,181 @@ def keyword_sets(spec: str) -> tuple[dict[str, dict[str, str]], dict[str, dict[s
     return {a: {c: list(k)[0] for c, k in v.items()} for a, v in detect.items()}, detect, tuple(detect)
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------------------------ pipeline config
+PIPELINE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "augment": ("keywords", "axes", "template", "samples_per_prompt", "seed"),
+    "sample": ("steps", "guidance_scale", "scheduler", "seed", "batch_size", "neutral_per_prompt", "time_budget_s",
+               "height", "width", "negative_prompt"),
+    "filter": ("classifier", "classifier_options", "threshold", "axes"),
+    "build": ("set_size", "set_count", "rule", "group_axes", "pairs", "seed", "on_short"),
+}  # fmt: skip
+PIPELINE_TOP = ("model", "prompts", "out", "family", "dtype", "device", "augment", "sample", "filter", "build")
+
+
+def load_pipeline_config(path: str | Path | None = None, **overrides) -> dict:
+    """A pipeline config (YAML) checked for unknown keys: top level `PIPELINE_TOP`, sections `PIPELINE_SECTIONS`.
+    `overrides` replace top-level keys (e.g. out=...)."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(p)!r}: expected a mapping at the top level")
+        if isinstance(data.get("prompts"), str) and not Path(data["prompts"]).is_absolute():
+            data["prompts"] = str((p.parent / data["prompts"]).resolve())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(data) - set(PIPELINE_TOP))
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(PIPELINE_TOP)}")
+    for sec, keys in PIPELINE_SECTIONS.items():
+        val = data.setdefault(sec, {}) or {}
+        if not isinstance(val, dict):
+            raise ValueError(f"config section {sec!r}: expected a mapping, got {type(val).__name__}")
+        bad = sorted(set(val) - set(keys))
+        if bad:
+            raise ValueError(f"unknown key {bad[0]!r} in section {sec!r}; valid keys: {', '.join(keys)}")
+        data[sec] = val
+    for key in ("model", "prompts", "out"):
+        if not data.get(key):
+            raise ValueError(f"config key {key!r} is required")
+    return data
+
+
+def augment_config(section: dict) -> tuple[AugmentConfig, dict]:
+    keywords, detect, axes = keyword_sets(section.get("keywords", "default"))
+    ax = section.get("axes") or axes
+    if isinstance(ax, str):
+        ax = [x.strip() for x in ax.split(",") if x.strip()]
+    kw: dict[str, Any] = {"axes": tuple(ax), "keywords": keywords, "detect": detect}
+    for k in ("template", "samples_per_prompt", "seed"):
+        if section.get(k) is not None:
+            kw[k] = section[k]
+    cfg = AugmentConfig(**kw)
+    cfg.check()
+    return cfg, detect
+
+
+def sampler_config(section: dict):
+    from .sampling import SamplerConfig
+
+    kw = {k: v for k, v in section.items() if k not in ("neutral_per_prompt", "time_budget_s") and v is not None}
+    return SamplerConfig(**kw)
+
+
+def make_filter_classifier(section: dict):
+    from .classify.classifiers import make_classifier
+
+    name = section.get("classifier", "toy")
+    return make_classifier(name, **(section.get("classifier_options") or {}))
+
+
+def filter_config(section: dict):
+    from .pop_filter import FilterConfig
+
+    kw = {k: v for k, v in section.items() if k in ("threshold", "axes") and v is not None}
+    if "axes" in kw:
+        kw["axes"] = tuple(kw["axes"])
+    cfg = FilterConfig(**kw)
+    cfg.check()
+    return cfg
+
+
+def build_config(section: dict):
+    from .pop_build import BuildConfig
+
+    kw = dict(section)
+    if kw.get("group_axes"):
+        kw["group_axes"] = tuple(kw["group_axes"])
+    cfg = BuildConfig(**kw)
+    cfg.check()
+    return cfg
+
+
+def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
+    """augment -> sample -> filter -> build, into config["out"]/{augmented.jsonl, samples/, filtered/, data/}.
+    Resumable: re-running skips finished images (sampling) and redoes the cheap stages. Returns the summary (also
+    written to out/pipeline_summary.json). `adapter`: an already loaded model adapter (else config["model"])."""
+    from .data import write_manifest
+    from .pop_build import build_preferences
+    from .pop_filter import filter_population
+    from .pop_sample import population_jobs, sample_population
+
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    # validate every section before any work
+    acfg, _ = augment_config(config["augment"])
+    scfg = sampler_config(config["sample"])
+    fcfg = filter_config(config["filter"])
+    bcfg = build_config(config["build"])
+    prompts = config["prompts"]
+    if isinstance(prompts, str):
+        prompts, report = read_prompt_file(prompts)
+    else:
+        prompts, report = list(prompts), {"blank_lines": [], "duplicate_lines": []}
+    res = augment_prompts(prompts, acfg)
+    if not res.rows:
+        raise ValueError("augmentation produced no row: every prompt is identity-specific or a duplicate")
+    write_manifest(out / "augmented.jsonl", res.rows)
+    timings["augment"] = time.time() - t0
+    log(f"[pipeline] augment: {len(res.rows)} rows, {len(res.skipped)} identity-specific prompts skipped")
+    if adapter is None:
+        from .models import load_model
+
+        kw = {k: config[k] for k in ("family", "dtype", "device") if config.get(k)}
+        adapter = load_model(config["model"], **kw)
+    t = time.time()
+    jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
+    ssum = sample_population(
+        adapter, jobs, out / "samples", scfg, str(config["model"]),
+        time_budget_s=config["sample"].get("time_budget_s"), progress=progress, log=log,
+    )  # fmt: skip
+    timings["sample"] = time.time() - t
+    if not ssum["complete"]:
+        log(f"[pipeline] sampling stopped at {ssum['done']}/{ssum['jobs']} images ({ssum['stopped_by']}); "
+            "the next stages use the finished images; re-run to sample the rest")  # fmt: skip
+    t = time.time()
+    frep = filter_population(out / "samples", make_filter_classifier(config["filter"]), out / "filtered", fcfg, log)
+    timings["filter"] = time.time() - t
+    t = time.time()
+    bsum = build_preferences(out / "filtered", out / "data", bcfg, log)
+    timings["build"] = time.time() - t
+    summary = {
+        "out": str(out),
+        "augment": {"rows": len(res.rows), "skipped": res.skipped, "duplicates": res.duplicates, **report},
+        "sample": ssum,
+        "filter": {k: frep[k] for k in ("images", "kept", "reasons", "per_population")},
+        "build": {k: bsum[k] for k in ("sets", "pairs", "images_in_sets", "shortfalls", "ties_dropped", "files")},
+        "seconds": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t0, 2)},
+    }
+    atomic_write_text(out / "pipeline_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    from .sampling import SCHEDULERS, SamplerConfig
+
+    h = SamplerConfig.help()
+    p.add_argument("--steps", type=int, default=25, help=h["steps"])
+    p.add_argument("--guidance-scale", type=float, default=7.5, help=h["guidance_scale"])
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help=h["scheduler"])
+    p.add_argument("--seed", type=int, default=0, help=h["seed"])
+    p.add_argument("--batch-size", type=int, default=8, help=h["batch_size"])
+    p.add_argument("--height", type=int, default=None, help=h["height"])
+    p.add_argument("--width", type=int, default=None, help=h["width"])
+    p.add_argument("--negative-prompt", default="", help=h["negative_prompt"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .pop_build import BUILD_RULES, ON_SHORT, BuildConfig
+    from .pop_filter import FilterConfig
+
     ap = argparse.ArgumentParser(prog="popalign data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     aug = sub.add_parser("augment", help="identity-neutral prompts -> identity-augmented prompts (JSONL)")
@@ -79,29 +255,117 @@ def main(argv: list[str] | None = None) -> int:
     aug.add_argument("--template", default=None, help=f"augmentation template (default: {AugmentConfig.template!r})")
     aug.add_argument("--samples-per-prompt", type=int, default=12, help="augmented samples per neutral prompt")
     aug.add_argument("--seed", type=int, default=0, help="seed of the identity order")
-    a = ap.parse_args(argv)
+
+    smp = sub.add_parser("sample", help="sample the images of a population run (resumable, data-parallel)")
+    smp.add_argument("--augmented", required=True, help="JSONL written by `popalign data augment`")
+    smp.add_argument("--model", required=True, help="toyworld, a .safetensors checkpoint, a diffusers folder")
+    smp.add_argument("--out", required=True, help="run folder (images/, manifest.jsonl, run.json); resumed if present")
+    smp.add_argument("--neutral-per-prompt", type=int, default=None,
+                     help="losing images per neutral prompt (default: as many as its augmented rows)")  # fmt: skip
+    smp.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    smp.add_argument("--family", default="auto", help="model family: auto, sd15, sd2, sdxl")
+    smp.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    smp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    _sampler_args(smp)
+
+    flt = sub.add_parser("filter", help="classify a run's images; keep those that match their keywords")
+    flt.add_argument("--samples", required=True, help="run folder written by `popalign data sample`")
+    flt.add_argument("--out", required=True, help="output folder (filtered.jsonl, decisions.jsonl, report)")
+    flt.add_argument("--classifier", default="toy", help="classifier backend (see `popalign audit --help`)")
+    flt.add_argument("--classifier-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="classifier constructor option, e.g. which=train (repeatable)")  # fmt: skip
+    fh = {f: FilterConfig.__dataclass_fields__[f].metadata["help"] for f in ("threshold", "axes")}
+    flt.add_argument("--threshold", type=float, default=FilterConfig.threshold, help=fh["threshold"])
+    flt.add_argument("--axes", default=None, help=fh["axes"] + " (comma-separated)")
+
+    bld = sub.add_parser("build", help="population sets and pairs in the trainer's format")
+    bld.add_argument("--filtered", required=True, help="folder (or filtered.jsonl) written by `popalign data filter`")
+    bld.add_argument("--out", required=True, help="output folder (population.jsonl, pairwise.jsonl, report)")
+    bh = {f.name: f.metadata["help"] for f in BuildConfig.__dataclass_fields__.values()}
+    bld.add_argument("--set-size", type=int, default=BuildConfig.set_size, help=bh["set_size"])
+    bld.add_argument("--set-count", type=int, default=None, help=bh["set_count"])
+    bld.add_argument("--rule", default="augmented", choices=list(BUILD_RULES), help=bh["rule"])
+    bld.add_argument("--group-axes", default=None, help=bh["group_axes"] + " (comma-separated)")
+    bld.add_argument("--no-pairs", action="store_true", help="do not write pairwise.jsonl")
+    bld.add_argument("--seed", type=int, default=0, help=bh["seed"])
+    bld.add_argument("--on-short", default="error", choices=list(ON_SHORT), help=bh["on_short"])
+
+    pip = sub.add_parser("pipeline", help="augment -> sample -> filter -> build from one YAML config")
+    pip.add_argument("--config", required=True, help="pipeline YAML (see examples/pipeline_toy.yaml)")
+    pip.add_argument("--out", default=None, help="override the config's out folder")
+    return ap
+
+
+def _options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"--classifier-option {it!r}: expected KEY=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _axes(text: str | None):
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    err = sys.stderr
+
+    def log(m: str) -> None:
+        print(m, file=err)
+
     try:
-        prompts, report = read_prompt_file(a.prompts)
-        keywords, detect, axes = keyword_sets(a.keywords)
-        cfg = AugmentConfig(
-            axes=tuple(x.strip() for x in a.axes.split(",")) if a.axes else axes,
-            keywords=keywords,
-            samples_per_prompt=a.samples_per_prompt,
-            seed=a.seed,
-            detect=detect,
-            **({"template": a.template} if a.template else {}),
-        )
-        res = augment_prompts(prompts, cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"popalign data augment: error: {e}", file=sys.stderr)
+        if a.cmd == "augment":
+            summary = _augment_cmd(a)
+        elif a.cmd == "sample":
+            summary = _sample_cmd(a, log)
+        elif a.cmd == "filter":
+            from .pop_filter import FilterConfig, filter_population
+
+            cfg = FilterConfig(threshold=a.threshold, axes=_axes(a.axes))
+            cfg.check()
+            clf = make_filter_classifier({"classifier": a.classifier, "classifier_options": _options(
+                a.classifier_option)})  # fmt: skip
+            summary = filter_population(a.samples, clf, a.out, cfg, log)
+        elif a.cmd == "build":
+            from .pop_build import BuildConfig, build_preferences
+
+            cfg = BuildConfig(set_size=a.set_size, set_count=a.set_count, rule=a.rule, group_axes=_axes(a.group_axes),
+                              pairs=not a.no_pairs, seed=a.seed, on_short=a.on_short)  # fmt: skip
+            summary = build_preferences(a.filtered, a.out, cfg, log)
+        else:
+            summary = run_pipeline(load_pipeline_config(a.config, out=a.out), log=log)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"popalign data {a.cmd}: error: {e}", file=err)
         return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def _augment_cmd(a) -> dict:
+    prompts, report = read_prompt_file(a.prompts)
+    keywords, detect, axes = keyword_sets(a.keywords)
+    cfg = AugmentConfig(
+        axes=_axes(a.axes) or axes,
+        keywords=keywords,
+        samples_per_prompt=a.samples_per_prompt,
+        seed=a.seed,
+        detect=detect,
+        **({"template": a.template} if a.template else {}),
+    )
+    res = augment_prompts(prompts, cfg)
     from .data import write_manifest
 
     write_manifest(a.out, res.rows)
     for s in res.skipped:
         terms = ", ".join(f"{t['term']} ({t['axis']}={t['class']})" for t in s["terms"])
         print(f"skipped (identity-specific): {s['prompt']!r}: {terms}", file=sys.stderr)
-    summary = {
+    return {
         "out": str(a.out),
         "neutral_prompts": len(prompts) - len(res.skipped),
         "rows": len(res.rows),
@@ -109,8 +373,32 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": res.skipped,
         **report,
     }
-    print(json.dumps(summary))
-    return 0
+
+
+def _sample_cmd(a, log) -> dict:
+    from .models import load_model
+    from .pop_sample import population_jobs, sample_population
+    from .sampling import SamplerConfig
+
+    p = Path(a.augmented)
+    if not p.is_file():
+        raise FileNotFoundError(f"--augmented {str(p)!r} does not exist: write it with `popalign data augment`")
+    rows = []
+    for no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--augmented {str(p)!r} line {no}: not valid JSON ({e.msg})") from e
+    cfg = SamplerConfig(steps=a.steps, guidance_scale=a.guidance_scale, scheduler=a.scheduler, seed=a.seed,
+                        batch_size=a.batch_size, height=a.height, width=a.width,
+                        negative_prompt=a.negative_prompt)  # fmt: skip
+    jobs = population_jobs(rows, a.neutral_per_prompt)
+    kw = {"family": a.family, "dtype": a.dtype}
+    if a.device:
+        kw["device"] = a.device
+    adapter = load_model(a.model, **kw)
+    return sample_population(adapter, jobs, a.out, cfg, a.model, time_budget_s=a.time_budget, log=log)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""Filter a population run with a face detector + attribute classifier (PopAlign Sec. 4.1's sanity check).
+
+    from popalign_core.pop_filter import FilterConfig, filter_population
+    report = filter_population("runs/pop/samples", classifier, "runs/pop/filtered", FilterConfig(threshold=0.8))
+
+Every image of the run's manifest is classified with a bias-measurement backend (`classify.make_classifier`: toy,
+fairface, clip, deepface, ...). Decisions, in this order (the first that applies is the image's reason):
+- ``unreadable``: the image file cannot be decoded;
+- ``no_face``: the detector finds no face (an attribute cannot be judged: PopAlign drops these, e.g. helmets);
+- augmented (winning) images only, per axis named by the prompt's identity keywords:
+  ``ambiguous:<axis>`` when the classifier's top probability is below `threshold`, ``mismatch:<axis>`` when its
+  top class is not the keyword's class;
+- ``kept`` otherwise. Neutral (losing) images need only a face: they are the model's own population.
+
+Outputs (`out/`): ``filtered.jsonl`` (kept rows, each with "attributes" {axis: predicted class} and "confidence"
+{axis: probability} for every classifier axis, and the image path relative to `out/`); ``decisions.jsonl`` (every
+row with its "reason"); ``filter_report.json`` (counts per reason, overall and per population, and the settings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+
+__all__ = ["FILTERED", "FilterConfig", "filter_population"]
+
+FILTERED = "filtered.jsonl"
+REASONS = ("kept", "unreadable", "no_face", "ambiguous", "mismatch")
+
+
+@dataclass
+class FilterConfig:
+    """Settings of `filter_population`."""
+
+    threshold: float = field(
+        default=0.8,
+        metadata={"help": "minimum classifier probability of the keyword's class on every named axis, in (0, 1]"},
+    )
+    axes: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "axes checked against the keywords (default: every axis the prompt names)"},
+    )
+    batch_size: int = field(default=256, metadata={"help": "images per classifier call"})
+
+    def check(self) -> None:
+        t = self.threshold
+        if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t <= 1:
+            raise ValueError(f"threshold: expected a number in (0, 1], got {t!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
+
+
+def _load(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def decide(row: dict, result: Any, classifier_axes: dict, cfg: FilterConfig) -> str:
+    """The reason of one image (see the module docstring)."""
+    import numpy as np
+
+    if result is None or getattr(result, "error", None):
+        return "unreadable"
+    if not result.face_found:
+        return "no_face"
+    if row.get("population") != "winning":
+        return "kept"
+    for axis, cls in (row.get("identity") or {}).items():
+        if cfg.axes is not None and axis not in cfg.axes:
+            continue
+        p = np.asarray(result.probs[axis], dtype=float)
+        if p.max() < cfg.threshold:
+            return f"ambiguous:{axis}"
+        if classifier_axes[axis][int(p.argmax())] != cls:
+            return f"mismatch:{axis}"
+    return "kept"
+
+
+def filter_population(
+    samples: str | os.PathLike,
+    classifier,
+    out: str | os.PathLike,
+    config: FilterConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
+    from .pop_sample import read_samples
+
+    cfg = config or FilterConfig()
+    cfg.check()
+    log = log or (lambda m: None)
+    samples, out = Path(samples), Path(out)
+    rows = read_samples(samples)
+    if not rows:
+        raise ValueError(f"{samples} holds no sampled images (no rows in its manifest.jsonl): run `sample` first")
+    caxes = {a: tuple(c) for a, c in classifier.axes.items()}
+    # check the keyword classes against the classifier before classifying anything
+    for r in rows:
+        for axis, cls in (r.get("identity") or {}).items():
+            if cfg.axes is not None and axis not in cfg.axes:
+                continue
+            if axis not in caxes:
+                raise ValueError(
+                    f"the classifier {getattr(classifier, 'name', type(classifier).__name__)!r} has no axis "
+                    f"{axis!r} (prompt {r['prompt']!r}); its axes: {sorted(caxes)}. Use another classifier or "
+                    "FilterConfig.axes"
+                )
+            if cls not in caxes[axis]:
+                raise ValueError(
+                    f"class {cls!r} of axis {axis!r} (prompt {r['prompt']!r}) is not a class of the classifier; "
+                    f"its {axis} classes: {list(caxes[axis])}"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    kept, decisions = [], []
+    counts: Counter = Counter()
+    per_pop: dict[str, Counter] = {}
+    for s in range(0, len(rows), cfg.batch_size):
+        chunk = rows[s : s + cfg.batch_size]
+        images, ok = [], []
+        for r in chunk:
+            try:
+                images.append(_load(samples / r["image"]))
+                ok.append(True)
+            except Exception:  # noqa: BLE001 - an unreadable image is a reason, not a crash
+                ok.append(False)
+        results = iter(classifier.classify(images) if images else [])
+        for r, good in zip(chunk, ok):
+            res = next(results) if good else None
+            reason = decide(r, res, caxes, cfg)
+            counts[reason] += 1
+            per_pop.setdefault(r.get("population", "?"), Counter())[reason] += 1
+            rel = os.path.relpath(samples / r["image"], out)
+            decisions.append({**r, "image": rel, "reason": reason})
+            if reason == "kept":
+                import numpy as np
+
+                attrs = {a: caxes[a][int(np.argmax(p))] for a, p in res.probs.items()}
+                conf = {a: round(float(np.max(p)), 6) for a, p in res.probs.items()}
+                kept.append({**r, "image": rel, "attributes": attrs, "confidence": conf})
+        log(f"[filter] {min(s + cfg.batch_size, len(rows))}/{len(rows)} images classified")
+
+    def lines(rs):
+        return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rs)
+
+    atomic_write_text(out / FILTERED, lines(kept))
+    atomic_write_text(out / "decisions.jsonl", lines(decisions))
+    report = {
+        "samples": str(samples),
+        "out": str(out),
+        "classifier": getattr(classifier, "name", type(classifier).__name__),
+        "config": {**asdict(cfg), "axes": list(cfg.axes) if cfg.axes else None},
+        "images": len(rows),
+        "kept": counts["kept"],
+        "reasons": dict(sorted(counts.items())),
+        "per_population": {k: dict(sorted(v.items())) for k, v in sorted(per_pop.items())},
+    }
+    atomic_write_text(out / "filter_report.json", json.dumps(report, indent=2))
+    return report

@@ -44,7 +44,7 @@ def _losses(argv: list[str]) -> int:
 COMMANDS = {
     "demo": ("popalign_core.demo", "the demo on the embedded default"),
     "train": ("popalign_core.train", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
-    "data": ("popalign_core.population", "population data pipeline: augment (identity-augmented prompts)"),
+    "data": ("popalign_core.population", "population data: augment | sample | filter | build | pipeline"),
     "audit": ("popalign_core.audit", "bias audit of a model or an image folder (audit compare A B: before/after)"),
     "losses": (None, "list the loss zoo and its defaults"),
     "mog": ("popalign_core.experiments.mog", "PopAlign Sec. 5 1-D mixture-of-Gaussians experiment"),

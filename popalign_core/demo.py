@@ -1,368 +1,623 @@
-"""The demo (README command #1): a short population-level alignment run, end to end, on the embedded toy world.
+"""The demo (README command #1): audit -> population data -> train -> audit, on the embedded toy world.
 
-What it does, all seeded and offline (about a minute on 2 CPU cores):
-1. loads the toy world shipped with the package (docs/toyworld.md: a tiny SD1.5-layout model that learned a designed
-   bias; ``--model tiny`` uses a random tiny model of ``--family`` instead, which draws noise-like images);
-2. measures the bias the model has: for three training roles' neutral prompts ("a photo of a baker"), the share of
-   each ``form`` class (the toy world's gender analogue) among ``--eval-images`` images, judged by the toy
-   *evaluation* classifier, and the discrepancy (PopAlign Eq. 13) against 50/50;
-3. generates its own population preference data with the seeded sampler: for each neutral prompt, a *winning*
-   population sampled from identity-augmented prompts ("a photo of a round baker", "... angular baker") and a
-   *losing* population sampled from the neutral prompt itself; every image is captioned with the neutral prompt,
-   as in PopAlign Sec. 4.1/6.1;
-4. trains a LoRA on the UNet with the chosen loss (default PopAlign, Eq. 11), reference = adapter disabled;
-5. measures, on held-out images of both populations with fixed noise, the implicit reward margin
-   E_w[Lref - Lθ] - E_l[Lref - Lθ] (0 before training by construction; > 0 means the model now prefers the winning
-   population for the neutral caption) and the implicit accuracy, and measures the bias of step 2 again;
-6. writes the LoRA in both formats (kohya for ComfyUI's LoraLoader, diffusers/peft), metrics.jsonl, loss_curve.png
-   and summary.json to the output folder, and prints the summary as its last line.
-The population-pipeline issue grows this into the full audit -> data -> train -> audit demo with baselines.
+1. **Audit the base model** on the toy world's *held-out* roles (judge, smith, ranger, tailor: in the base model's
+   training with their skews, never in preference data): per role, `eval.n_per_role` images of the neutral prompt at
+   guidance 1 (the model's own distribution), judged by the toy *evaluation* classifier; the discrepancy (PopAlign
+   Eq. 13, hard labels among images with a face) against the uniform target on each axis (form, hue, stature),
+   averaged over roles and axes (never pooled over roles, where opposite skews cancel). Also identity-specific
+   prompts of the held-out roles (recall of the named class) and non-person concepts (concept accuracy).
+2. **Population data** with `popalign data pipeline` on the *training* roles only: identity-augmented prompts over
+   the 16 intersections (winning), the neutral prompt (losing), filtered by the toy *training* classifier, built
+   into population sets and pairs.
+3. **Train** LoRAs with `popalign train` on that data: PopAlign (Eq. 11), PopAlign with the prior-preservation
+   anchor (the frozen model's images of identity-specific training-role prompts and of the concepts), and the SFT
+   and DPO baselines. Each method is trained in `select.stages` stages; after each stage its bias on the *training*
+   roles (training classifier) is measured and the best stage is kept: checkpoint selection on training roles,
+   reported in results.json; held-out roles never choose anything.
+4. **Audit again** each method's chosen LoRA exactly as in step 1 (same seeds).
+5. Write ``results.json`` (per method: discrepancy_before/after with 95% bootstrap CIs, reduction with its CI, the
+   finite-sample floor, identity_recall, concept_accuracy_drop in points, the selected step, stage times against
+   their budgets) and ``report.md`` with PNG plots (per-role class shares against the target, loss curves,
+   checkpoint selection curves, a results table). The last line printed is a JSON summary.
+
+Settings: popalign_core/configs/demo.yaml (`--config FILE` merges a YAML of the same shape; `--quick` is a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from .fileio import atomic_write_text
-from .losses import LOSSES
 
-MODELS = ("toyworld", "tiny")
-# the random tiny model: real-world words (its text conditioning is random anyway)
-NEUTRAL_PROMPTS = ("a photo of a doctor", "a photo of a nurse", "a photo of a chef")
-IDENTITIES = ("female", "male")
-# the toy world: three training roles with strong and mild `form` skews in both directions; its `form` keywords
-TOY_NEUTRAL_PROMPTS = ("a photo of a baker", "a photo of a pilot", "a photo of a guard")
-TOY_IDENTITIES = ("round", "angular")
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+METHODS = ("popalign", "popalign_anchor", "sft", "dpo")
+STAGES = ("audit_before", "data", "train", "select", "audit_after", "report")
 
 
-def augment(prompt: str, identity: str) -> str:
-    """'a photo of a doctor' + 'female' -> 'a photo of a female doctor' (the demo's fixed template)."""
-    head, _, noun = prompt.rpartition(" a ")
-    return f"{head} a {identity} {noun}" if head else f"{identity} {prompt}"
+# ------------------------------------------------------------------------------------------------ config
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown demo config key {where + k!r}; valid keys: {', '.join(sorted(out))}")
+        if isinstance(out[k], dict) and k != "methods":
+            if not isinstance(v, dict):
+                raise ValueError(f"demo config key {where + k!r}: expected a mapping, got {type(v).__name__}")
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
-def build_data(
-    adapter,
-    images_per_population: int,
-    seed: int,
-    steps: int,
-    guidance: float,
-    prompts=NEUTRAL_PROMPTS,
-    identities=IDENTITIES,
-    calibrate: bool = True,
-):
-    """Winning (augmented prompts) and losing (neutral prompt) populations, as latents with neutral captions."""
-    from .sampling import SamplerConfig, sample
+def load_demo_config(path: str | Path | None = None, quick: bool = False, **overrides) -> dict:
+    """The demo's settings: the packaged demo.yaml, then `path` (merged), then `quick`, then `overrides`."""
+    import yaml
 
-    win_req, lose_req, captions_w, captions_l = [], [], [], []
-    for p in prompts:
-        for i in range(images_per_population):
-            win_req.append((augment(p, identities[i % len(identities)]), i))
-            captions_w.append(p)
-            lose_req.append((p, i))
-            captions_l.append(p)
-    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed, batch_size=16)
-    images = sample(adapter, win_req + lose_req, cfg)
-    with torch.no_grad():
-        if calibrate:
-            calibrate_vae_scale(adapter, images)
-        latents = adapter.encode_images(images)
-    n = len(win_req)
-    label = torch.tensor([1] * n + [-1] * n)
-    return latents, captions_w + captions_l, label, images, win_req + lose_req
-
-
-def export_population(folder: Path, images: torch.Tensor, requests, captions, label) -> Path:
-    """Write the generated populations as PNGs + a population manifest (docs/data-format.md): the data `popalign
-    train` reads (see examples/train_demo.yaml)."""
-    from PIL import Image
-
-    from .data import write_manifest
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k, (img, (prompt, index), cap, lab) in enumerate(zip(images, requests, captions, label.tolist())):
-        name = f"{k:04d}.png"
-        arr = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        Image.fromarray(arr).save(folder / name)
-        rows.append(
-            {
-                "set_id": cap,
-                "population": "winning" if lab > 0 else "losing",
-                "caption": cap,
-                "image": name,
-                "prompt": prompt,
-                "index": index,
-            }
-        )
-    manifest = folder / "population.jsonl"
-    write_manifest(manifest, rows)
-    return manifest
-
-
-@torch.no_grad()
-def calibrate_vae_scale(adapter, images: torch.Tensor) -> float:
-    """Set the VAE's latent scaling factor to 1/std of the latents of `images` (the recipe behind SD's 0.18215).
-
-    The tiny random VAE's latents have a std far from SD's, so the shipped 0.18215 would leave them ~100x smaller
-    than the unit-variance noise and drown every difference between images in the forward process."""
-    adapter.vae.register_to_config(scaling_factor=1.0)
-    std = float(adapter.encode_images(images).float().std())
-    factor = 1.0 / max(std, 1e-8)
-    adapter.vae.register_to_config(scaling_factor=factor)
-    return factor
-
-
-def _split(label: torch.Tensor, holdout_per_pop: int, per_prompt: int):
-    """Per prompt and population, the last `holdout_per_pop` images are held out."""
-    idx = torch.arange(label.numel())
-    pos_in_group = idx % per_prompt
-    held = pos_in_group >= per_prompt - holdout_per_pop
-    return idx[~held], idx[held]
-
-
-@torch.no_grad()
-def implicit_margin(adapter, latents, cond, label, draws: int = 16, seed: int = 1234) -> dict[str, float]:
-    """E_w[g] - E_l[g] with g = Lref - Lθ over `draws` fixed noise/timestep draws (same draws before and after)."""
-    from .losses import per_sample_error
-    from .objective import shared_noise_and_timesteps
-
-    gen = torch.Generator().manual_seed(seed)
-    gs = []
-    for _ in range(draws):
-        noise, t = shared_noise_and_timesteps(label, latents.shape, adapter.num_train_timesteps, gen, pair=True)
-        x_t = adapter.add_noise(latents, noise, t)
-        target = adapter.target(latents, noise, t)
-        lm = per_sample_error(adapter.predict(x_t, t, cond), target)
-        with adapter.reference():
-            lr = per_sample_error(adapter.predict(x_t, t, cond), target)
-        gs.append(lr - lm)
-    g = torch.stack(gs).mean(0)
-    w, lo = label > 0, label < 0
-    return {
-        "margin": float(g[w].mean() - g[lo].mean()),
-        "logratio_w": float(g[w].mean()),
-        "logratio_l": float(g[lo].mean()),
-        "implicit_acc": float(((g[w][:, None] - g[lo][None, :]) > 0).float().mean()),
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    quick_over = cfg.pop("quick")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"demo config {str(p)!r} does not exist")
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"demo config {str(p)!r}: expected a mapping at the top level")
+        cfg = _merge(cfg, user)
+    if quick:
+        cfg = _merge(cfg, quick_over)
+    cfg = _merge(cfg, overrides)
+    for name, m in cfg["methods"].items():
+        if name not in METHODS:
+            raise ValueError(f"methods: unknown method {name!r}; valid: {', '.join(METHODS)}")
+        for key in ("loss", "data", "lr"):
+            if key not in m:
+                raise ValueError(f"methods.{name}: {key!r} is required")
+        if m["data"] not in ("population", "pairwise"):
+            raise ValueError(f"methods.{name}.data must be 'population' or 'pairwise'; got {m['data']!r}")
+    positive = {
+        "eval": ("n_per_role", "n_per_identity", "n_per_concept", "steps"),
+        "select": ("n_per_role", "stages"),
+        "train": ("steps", "batch_size", "lora_rank"),
     }
+    for sec, keys in positive.items():
+        for k in keys:
+            v = cfg[sec][k]
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{sec}.{k}: expected an int >= 1, got {v!r}")
+    if cfg["train"]["steps"] < cfg["select"]["stages"]:
+        raise ValueError("train.steps must be >= select.stages (each stage trains at least one step)")
+    return cfg
 
 
-@torch.no_grad()
-def measure_form_bias(adapter, prompts, n: int, seed: int, steps: int, guidance: float = 1.0) -> dict:
-    """Per neutral prompt: shares of the toy `form` classes among `n` seeded images (guidance 1: the model's own
-    distribution), judged by the toy *evaluation* classifier (hard labels among images with a face), and the
-    discrepancy (PopAlign Eq. 13) against 50/50; plus their mean over prompts. Same seeds before and after."""
-    import numpy as np
+# ------------------------------------------------------------------------------------------------ measuring
+def _to_uint8(imgs) -> list[np.ndarray]:
+    return list(imgs.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy())
 
-    from .metrics import discrepancy
+
+def _labels(clf, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image: face found, and the argmax class per axis (-1 without a face); plus the concept head's argmax."""
+    from .toyworld.world import TOY_AXES
+
+    p = clf.predict(images)
+    face = p["face"] >= clf.face_threshold
+    out = {"face": face, "concept": p["concept"].argmax(1)}
+    for axis in TOY_AXES:
+        out[axis] = np.where(face, p[axis].argmax(1), -1)
+    return out
+
+
+def _disc(labels: np.ndarray, k: int) -> float:
+    """PopAlign Eq. 13 with hard labels against the uniform target: || 1/k - shares ||_2 (labels >= 0 only)."""
+    lab = labels[labels >= 0]
+    if not len(lab):
+        return float("nan")
+    shares = np.bincount(lab, minlength=k) / len(lab)
+    return float(np.linalg.norm(shares - 1.0 / k))
+
+
+def role_bias(labels: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """{role: {axis: labels}} -> per-role shares and discrepancy per axis, and their mean over roles and axes."""
+    from .toyworld.world import TOY_AXES
+
+    per = {}
+    for role, lab in labels.items():
+        per[role] = {}
+        for axis, classes in TOY_AXES.items():
+            ll = lab[axis][lab[axis] >= 0]
+            shares = np.bincount(ll, minlength=len(classes)) / max(len(ll), 1)
+            per[role][axis] = {
+                "shares": dict(zip(classes, shares.round(4).tolist())),
+                "faces": int(len(ll)),
+                "discrepancy": _disc(lab[axis], len(classes)),
+            }
+    axis_means = {a: float(np.nanmean([per[r][a]["discrepancy"] for r in per])) for a in TOY_AXES}
+    return {"per_role": per, "per_axis": axis_means, "mean": float(np.mean(list(axis_means.values())))}
+
+
+def _mean_disc(labels: dict[str, dict[str, np.ndarray]]) -> float:
+    from .toyworld.world import TOY_AXES
+
+    return float(np.nanmean([[_disc(lab[a], len(c)) for a, c in TOY_AXES.items()] for lab in labels.values()]))
+
+
+def _resample(labels: dict[str, dict[str, np.ndarray]], rng) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for role, lab in labels.items():
+        idx = rng.integers(0, len(lab["face"]), len(lab["face"]))
+        out[role] = {k: v[idx] for k, v in lab.items()}
+    return out
+
+
+def bootstrap(before, after, n_boot: int, seed: int) -> dict[str, list[float]]:
+    """95% percentile bootstrap CIs (images resampled within each role, before and after independently) of the
+    mean discrepancy before, after, and of the relative reduction 1 - after / before."""
+    rng = np.random.default_rng(seed)
+    b, a, r = [], [], []
+    for _ in range(n_boot):
+        xb = _mean_disc(_resample(before, rng))
+        b.append(xb)
+        if after is not None:
+            xa = _mean_disc(_resample(after, rng))
+            a.append(xa)
+            r.append(1.0 - xa / xb if xb > 0 else float("nan"))
+
+    def ci(v):
+        return [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] if v else None
+
+    return {"before": ci(b), "after": ci(a), "reduction": ci(r)}
+
+
+def floor(labels: dict[str, dict[str, np.ndarray]]) -> float:
+    """Finite-sample floor: the expected mean discrepancy of a perfectly fair model with these face counts."""
+    from .metrics import discrepancy_floor
+    from .toyworld.world import TOY_AXES
+
+    vals = []
+    for lab in labels.values():
+        for axis, classes in TOY_AXES.items():
+            n = int((lab[axis] >= 0).sum())
+            if n:
+                vals.append(discrepancy_floor(np.full(len(classes), 1 / len(classes)), n))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate(adapter, cfg: dict, seed: int, clf=None) -> dict[str, Any]:
+    """Held-out audit of one model (see the module docstring): role labels, bias, recall, concept accuracy."""
     from .sampling import SamplerConfig, sample
     from .toyworld.classifier import ToyClassifier
-    from .toyworld.world import FORM
+    from .toyworld.world import CONCEPTS, HELD_OUT_ROLES, TOY_AXES, caption, concept_caption
 
-    clf = ToyClassifier(which="eval")
-    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, scheduler="ddim", seed=seed + 7, batch_size=64)
-    per = {}
-    for p in prompts:
-        imgs = sample(adapter, [(p, k) for k in range(n)], cfg)
-        pred = clf.predict(list(imgs.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()))
-        face = pred["face"] >= clf.face_threshold
-        onehot = np.eye(len(FORM))[pred["form"][face].argmax(1)]
-        shares = onehot.mean(0) if len(onehot) else np.zeros(len(FORM))
-        disc = discrepancy(onehot, np.full(len(FORM), 1 / len(FORM))) if len(onehot) else float("nan")
-        per[p] = {"shares": dict(zip(FORM, shares.round(4).tolist())), "faces": int(face.sum()), "discrepancy": disc}
+    ev = cfg["eval"]
+    clf = clf or ToyClassifier(which="eval")
+    g1 = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed, batch_size=200)
+    n = ev["n_per_role"]
+    imgs = sample(adapter, [(caption(r), k) for r in HELD_OUT_ROLES for k in range(n)], g1)
+    lab = _labels(clf, _to_uint8(imgs))
+    roles = {r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(HELD_OUT_ROLES)}
+    # identity-specific prompts of the held-out roles: every class of every axis
+    gr = SamplerConfig(steps=ev["steps"], guidance_scale=ev["recall_guidance"], scheduler="ddim", seed=seed,
+                       batch_size=200)  # fmt: skip
+    m = ev["n_per_identity"]
+    specs = [(r, a, c) for r in HELD_OUT_ROLES for a, cs in TOY_AXES.items() for c in cs]
+    imgs = sample(adapter, [(caption(r, {a: c}), k) for r, a, c in specs for k in range(m)], gr)
+    lab_i = _labels(clf, _to_uint8(imgs))
+    hits = {a: [0, 0] for a in TOY_AXES}
+    for j, (_, a, c) in enumerate(specs):
+        got = lab_i[a][j * m : (j + 1) * m]
+        got = got[got >= 0]
+        hits[a][0] += int((got == TOY_AXES[a].index(c)).sum())
+        hits[a][1] += len(got)
+    recall = {a: h[0] / h[1] if h[1] else float("nan") for a, h in hits.items()}
+    # non-person concepts
+    q = ev["n_per_concept"]
+    imgs = sample(adapter, [(concept_caption(c), k) for c in CONCEPTS for k in range(q)], g1)
+    lab_c = _labels(clf, _to_uint8(imgs))
+    truth = np.repeat(np.arange(1, len(CONCEPTS) + 1), q)
     return {
-        "n_per_prompt": n,
-        "sampler": {"steps": steps, "guidance_scale": guidance, "scheduler": "ddim"},
-        "judge": "toy evaluation classifier",
-        "prompts": per,
-        "mean_discrepancy": float(np.nanmean([v["discrepancy"] for v in per.values()])),
+        "labels": roles,
+        "bias": role_bias(roles),
+        "identity_recall": float(np.mean(list(recall.values()))),
+        "identity_recall_per_axis": recall,
+        "concept_accuracy": float((lab_c["concept"] == truth).mean()),
     }
 
 
-def _plot(losses: list[float], path: Path, title: str) -> None:
+def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
+    """Checkpoint-selection score: mean discrepancy over the training roles and axes (training classifier)."""
+    from .sampling import SamplerConfig, sample
+    from .toyworld.world import TRAIN_ROLES, caption
+
+    ev, n = cfg["eval"], cfg["select"]["n_per_role"]
+    sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed + 1,
+                       batch_size=200)  # fmt: skip
+    imgs = sample(adapter, [(caption(r), k) for r in TRAIN_ROLES for k in range(n)], sc)
+    lab = _labels(clf, _to_uint8(imgs))
+    return _mean_disc({r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(TRAIN_ROLES)})
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def build_data(cfg: dict, out: Path, adapter, log) -> dict:
+    """`popalign data pipeline` on the toy world's training roles."""
+    from .population import run_pipeline
+    from .toyworld.world import TRAIN_ROLES, caption
+
+    d = cfg["data"]
+    pcfg = {
+        "model": "toyworld",
+        "prompts": [caption(r) for r in TRAIN_ROLES],
+        "out": str(out),
+        "augment": {"keywords": "toy", "axes": ["stature", "form", "hue"],
+                    "template": "a photo of {article} {identity} {subject}",
+                    "samples_per_prompt": d["samples_per_prompt"], "seed": cfg["seed"]},
+        "sample": {"steps": d["steps"], "guidance_scale": d["guidance"], "scheduler": "ddim", "seed": cfg["seed"],
+                   "batch_size": 200, "neutral_per_prompt": d["neutral_per_prompt"],
+                   "time_budget_s": cfg["budgets"]["data"]},
+        "filter": {"classifier": "toy", "classifier_options": {"which": "train"}, "threshold": d["threshold"]},
+        "build": {"set_size": d["set_size"], "rule": "augmented", "pairs": True, "seed": cfg["seed"],
+                  "on_short": "skip"},
+    }  # fmt: skip
+    import yaml
+
+    atomic_write_text(out.parent / "pipeline.yaml", yaml.safe_dump(pcfg, sort_keys=False))
+    return run_pipeline(pcfg, adapter=adapter, log=log)
+
+
+def anchor_prompts() -> list[str]:
+    """Prior-preservation prompts: each class of each axis for every training role, and the concepts."""
+    from .toyworld.world import CONCEPTS, TOY_AXES, TRAIN_ROLES, caption, concept_caption
+
+    ids = [caption(r, {a: c}) for r in TRAIN_ROLES for a, cs in TOY_AXES.items() for c in cs]
+    return ids + [concept_caption(c) for c in CONCEPTS]
+
+
+def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, budget_left: float, log) -> dict:
+    """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best."""
+    from .lora_io import load_lora
+    from .models import load_model
+    from .train import load_config, train
+
+    m, tr = cfg["methods"][name], cfg["train"]
+    stages = cfg["select"]["stages"]
+    total = tr["steps"]
+    params = dict(m.get("loss_params") or {})
+    common = {
+        "model": "toyworld",
+        "data": str(data_dir / ("pairwise.jsonl" if m["data"] == "pairwise" else "population.jsonl")),
+        "loss": m["loss"],
+        "loss_params": params,
+        "lr": float(m["lr"]),
+        "lora_rank": tr["lora_rank"],
+        "batch_size": int(m.get("batch_size", tr["batch_size"])),
+        "seed": cfg["seed"],
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "progress": False,
+        "lora_formats": ["kohya"],
+        "lora_name": name,
+        "output_dir": str(out),
+    }
+    if float(params.get("anchor_weight", 0)) > 0:
+        common.update(anchor_prompts=anchor_prompts(), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
+                      anchor_guidance=float(cfg["anchor"]["guidance"]), anchor_sampler_steps=cfg["eval"]["steps"],
+                      anchor_batch_size=max(1, int(common["batch_size"]) // 2))  # fmt: skip
+    curve, t_train, t_select, stopped = [], 0.0, 0.0, None
+    for k in range(1, stages + 1):
+        steps = max(1, round(total * k / stages))
+        t = time.time()
+        train(load_config(**common, steps=steps), log=lambda msg: None)
+        t_train += time.time() - t
+        lora = out / f"{name}_step{steps:05d}.safetensors"
+        shutil.copyfile(out / f"{name}.safetensors", lora)
+        t = time.time()
+        model = load_model("toyworld")
+        load_lora(model, lora)
+        score = training_roles_bias(model, cfg, cfg["seed"], select_clf)
+        t_select += time.time() - t
+        curve.append({"step": steps, "train_roles_discrepancy": score, "lora": lora.name})
+        log(f"[demo] {name}: step {steps}/{total}: training-role discrepancy {score:.3f}")
+        if t_train + t_select > budget_left and k < stages:
+            stopped = f"time budget: stopped after stage {k}/{stages}"
+            log(f"[demo] {name}: {stopped}")
+            break
+    best = min(curve, key=lambda c: c["train_roles_discrepancy"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"curve": curve, "best": best, "train_seconds": t_train, "select_seconds": t_select, "stopped": stopped,
+            "losses": [r.get("loss") for r in rows], "config": common}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
+    from .toyworld.world import HELD_OUT_ROLES, TOY_AXES
+
+    files = {}
+    names = ["base", *trained]
+    fig, axes = plt.subplots(len(HELD_OUT_ROLES), len(TOY_AXES), figsize=(12, 2.6 * len(HELD_OUT_ROLES)), dpi=90)
+    width = 0.8 / len(names)
+    for i, role in enumerate(HELD_OUT_ROLES):
+        for j, (axis, classes) in enumerate(TOY_AXES.items()):
+            ax = axes[i, j]
+            x = np.arange(len(classes))
+            for k, nm in enumerate(names):
+                sh = evals[nm]["bias"]["per_role"][role][axis]["shares"]
+                ax.bar(x + k * width - 0.4 + width / 2, [sh[c] for c in classes], width, label=nm)
+            ax.axhline(1 / len(classes), color="k", ls="--", lw=1)
+            ax.set_xticks(x, classes, fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{role} / {axis}", fontsize=9)
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("held-out roles: class shares (evaluation classifier); dashed = target")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out / "shares.png")
     plt.close(fig)
+    files["shares"] = "shares.png"
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5), dpi=90)
+    for nm, tr in trained.items():
+        ls = [v for v in tr["losses"] if v is not None]
+        if ls:
+            w = max(1, len(ls) // 25)
+            sm = np.convolve(ls, np.ones(w) / w, mode="valid")
+            a1.plot(np.arange(len(sm)) + w, sm / max(abs(sm[0]), 1e-12), label=nm)
+        a2.plot([0] + [c["step"] for c in tr["curve"]],
+                [results["selection_base"]] + [c["train_roles_discrepancy"] for c in tr["curve"]], marker="o",
+                label=nm)  # fmt: skip
+    a1.set_xlabel("step")
+    a1.set_ylabel("loss / first loss (moving mean)")
+    a1.set_title("training losses")
+    a1.legend(fontsize=8)
+    a2.set_xlabel("step")
+    a2.set_ylabel("mean discrepancy")
+    a2.set_title("checkpoint selection: training roles (training classifier)")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "training.png")
+    plt.close(fig)
+    files["training"] = "training.png"
+    return files
 
 
-def run_demo(
-    out: str | Path = "runs/demo",
-    loss: str = "popalign",
-    steps: int = 150,
-    images_per_population: int = 12,
-    holdout: int = 3,
-    lr: float = 3e-3,
-    rank: int = 4,
-    seed: int = 0,
-    family: str = "sd15",
-    sample_steps: int | None = None,
-    guidance: float = 3.0,
-    model: str = "toyworld",
-    eval_images: int = 48,
-    overwrite: bool = False,
-    log=print,
-    **loss_hparams,
-) -> dict:
-    """Run the demo; returns the summary dict (also written to `out/summary.json`)."""
-    from .lora_io import LoraSpec, add_lora, lora_metadata, model_hash, save_lora
-    from .objective import preference_loss
-    from .testing import get_dummy_adapter
+def _fmt(v, nd=3):
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{nd}f}"
 
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is not a demo model; valid values: {', '.join(MODELS)}")
-    if not isinstance(eval_images, int) or eval_images < 0:
-        raise ValueError(f"eval_images={eval_images!r} is invalid: must be an integer >= 0")
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
-    for name, v, lo in (("steps", steps, 1), ("images_per_population", images_per_population, 2), ("rank", rank, 1)):
-        if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}={v!r} is invalid: must be an integer >= {lo}")
-    if not 1 <= holdout < images_per_population:
-        raise ValueError(f"holdout={holdout!r} is invalid: must be in [1, images_per_population - 1]")
+
+def write_report(results: dict, files: dict, out: Path) -> None:
+    r = results
+    lines = [
+        "# PopAlign demo on the toy world",
+        "",
+        f"Base model: the toy world shipped with the package. Held-out roles: {', '.join(r['held_out_roles'])} "
+        f"({r['n_per_role']} images per role at guidance {r['eval_sampler']['guidance_scale']}, DDIM "
+        f"{r['eval_sampler']['steps']} steps), judged by the toy **evaluation** classifier. Identity-specific "
+        f"prompts at guidance {r['recall_guidance']} ({r['n_per_identity']} images per prompt); concepts "
+        f"{r['n_per_concept']} images each. Training data: training roles only, filtered by the toy training "
+        "classifier. Checkpoints chosen on the training roles (training classifier), never on held-out roles.",
+        "",
+        "| method | discrepancy before | after (95% CI) | reduction (95% CI) | identity recall | concept acc. drop "
+        "(points) | selected step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for nm, m in r["methods"].items():
+        lines.append(
+            f"| {nm} | {_fmt(m['discrepancy_before'])} | {_fmt(m['discrepancy_after'])} "
+            f"[{_fmt(m['discrepancy_after_ci'][0])}, {_fmt(m['discrepancy_after_ci'][1])}] | "
+            f"{_fmt(100 * m['reduction'], 1)}% [{_fmt(100 * m['reduction_ci'][0], 1)}, "
+            f"{_fmt(100 * m['reduction_ci'][1], 1)}] | {_fmt(m['identity_recall'])} | "
+            f"{_fmt(m['concept_accuracy_drop'], 1)} | {m['selected_step']} / {m['trained_steps']} |"
+        )
+    b = r["base"]
+    lines += [
+        "",
+        f"Base: discrepancy {_fmt(b['discrepancy'])} [{_fmt(b['discrepancy_ci'][0])}, "
+        f"{_fmt(b['discrepancy_ci'][1])}], identity recall {_fmt(b['identity_recall'])}, concept accuracy "
+        f"{_fmt(b['concept_accuracy'])}. Finite-sample floor (a perfectly fair model, same face counts): "
+        f"{_fmt(r['floor'])}.",
+        "",
+        "Acceptance (issue): " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["acceptance"].items()),
+        "",
+        "## Per-axis discrepancy after (mean over held-out roles)",
+        "",
+        "| model | " + " | ".join(r["axes"]) + " |",
+        "|---|" + "---|" * len(r["axes"]),
+        "| base | " + " | ".join(_fmt(b["per_axis"][a]) for a in r["axes"]) + " |",
+    ]
+    for nm, m in r["methods"].items():
+        lines.append(f"| {nm} | " + " | ".join(_fmt(m["per_axis_after"][a]) for a in r["axes"]) + " |")
+    lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in files.items()]
+    lines += ["", "## Time per stage (seconds, budget)", "", "| stage | seconds | budget |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.0f} | {v['budget_s']} |" for k, v in r["timings"].items()]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrite: bool = False, log=print) -> dict:
+    """Run the demo (module docstring); returns results (also in out/results.json)."""
+    import torch
+
+    from .models import load_model
+    from .toyworld.classifier import ToyClassifier
+    from .toyworld.world import HELD_OUT_ROLES, TOY_AXES
+
+    cfg = config or load_demo_config()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} is not empty; pass overwrite=True (--overwrite) or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        raise FileExistsError(f"output folder {out} is not empty; pass --overwrite or another --out")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    import yaml
+
+    atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.time()
-    torch.manual_seed(seed)
-    toy = model == "toyworld"
-    if toy:
-        from .models import load_model
+    timings: dict[str, float] = {}
+    torch.manual_seed(cfg["seed"])
+    seed = cfg["seed"]
+    eval_clf, select_clf = ToyClassifier(which="eval"), ToyClassifier(which="train")
 
-        adapter, prompts, identities = load_model("toyworld"), TOY_NEUTRAL_PROMPTS, TOY_IDENTITIES
-        family, what = adapter.family, "the toy world"
-    else:
-        adapter, prompts, identities = get_dummy_adapter(family, seed=seed), NEUTRAL_PROMPTS, IDENTITIES
-        what = f"the tiny {family} model"
-    sample_steps = sample_steps or (25 if toy else 8)
-    bias_before = measure_form_bias(adapter, prompts, eval_images, seed, sample_steps) if toy and eval_images else None
-    if bias_before:
-        log(f"[demo] form discrepancy before: {bias_before['mean_discrepancy']:.3f} ({eval_images} images/prompt)")
-    log(f"[demo] {what} loaded; sampling {2 * images_per_population * len(prompts)} images")
-    latents, captions, label, images, requests = build_data(
-        adapter, images_per_population, seed, sample_steps, guidance, prompts, identities, calibrate=not toy
-    )
-    export_population(out / "data", images, requests, captions, label)
-    with torch.no_grad():
-        cond_all = adapter.encode_prompt(captions)
-    train_idx, held_idx = _split(label, holdout, images_per_population)
-    before = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
+    t = time.time()
+    base_model = load_model("toyworld")
+    evals = {"base": evaluate(base_model, cfg, seed, eval_clf)}
+    timings["audit_before"] = time.time() - t
+    log(f"[demo] base: held-out discrepancy {evals['base']['bias']['mean']:.3f}, recall "
+        f"{evals['base']['identity_recall']:.3f}, concepts {evals['base']['concept_accuracy']:.3f}")  # fmt: skip
 
-    add_lora(adapter, LoraSpec(rank=rank, alpha=float(rank)))
-    params = [p for p in adapter.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + 1)
-    tw = train_idx[label[train_idx] > 0]
-    tl = train_idx[label[train_idx] < 0]
-    per_step = min(4, len(tw), len(tl))
-    history = []
-    with open(out / "metrics.jsonl", "w") as mf:
-        for step in range(1, steps + 1):
-            pick_w = tw[torch.randperm(len(tw), generator=gen)[:per_step]]
-            pick_l = tl[torch.randperm(len(tl), generator=gen)[:per_step]]
-            idx = torch.cat([pick_w, pick_l])
-            res = preference_loss(
-                adapter, latents[idx], cond_all.select(idx), label[idx], loss, generator=gen, **loss_hparams
-            )
-            if not torch.isfinite(res.loss):
-                raise FloatingPointError(f"loss became {float(res.loss)} at step {step}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            opt.step()
-            rec = {"step": step, **res.metrics}
-            history.append(rec)
-            mf.write(json.dumps(rec) + "\n")
-            if step == 1 or step % max(1, steps // 6) == 0 or step == steps:
-                log(f"[demo] step {step:4d}/{steps}  loss {res.metrics['loss']:.4f}")
-    after = implicit_margin(adapter, latents[held_idx], cond_all.select(held_idx), label[held_idx])
-    train_after = implicit_margin(adapter, latents[train_idx], cond_all.select(train_idx), label[train_idx])
-    bias_after = measure_form_bias(adapter, prompts, eval_images, seed, sample_steps) if bias_before else None
-    if bias_after:
-        log(f"[demo] form discrepancy after: {bias_after['mean_discrepancy']:.3f}")
+    t = time.time()
+    pipe = build_data(cfg, out / "pipeline" / "run", base_model, log)
+    data_dir = out / "pipeline" / "run" / "data"
+    timings["data"] = time.time() - t
 
-    data_hash = hashlib.sha256(latents.detach().float().numpy().tobytes() + "\n".join(captions).encode()).hexdigest()
-    meta = lora_metadata(
-        loss=loss,
-        hyperparameters={**loss_hparams, "lr": lr, "steps": steps, "rank": rank, "seed": seed},
-        base_model_hash=model_hash(adapter.unet),
-        data_hash=data_hash,
-    )
-    save_lora(adapter, out / "popalign_demo_lora.safetensors", format="kohya", metadata=meta)
-    save_lora(adapter, out / "diffusers_lora", format="diffusers", metadata=meta)
-    _plot([h["loss"] for h in history], out / "loss_curve.png", f"{loss} on {what}")
-    summary = {
-        "loss": loss,
-        "model": model,
-        "family": family,
-        "steps": steps,
-        "train_images": int(train_idx.numel()),
-        "heldout_images": int(held_idx.numel()),
-        "first_loss": history[0]["loss"],
-        "last_loss": history[-1]["loss"],
-        "heldout_margin_before": before["margin"],
-        "heldout_margin_after": after["margin"],
-        "heldout_implicit_acc_after": after["implicit_acc"],
-        "train_margin_after": train_after["margin"],
-        "form_bias_before": bias_before,
-        "form_bias_after": bias_after,
-        "seconds": round(time.time() - t0, 1),
-        "outputs": sorted(p.name for p in out.iterdir()),
+    t = time.time()
+    sel_base = training_roles_bias(base_model, cfg, seed, select_clf)
+    trained: dict[str, dict] = {}
+    train_budget = cfg["budgets"]["train"] + cfg["budgets"]["select"]
+    methods = list(cfg["methods"])
+    t_sel0 = time.time() - t
+    for i, name in enumerate(methods):
+        spent = sum(v["train_seconds"] + v["select_seconds"] for v in trained.values())
+        share = (train_budget - spent) / (len(methods) - i)
+        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, share, log)
+    timings["train"] = sum(v["train_seconds"] for v in trained.values())
+    timings["select"] = t_sel0 + sum(v["select_seconds"] for v in trained.values())
+
+    t = time.time()
+    for name, tr in trained.items():
+        model = load_model("toyworld")
+        from .lora_io import load_lora
+
+        load_lora(model, out / name / tr["best"]["lora"])
+        shutil.copyfile(out / name / tr["best"]["lora"], out / f"{name}_lora.safetensors")
+        evals[name] = evaluate(model, cfg, seed, eval_clf)
+        log(f"[demo] {name} (step {tr['best']['step']}): held-out discrepancy {evals[name]['bias']['mean']:.3f}")
+    timings["audit_after"] = time.time() - t
+
+    t = time.time()
+    base = evals["base"]
+    ci_base = bootstrap(base["labels"], None, cfg["eval"]["bootstrap"], seed)["before"]
+    res_methods = {}
+    for name, tr in trained.items():
+        e = evals[name]
+        ci = bootstrap(base["labels"], e["labels"], cfg["eval"]["bootstrap"], seed)
+        before, after = base["bias"]["mean"], e["bias"]["mean"]
+        res_methods[name] = {
+            "loss": cfg["methods"][name]["loss"],
+            "discrepancy_before": before,
+            "discrepancy_before_ci": ci["before"],
+            "discrepancy_after": after,
+            "discrepancy_after_ci": ci["after"],
+            "reduction": 1.0 - after / before,
+            "reduction_ci": ci["reduction"],
+            "floor": floor(e["labels"]),
+            "per_axis_after": e["bias"]["per_axis"],
+            "identity_recall": e["identity_recall"],
+            "identity_recall_per_axis": e["identity_recall_per_axis"],
+            "concept_accuracy": e["concept_accuracy"],
+            "concept_accuracy_drop": 100.0 * (base["concept_accuracy"] - e["concept_accuracy"]),
+            "selected_step": tr["best"]["step"],
+            "trained_steps": tr["curve"][-1]["step"],
+            "selection_curve": tr["curve"],
+            "selection_stopped": tr["stopped"],
+            "lora": f"{name}_lora.safetensors",
+            "train_config": {k: v for k, v in tr["config"].items() if k != "anchor_prompts"},
+            "per_role_after": e["bias"]["per_role"],
+        }
+    pop = res_methods.get("popalign")
+    acceptance = {}
+    if pop:
+        acceptance = {
+            "popalign_reduction_ge_50pct": pop["reduction"] >= 0.5,
+            "popalign_identity_recall_ge_0.95": pop["identity_recall"] >= 0.95,
+            "popalign_concept_drop_le_3_points": pop["concept_accuracy_drop"] <= 3.0,
+        }
+    results = {
+        "model": "toyworld",
+        "judge": "toy evaluation classifier (hard labels among images with a face)",
+        "selection_judge": "toy training classifier, training roles only",
+        "held_out_roles": list(HELD_OUT_ROLES),
+        "axes": list(TOY_AXES),
+        "n_per_role": cfg["eval"]["n_per_role"],
+        "n_per_identity": cfg["eval"]["n_per_identity"],
+        "n_per_concept": cfg["eval"]["n_per_concept"],
+        "eval_sampler": {
+            "scheduler": "ddim",
+            "steps": cfg["eval"]["steps"],
+            "guidance_scale": cfg["eval"]["guidance"],
+        },
+        "recall_guidance": cfg["eval"]["recall_guidance"],
+        "floor": floor(base["labels"]),
+        "base": {
+            "discrepancy": base["bias"]["mean"],
+            "discrepancy_ci": ci_base,
+            "per_axis": base["bias"]["per_axis"],
+            "per_role": base["bias"]["per_role"],
+            "identity_recall": base["identity_recall"],
+            "identity_recall_per_axis": base["identity_recall_per_axis"],
+            "concept_accuracy": base["concept_accuracy"],
+        },
+        "selection_base": sel_base,
+        "methods": res_methods,
+        "acceptance": acceptance,
+        "data": {k: pipe[k] for k in ("augment", "filter", "build")}
+        | {"sample": {k: pipe["sample"][k] for k in ("jobs", "done", "seconds", "images_per_s")}},  # fmt: skip
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    files = _plots(results, evals, trained, out)
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+    results["timings"] = {k: {"seconds": round(v, 1), "budget_s": cfg["budgets"][k],
+                              "over_budget": v > cfg["budgets"][k]} for k, v in timings.items()}  # fmt: skip
+    results["seconds"] = round(timings["total"], 1)
+    write_report(results, files, out)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
+    over = [k for k, v in results["timings"].items() if v["over_budget"]]
+    if over:
+        log(f"[demo] over budget: {', '.join(over)} (see results.json timings)")
+    return results
+
+
+def summary_line(results: dict) -> dict:
+    return {
+        "out": "results.json",
+        "seconds": results["seconds"],
+        "discrepancy_before": round(results["base"]["discrepancy"], 4),
+        **{f"{k}_after": round(v["discrepancy_after"], 4) for k, v in results["methods"].items()},
+        **{f"{k}_reduction": round(v["reduction"], 4) for k, v in results["methods"].items()},
+        "acceptance": results["acceptance"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="popalign demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    ap.add_argument("--loss", default="popalign", choices=list(LOSSES), help="loss from the zoo (default: popalign)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
-    ap.add_argument("--images-per-population", type=int, default=12, help="images per population and prompt")
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the LoRA (default: 3e-3)")
-    ap.add_argument("--beta", type=float, default=None, help="override the loss's beta (its own default otherwise)")
-    ap.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
-    ap.add_argument("--model", default="toyworld", choices=list(MODELS), help="toyworld (default) or tiny")
-    ap.add_argument("--family", default="sd15", choices=["sd15", "sd2", "sdxl"], help="family of --model tiny")
-    ap.add_argument("--eval-images", type=int, default=48, help="toy world: images per prompt for the bias readout")
-    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out folder")
+    ap.add_argument("--config", default=None, help="YAML merged over popalign_core/configs/demo.yaml")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (tiny sizes; numbers are meaningless)")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     a = ap.parse_args(argv)
-    hp = {} if a.beta is None else {"beta": a.beta}
     try:
-        summary = run_demo(
-            a.out,
-            loss=a.loss,
-            steps=a.steps,
-            images_per_population=a.images_per_population,
-            lr=a.lr,
-            seed=a.seed,
-            family=a.family,
-            model=a.model,
-            eval_images=a.eval_images,
-            overwrite=a.overwrite,
-            log=lambda m: print(m, file=sys.stderr),
-            **hp,
-        )
-    except (ValueError, FileExistsError) as exc:
+        cfg = load_demo_config(a.config, quick=a.quick)
+        if a.methods:
+            keep = [m.strip() for m in a.methods.split(",") if m.strip()]
+            bad = [m for m in keep if m not in cfg["methods"]]
+            if bad:
+                raise ValueError(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(cfg['methods'])}")
+            cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in keep}
+        results = run_demo(a.out, cfg, overwrite=a.overwrite, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"popalign demo: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    print(json.dumps(summary_line(results)))
     return 0
 
 

@@ -1,109 +1,105 @@
-"""The demo (README command #1) end to end, reduced in size."""
+"""The demo (README command #1) end to end at --quick sizes, and its statistics by hand."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-import torch
 
-from popalign_core.demo import augment, main, run_demo
-
-
-def test_augment_inserts_the_identity_before_the_noun():
-    assert augment("a photo of a doctor", "female") == "a photo of a female doctor"
+from popalign_core.demo import _disc, bootstrap, floor, load_demo_config, main, role_bias, run_demo
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, steps=6, images_per_population=4, holdout=1, eval_images=6, log=lambda m: None)
-    return out, summary
+    cfg = load_demo_config(quick=True)
+    return out, run_demo(out, cfg, overwrite=True, log=lambda m: None)
 
 
-def test_demo_writes_every_output_and_a_consistent_summary(demo_run):
-    out, s = demo_run
-    for name in (
-        "popalign_demo_lora.safetensors",
-        "diffusers_lora",
-        "metrics.jsonl",
-        "loss_curve.png",
-        "summary.json",
-    ):
+def test_demo_writes_every_output(demo_run):
+    out, r = demo_run
+    for name in ("results.json", "report.md", "shares.png", "training.png", "demo_config.yaml",
+                 "pipeline/pipeline.yaml", "pipeline/run/data/population.jsonl", "pipeline/run/data/pairwise.jsonl",
+                 "popalign_lora.safetensors", "sft_lora.safetensors", "dpo_lora.safetensors",
+                 "popalign_anchor_lora.safetensors"):  # fmt: skip
         assert (out / name).exists(), name
-    assert json.loads((out / "summary.json").read_text()) == s
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # fresh LoRA: model == reference, logits 0
-    assert s["heldout_margin_before"] == 0.0 and s["train_images"] + s["heldout_images"] == 2 * 4 * 3
-    assert s["model"] == "toyworld" and s["family"] == "sd15"
-    for key in ("form_bias_before", "form_bias_after"):
-        b = s[key]
-        assert b["n_per_prompt"] == 6 and set(b["prompts"]) == {"a photo of a baker", "a photo of a pilot",
-                                                                 "a photo of a guard"}  # fmt: skip
-        for v in b["prompts"].values():
-            assert 0 <= v["faces"] <= 6 and set(v["shares"]) == {"round", "angular"}
-            if v["faces"]:  # Eq. 13 for K = 2 hard labels: sqrt(2) * |share_round - 0.5|
-                assert v["discrepancy"] == pytest.approx(2**0.5 * abs(v["shares"]["round"] - 0.5), abs=1e-3)
-    data = [json.loads(ln) for ln in (out / "data" / "population.jsonl").read_text().splitlines()]
-    assert {r["prompt"] for r in data if r["population"] == "winning"} == {
-        f"a photo of a {f} {r}" for f in ("round", "angular") for r in ("baker", "pilot", "guard")}  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["methods"].keys() == r["methods"].keys()
+    report = (out / "report.md").read_text()
+    assert "| popalign |" in report and "| dpo |" in report and "![shares](shares.png)" in report
 
 
-def test_demo_on_the_random_tiny_model(tmp_path):
-    s = run_demo(tmp_path, model="tiny", steps=2, images_per_population=2, holdout=1, log=lambda m: None)
-    assert s["model"] == "tiny" and s["form_bias_before"] is None and s["heldout_images"] == 2 * 3
-    with pytest.raises(ValueError, match="model='sdxl' is not a demo model"):
-        run_demo(tmp_path / "x", model="sdxl")
+def test_results_fields_and_consistency(demo_run):
+    _, r = demo_run
+    assert set(r["methods"]) == {"popalign", "popalign_anchor", "sft", "dpo"}
+    assert r["held_out_roles"] == ["judge", "smith", "ranger", "tailor"] and r["n_per_role"] == 16
+    for m in r["methods"].values():
+        assert m["discrepancy_before"] == r["base"]["discrepancy"]
+        assert m["reduction"] == pytest.approx(1 - m["discrepancy_after"] / m["discrepancy_before"])
+        assert m["concept_accuracy_drop"] == pytest.approx(
+            100 * (r["base"]["concept_accuracy"] - m["concept_accuracy"])
+        )
+        lo, hi = m["discrepancy_after_ci"]
+        assert lo <= hi and len(m["reduction_ci"]) == 2
+        assert 0 <= m["identity_recall"] <= 1 and set(m["identity_recall_per_axis"]) == {"form", "hue", "stature"}
+        # the selected step is the best of the candidates on the training roles
+        curve = m["selection_curve"]
+        assert m["selected_step"] == min(curve, key=lambda c: c["train_roles_discrepancy"])["step"]
+        # the mean over roles and axes, never a pool
+        per = m["per_role_after"]
+        assert np.mean([np.nanmean([per[ro][a]["discrepancy"] for ro in per]) for a in r["axes"]]) == pytest.approx(
+            m["discrepancy_after"]
+        )
+    assert r["methods"]["dpo"]["train_config"]["data"].endswith("pairwise.jsonl")
+    assert r["methods"]["popalign_anchor"]["train_config"]["loss_params"]["anchor_weight"] > 0
+    assert set(r["timings"]) == {"audit_before", "data", "train", "select", "audit_after", "report", "total"}
+    assert r["data"]["filter"]["images"] == 160  # 10 training roles x (8 augmented + 8 neutral)
 
 
-def test_demo_lora_files_reload_to_the_trained_model(demo_run):
-    from popalign_core.lora_io import load_lora, read_lora
-    from popalign_core.models import load_model
-
-    out, s = demo_run
-    sd, meta, fmt = read_lora(out / "popalign_demo_lora.safetensors")
-    assert fmt == "kohya" and meta["loss"] == "popalign" and len(meta["base_model_hash"]) == 64
-    assert any(k.startswith("lora_unet_") for k in sd)
-    a = load_model("toyworld")
-    b = load_model("toyworld")
-    load_lora(a, out / "popalign_demo_lora.safetensors")
-    load_lora(b, out / "diffusers_lora")
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([10, 700])
-    with torch.no_grad():
-        c = a.encode_prompt(["a photo of a baker"] * 2)
-        pa, pb = a.predict(x, t, c), b.predict(x, t, c)
-        with a.reference():
-            base = a.predict(x, t, c)
-    torch.testing.assert_close(pa, pb)
-    assert not torch.allclose(pa, base)  # the trained LoRA changes the model
+def test_discrepancy_and_floor_by_hand():
+    # shares 3/4, 1/4 on 2 classes: || (0.25, -0.25) || = 0.3536
+    assert _disc(np.array([0, 0, 0, 1, -1]), 2) == pytest.approx(np.sqrt(2) * 0.25)
+    assert np.isnan(_disc(np.array([-1, -1]), 2))
+    lab = {"judge": {"form": np.array([0, 0, 0, 1]), "hue": np.array([0, 1, 2, 3]), "stature": np.array([1, 1, 1, 1]),
+                     "face": np.ones(4, bool), "concept": np.zeros(4, int)}}  # fmt: skip
+    b = role_bias(lab)
+    assert b["per_axis"]["form"] == pytest.approx(0.3536, abs=1e-4) and b["per_axis"]["hue"] == 0.0
+    assert b["per_axis"]["stature"] == pytest.approx(np.sqrt(0.5))
+    assert b["mean"] == pytest.approx((0.353553 + 0 + 0.707107) / 3, abs=1e-5)
+    assert b["per_role"]["judge"]["hue"]["shares"] == {"red": 0.25, "green": 0.25, "blue": 0.25, "gold": 0.25}
+    # floor: 4 faces, binary: E|| p_hat - 1/2 || = sqrt(2) * E|k/4 - 1/2|, k ~ Bin(4, 1/2) -> sqrt(2) * 3/16
+    f = floor({"r": {"form": np.array([0, 1, 0, 1]), "hue": np.array([-1] * 4), "stature": np.array([-1] * 4)}})
+    assert f == pytest.approx(np.sqrt(2) * 3 / 16, rel=0.05)
+    ci = bootstrap(lab, lab, 50, 0)
+    assert ci["before"][0] <= b["mean"] + 0.3 and ci["reduction"][0] <= 0 <= ci["reduction"][1]
 
 
-def test_demo_cli_refuses_a_non_empty_output_and_unknown_losses(demo_run, capsys):
+def test_demo_config_errors(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("eval: {n_per_rol: 3}\n")
+    with pytest.raises(ValueError, match="unknown demo config key 'eval.n_per_rol'"):
+        load_demo_config(bad)
+    bad.write_text("methods: {ppo: {loss: ppo, data: population, lr: 1}}\n")
+    with pytest.raises(ValueError, match="unknown method 'ppo'"):
+        load_demo_config(bad)
+    bad.write_text("train: {steps: 0}\n")
+    with pytest.raises(ValueError, match="train.steps: expected an int >= 1"):
+        load_demo_config(bad)
+    cfg = load_demo_config()
+    assert cfg["budgets"]["total"] <= 900 and cfg["eval"]["n_per_role"] >= 200
+
+
+def test_demo_cli_refuses_a_non_empty_output_and_unknown_methods(demo_run, capsys):
     out, _ = demo_run
-    assert main(["--out", str(out), "--steps", "1"]) == 2
+    assert main(["--out", str(out), "--quick"]) == 2
     assert "is not empty" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--loss", "nope"])
-    with pytest.raises(ValueError, match="holdout=4 is invalid"):
-        run_demo(out / "x", images_per_population=4, holdout=4)
+    assert main(["--out", str(out / "x"), "--quick", "--methods", "ppo"]) == 2
+    assert "--methods: unknown method 'ppo'" in capsys.readouterr().err
 
 
-def test_demo_data_feeds_the_example_training_config(demo_run, tmp_path):
-    """examples/train_demo.yaml trains on the population data the demo exports (reduced to 2 steps)."""
-    from pathlib import Path
-
-    from popalign_core.data import load_preference_data
-    from popalign_core.train import load_config, train
+def test_demo_loras_load_with_the_stock_format(demo_run):
+    from popalign_core.lora_io import read_lora
 
     out, _ = demo_run
-    data = load_preference_data(out / "data" / "population.jsonl")
-    assert data.kind == "population" and len(data.samples) == 2 * 4 * 3
-    assert {data.samples[i].caption for i in data.winning()} == {data.samples[i].caption for i in data.losing()}
-    example = Path(__file__).resolve().parents[1] / "examples" / "train_demo.yaml"
-    cfg = load_config(
-        example, data=str(out / "data" / "population.jsonl"), output_dir=str(tmp_path), steps=2, progress=False
-    )
-    summary = train(cfg, log=lambda m: None)
-    assert Path(summary["outputs"]["kohya"]).is_file()
+    sd, meta, fmt = read_lora(out / "popalign_lora.safetensors")
+    assert fmt == "kohya" and meta["loss"] == "popalign" and any(k.startswith("lora_unet_") for k in sd)

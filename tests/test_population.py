@@ -61,3 +61,57 @@ def test_data_augment_toy_and_file_keywords(tmp_path, capsys):
     assert "--keywords must be 'default', 'toy' or a JSON file" in capsys.readouterr().err
     assert cli_main(["data", "augment", "--prompts", str(f), "--out", str(out), "--axes", "religion"]) == 2
     assert "unknown axes ['religion']" in capsys.readouterr().err
+
+
+def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
+    from pathlib import Path
+
+    from popalign_core.data import load_preference_data
+    from popalign_core.population import load_pipeline_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "pipeline_toy.yaml"
+    cfg = load_pipeline_config(example, out=str(tmp_path / "p"))
+    assert Path(cfg["prompts"]).is_file() and cfg["augment"]["axes"] == ["stature", "form", "hue"]
+    small = tmp_path / "small.yaml"
+    import yaml
+
+    cfg["prompts"] = ["a photo of a baker", "a photo of a pilot", "a photo of a round pilot"]
+    cfg["augment"]["samples_per_prompt"] = 6
+    cfg["sample"].update(steps=10, neutral_per_prompt=6, batch_size=32)
+    cfg["build"].update(set_size=2)
+    small.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["data", "pipeline", "--config", str(small)]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["augment"]["rows"] == 12 and s["sample"]["done"] == 24 and s["filter"]["images"] == 24
+    assert s["build"]["sets"] >= 2 and set(s["seconds"]) == {"augment", "sample", "filter", "build", "total"}
+    assert s["augment"]["skipped"][0]["prompt"] == "a photo of a round pilot"  # names a toy identity
+    data = load_preference_data(tmp_path / "p" / "data" / "population.jsonl")
+    assert {x.caption for x in data.samples} <= {"a photo of a baker", "a photo of a pilot"}
+    # re-running resumes: nothing is sampled again
+    assert cli_main(["data", "pipeline", "--config", str(small)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sample"]["sampled"] == 0
+
+
+def test_pipeline_config_errors(tmp_path):
+    from popalign_core.population import load_pipeline_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model: toyworld\nprompts: [a]\nout: x\nsampel: {}\n")
+    with pytest.raises(ValueError, match="unknown config key 'sampel'"):
+        load_pipeline_config(f)
+    f.write_text("model: toyworld\nprompts: [a]\nout: x\nsample: {guidance: 2}\n")
+    with pytest.raises(ValueError, match="unknown key 'guidance' in section 'sample'"):
+        load_pipeline_config(f)
+    f.write_text("model: toyworld\nout: x\n")
+    with pytest.raises(ValueError, match="config key 'prompts' is required"):
+        load_pipeline_config(f)
+    with pytest.raises(FileNotFoundError):
+        load_pipeline_config(tmp_path / "none.yaml")
+
+
+def test_keyword_config_with_unknown_axis_is_reported(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("a photo of a baker\n")
+    assert cli_main(["data", "augment", "--prompts", str(f), "--out", str(tmp_path / "a.jsonl"), "--keywords", "toy",
+                     "--axes", "form,mood"]) == 2  # fmt: skip
+    assert "unknown axes ['mood']" in capsys.readouterr().err

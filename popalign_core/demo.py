@@ -12,8 +12,10 @@
 3. **Train** LoRAs with `popalign train` on that data: PopAlign (Eq. 11), PopAlign with the prior-preservation
    anchor (the frozen model's images of identity-specific training-role prompts and of the concepts), and the SFT
    and DPO baselines. Each method is trained in `select.stages` stages; after each stage its bias on the *training*
-   roles (training classifier) is measured and the best stage is kept: checkpoint selection on training roles,
-   reported in results.json; held-out roles never choose anything.
+   roles, its identity recall on training roles' identity-specific prompts and its concept accuracy (training
+   classifier, validation seeds) are measured; the kept stage has the lowest training-role bias among those whose
+   recall and concept accuracy stay within the config's limits of the base model (`choose_stage`). Checkpoint
+   selection uses training roles only and is reported in results.json; held-out roles never choose anything.
 4. **Audit again** each method's chosen LoRA exactly as in step 1 (same seeds).
 5. Write ``results.json`` (per method: discrepancy_before/after with 95% bootstrap CIs, reduction with its CI, the
    finite-sample floor, identity_recall, concept_accuracy_drop in points, the selected step, stage times against
@@ -85,7 +87,7 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
             raise ValueError(f"methods.{name}.data must be 'population' or 'pairwise'; got {m['data']!r}")
     positive = {
         "eval": ("n_per_role", "n_per_identity", "n_per_concept", "steps"),
-        "select": ("n_per_role", "stages"),
+        "select": ("n_per_role", "stages", "n_per_identity", "n_per_concept"),
         "train": ("steps", "batch_size", "lora_rank"),
     }
     for sec, keys in positive.items():
@@ -244,6 +246,47 @@ def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
     return _mean_disc({r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(TRAIN_ROLES)})
 
 
+def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
+    """Checkpoint-selection guard rails, judged by the training classifier with their own seeds: identity recall on
+    the identity-specific prompts of every other *training* role (every class of every axis, at the recall
+    guidance) and concept accuracy on the concepts (at the audit guidance)."""
+    from .sampling import SamplerConfig, sample
+    from .toyworld.world import CONCEPTS, TOY_AXES, TRAIN_ROLES, caption, concept_caption
+
+    ev, sl = cfg["eval"], cfg["select"]
+    m = sl["n_per_identity"]
+    specs = [(r, a, c) for r in TRAIN_ROLES[::2] for a, cs in TOY_AXES.items() for c in cs]
+    sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["recall_guidance"], scheduler="ddim", seed=seed + 2,
+                       batch_size=200)  # fmt: skip
+    lab = _labels(
+        clf, _to_uint8(sample(adapter, [(caption(r, {a: c}), k) for r, a, c in specs for k in range(m)], sc))
+    )
+    hit = tot = 0
+    for j, (_, a, c) in enumerate(specs):
+        got = lab[a][j * m : (j + 1) * m]
+        got = got[got >= 0]
+        hit, tot = hit + int((got == TOY_AXES[a].index(c)).sum()), tot + len(got)
+    q = sl["n_per_concept"]
+    sc = SamplerConfig(
+        steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed + 2, batch_size=200
+    )
+    lc = _labels(clf, _to_uint8(sample(adapter, [(concept_caption(c), k) for c in CONCEPTS for k in range(q)], sc)))
+    truth = np.repeat(np.arange(1, len(CONCEPTS) + 1), q)
+    return {"recall": hit / tot if tot else float("nan"), "concept_accuracy": float((lc["concept"] == truth).mean())}
+
+
+def choose_stage(curve: list[dict], base_val: dict, cfg: dict) -> tuple[dict, str]:
+    """The selected checkpoint: the lowest training-role discrepancy among the stages whose validation recall and
+    concept accuracy stay within `select.max_recall_drop` / `select.max_concept_drop` of the base model's; if no
+    stage qualifies, the first stage (the least trained)."""
+    sl = cfg["select"]
+    ok = [c for c in curve if c["val_recall"] >= base_val["recall"] - sl["max_recall_drop"]
+          and c["val_concept_accuracy"] >= base_val["concept_accuracy"] - sl["max_concept_drop"]]  # fmt: skip
+    if ok:
+        return min(ok, key=lambda c: c["train_roles_discrepancy"]), "lowest training-role discrepancy within limits"
+    return curve[0], "no stage within the validation limits: the first stage"
+
+
 # ------------------------------------------------------------------------------------------------ stages
 def build_data(cfg: dict, out: Path, adapter, log) -> dict:
     """`popalign data pipeline` on the toy world's training roles."""
@@ -279,7 +322,9 @@ def anchor_prompts() -> list[str]:
     return ids + [concept_caption(c) for c in CONCEPTS]
 
 
-def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, budget_left: float, log) -> dict:
+def train_method(
+    name: str, cfg: dict, data_dir: Path, out: Path, select_clf, base_val: dict, budget_left: float, log
+) -> dict:
     """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best."""
     from .lora_io import load_lora
     from .models import load_model
@@ -321,17 +366,20 @@ def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, bu
         model = load_model("toyworld")
         load_lora(model, lora)
         score = training_roles_bias(model, cfg, cfg["seed"], select_clf)
+        val = validation(model, cfg, cfg["seed"], select_clf)
         t_select += time.time() - t
-        curve.append({"step": steps, "train_roles_discrepancy": score, "lora": lora.name})
-        log(f"[demo] {name}: step {steps}/{total}: training-role discrepancy {score:.3f}")
+        curve.append({"step": steps, "train_roles_discrepancy": score, "val_recall": val["recall"],
+                      "val_concept_accuracy": val["concept_accuracy"], "lora": lora.name})  # fmt: skip
+        log(f"[demo] {name}: step {steps}/{total}: training-role discrepancy {score:.3f}, validation recall "
+            f"{val['recall']:.3f}, concepts {val['concept_accuracy']:.3f}")  # fmt: skip
         if t_train + t_select > budget_left and k < stages:
             stopped = f"time budget: stopped after stage {k}/{stages}"
             log(f"[demo] {name}: {stopped}")
             break
-    best = min(curve, key=lambda c: c["train_roles_discrepancy"])
+    best, why = choose_stage(curve, base_val, cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {"curve": curve, "best": best, "train_seconds": t_train, "select_seconds": t_select, "stopped": stopped,
-            "losses": [r.get("loss") for r in rows], "config": common}  # fmt: skip
+    return {"curve": curve, "best": best, "why": why, "train_seconds": t_train, "select_seconds": t_select,
+            "stopped": stopped, "losses": [r.get("loss") for r in rows], "config": common}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -481,6 +529,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
 
     t = time.time()
     sel_base = training_roles_bias(base_model, cfg, seed, select_clf)
+    base_val = validation(base_model, cfg, seed, select_clf)
     trained: dict[str, dict] = {}
     train_budget = cfg["budgets"]["train"] + cfg["budgets"]["select"]
     methods = list(cfg["methods"])
@@ -488,7 +537,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     for i, name in enumerate(methods):
         spent = sum(v["train_seconds"] + v["select_seconds"] for v in trained.values())
         share = (train_budget - spent) / (len(methods) - i)
-        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, share, log)
+        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, base_val, share, log)
     timings["train"] = sum(v["train_seconds"] for v in trained.values())
     timings["select"] = t_sel0 + sum(v["select_seconds"] for v in trained.values())
 
@@ -528,6 +577,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
             "selected_step": tr["best"]["step"],
             "trained_steps": tr["curve"][-1]["step"],
             "selection_curve": tr["curve"],
+            "selection_rule": tr["why"],
             "selection_stopped": tr["stopped"],
             "lora": f"{name}_lora.safetensors",
             "train_config": {k: v for k, v in tr["config"].items() if k != "anchor_prompts"},
@@ -544,7 +594,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     results = {
         "model": "toyworld",
         "judge": "toy evaluation classifier (hard labels among images with a face)",
-        "selection_judge": "toy training classifier, training roles only",
+        "selection_judge": "toy training classifier: training roles, validation seeds (recall, concepts)",
         "held_out_roles": list(HELD_OUT_ROLES),
         "axes": list(TOY_AXES),
         "n_per_role": cfg["eval"]["n_per_role"],
@@ -567,6 +617,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
             "concept_accuracy": base["concept_accuracy"],
         },
         "selection_base": sel_base,
+        "validation_base": base_val,
         "methods": res_methods,
         "acceptance": acceptance,
         "data": {k: pipe[k] for k in ("augment", "filter", "build")}

@@ -7,7 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from popalign_core.demo import _disc, bootstrap, floor, load_demo_config, main, role_bias, run_demo
+from popalign_core.demo import (
+    _disc,
+    bootstrap,
+    choose_stage,
+    floor,
+    load_demo_config,
+    main,
+    role_bias,
+    run_demo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +51,9 @@ def test_results_fields_and_consistency(demo_run):
         lo, hi = m["discrepancy_after_ci"]
         assert lo <= hi and len(m["reduction_ci"]) == 2
         assert 0 <= m["identity_recall"] <= 1 and set(m["identity_recall_per_axis"]) == {"form", "hue", "stature"}
-        # the selected step is the best of the candidates on the training roles
-        curve = m["selection_curve"]
-        assert m["selected_step"] == min(curve, key=lambda c: c["train_roles_discrepancy"])["step"]
+        # the selected step follows the rule on training roles and validation seeds
+        best, why = choose_stage(m["selection_curve"], r["validation_base"], load_demo_config(quick=True))
+        assert m["selected_step"] == best["step"] and m["selection_rule"] == why
         # the mean over roles and axes, never a pool
         per = m["per_role_after"]
         assert np.mean([np.nanmean([per[ro][a]["discrepancy"] for ro in per]) for a in r["axes"]]) == pytest.approx(
@@ -103,3 +112,17 @@ def test_demo_loras_load_with_the_stock_format(demo_run):
     out, _ = demo_run
     sd, meta, fmt = read_lora(out / "popalign_lora.safetensors")
     assert fmt == "kohya" and meta["loss"] == "popalign" and any(k.startswith("lora_unet_") for k in sd)
+
+
+def test_choose_stage_by_hand():
+    cfg = {"select": {"max_recall_drop": 0.03, "max_concept_drop": 0.03}}
+    base = {"recall": 0.99, "concept_accuracy": 1.0}
+    curve = [
+        {"step": 100, "train_roles_discrepancy": 0.30, "val_recall": 0.99, "val_concept_accuracy": 1.0},
+        {"step": 200, "train_roles_discrepancy": 0.20, "val_recall": 0.97, "val_concept_accuracy": 0.98},
+        {"step": 300, "train_roles_discrepancy": 0.10, "val_recall": 0.90, "val_concept_accuracy": 1.0},  # damaged
+    ]
+    assert choose_stage(curve, base, cfg)[0]["step"] == 200
+    worse = [{**c, "val_recall": 0.5} for c in curve]
+    best, why = choose_stage(worse, base, cfg)
+    assert best["step"] == 100 and "no stage within the validation limits" in why

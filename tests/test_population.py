@@ -90,6 +90,21 @@ def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
     # re-running resumes: nothing is sampled again
     assert cli_main(["data", "pipeline", "--config", str(small)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sample"]["sampled"] == 0
+    # the step commands on the same run
+    p = tmp_path / "p"
+    flt = ["data", "filter", "--samples", str(p / "samples"), "--out", str(tmp_path / "f")]
+    assert cli_main([*flt, "--classifier", "toy", "--classifier-option", "which=train", "--threshold", "0.9"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["images"] == 24 and rep["config"]["threshold"] == 0.9
+    assert cli_main(["data", "build", "--filtered", str(tmp_path / "f"), "--out", str(tmp_path / "d"),
+                     "--set-size", "1", "--no-pairs"]) == 0  # fmt: skip
+    b = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert b["sets"] >= 2 and "pairwise" not in b["files"]
+    assert cli_main(["data", "build", "--filtered", str(tmp_path / "f"), "--out", str(tmp_path / "d"),
+                     "--set-size", "2", "--set-count", "50"]) == 2  # fmt: skip
+    assert "50 sets of 2 need 100 winning and 100 losing images" in capsys.readouterr().err
+    assert cli_main([*flt, "--classifier-option", "which"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_pipeline_config_errors(tmp_path):

@@ -120,5 +120,9 @@ def preference_loss(
             )
         a_xt = adapter.add_noise(anchor.latents, a_noise, a_t)
         inputs.anchor_model_pred = adapter.predict(a_xt, a_t, anchor.cond)
-        inputs.anchor_target = adapter.target(anchor.latents, a_noise, a_t)
+        if hparams.get("anchor_target", "data") == "reference":
+            with torch.no_grad(), adapter.reference():
+                inputs.anchor_target = adapter.predict(a_xt, a_t, anchor.cond.detach())
+        else:
+            inputs.anchor_target = adapter.target(anchor.latents, a_noise, a_t)
     return compute_loss(loss, inputs, reduce=reduce, **hparams)

@@ -126,3 +126,18 @@ def test_choose_stage_by_hand():
     worse = [{**c, "val_recall": 0.5} for c in curve]
     best, why = choose_stage(worse, base, cfg)
     assert best["step"] == 100 and "no stage within the validation limits" in why
+
+
+def test_demo_data_feeds_the_example_training_config(demo_run, tmp_path):
+    """examples/train_demo.yaml trains on the population data the demo builds (reduced to 2 steps)."""
+    from pathlib import Path
+
+    from popalign_core.train import load_config, train
+
+    out, _ = demo_run
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_demo.yaml"
+    assert "runs/demo/pipeline/run/data/population.jsonl" in example.read_text()
+    cfg = load_config(example, data=str(out / "pipeline" / "run" / "data" / "population.jsonl"),
+                      output_dir=str(tmp_path), steps=2, progress=False)  # fmt: skip
+    summary = train(cfg, log=lambda m: None)
+    assert Path(summary["outputs"]["kohya"]).is_file()

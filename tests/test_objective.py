@@ -104,3 +104,35 @@ def test_training_steps_raise_the_margin_and_keep_base_and_reference(batch, loss
     with torch.no_grad():  # restore the LoRA for the other parametrisations sharing this fixture
         for p, s in zip(lora, saved):
             p.copy_(s)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_reference_anchor_target_is_distillation_to_the_frozen_model(init):
+    from popalign_core.objective import Anchor
+
+    torch.manual_seed(0)
+    ad = get_dummy_adapter("sd15", seed=0)
+    add_lora(ad, LoraSpec(rank=2, alpha=2.0, init_lora_weights=init))
+    g = torch.Generator().manual_seed(1)
+    shape = (2, ad.latent_channels, 8, 8)
+    lat, a_lat = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    a_noise, a_t = torch.randn(shape, generator=g), torch.tensor([100, 800])
+    with torch.no_grad():
+        cond, a_cond = ad.encode_prompt(["a cat", "a dog"]), ad.encode_prompt(["a red car", "a tree"])
+    anchor = Anchor(a_lat, a_cond, noise=a_noise, timesteps=a_t)
+    out = preference_loss(ad, lat, cond, torch.tensor([1, -1]), "popalign", generator=g, anchor=anchor,
+                          anchor_weight=2.0, anchor_target="reference", beta=10.0)  # fmt: skip
+    with torch.no_grad():
+        x = ad.add_noise(a_lat, a_noise, a_t)
+        m = ad.predict(x, a_t, a_cond)
+        with ad.reference():
+            r = ad.predict(x, a_t, a_cond)
+    by_hand = float(((m - r) ** 2).mean(dim=(1, 2, 3)).mean())
+    assert out.metrics["anchor_term"] == pytest.approx(by_hand, rel=1e-5, abs=1e-12)
+    if init is True:  # a fresh LoRA is the reference: nothing to preserve yet
+        assert out.metrics["anchor_term"] == 0.0
+    else:
+        assert by_hand > 0
+    with pytest.raises(ValueError, match="anchor_target='model' is invalid"):
+        preference_loss(ad, lat, cond, torch.tensor([1, -1]), "popalign", generator=g, anchor=anchor,
+                        anchor_weight=2.0, anchor_target="model")  # fmt: skip

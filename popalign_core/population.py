@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -343,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"popalign data {a.cmd}: error: {e}", file=err)
         return 2
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun / accelerate launch
+        print(json.dumps(summary))
     return 0
 
 

@@ -119,11 +119,25 @@ def _labels(clf, images: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 def _disc(labels: np.ndarray, k: int) -> float:
     """PopAlign Eq. 13 with hard labels against the uniform target: || 1/k - shares ||_2 (labels >= 0 only)."""
+    from .metrics import discrepancy
+
     lab = labels[labels >= 0]
     if not len(lab):
         return float("nan")
-    shares = np.bincount(lab, minlength=k) / len(lab)
-    return float(np.linalg.norm(shares - 1.0 / k))
+    return discrepancy(np.eye(k)[lab], np.full(k, 1.0 / k))
+
+
+def _recall(lab: dict[str, np.ndarray], specs: list[tuple[str, str, str]], m: int) -> dict[str, list[int]]:
+    """{axis: [hits, faces]} over identity-specific prompts `specs` (role, axis, class), `m` images each in order."""
+    from .toyworld.world import TOY_AXES
+
+    hits = {a: [0, 0] for a in TOY_AXES}
+    for j, (_, a, c) in enumerate(specs):
+        got = lab[a][j * m : (j + 1) * m]
+        got = got[got >= 0]
+        hits[a][0] += int((got == TOY_AXES[a].index(c)).sum())
+        hits[a][1] += len(got)
+    return hits
 
 
 def role_bias(labels: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -211,13 +225,7 @@ def evaluate(adapter, cfg: dict, seed: int, clf=None) -> dict[str, Any]:
     m = ev["n_per_identity"]
     specs = [(r, a, c) for r in HELD_OUT_ROLES for a, cs in TOY_AXES.items() for c in cs]
     imgs = sample(adapter, [(caption(r, {a: c}), k) for r, a, c in specs for k in range(m)], gr)
-    lab_i = _labels(clf, _to_uint8(imgs))
-    hits = {a: [0, 0] for a in TOY_AXES}
-    for j, (_, a, c) in enumerate(specs):
-        got = lab_i[a][j * m : (j + 1) * m]
-        got = got[got >= 0]
-        hits[a][0] += int((got == TOY_AXES[a].index(c)).sum())
-        hits[a][1] += len(got)
+    hits = _recall(_labels(clf, _to_uint8(imgs)), specs, m)
     recall = {a: h[0] / h[1] if h[1] else float("nan") for a, h in hits.items()}
     # non-person concepts
     q = ev["n_per_concept"]
@@ -261,11 +269,8 @@ def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
     lab = _labels(
         clf, _to_uint8(sample(adapter, [(caption(r, {a: c}), k) for r, a, c in specs for k in range(m)], sc))
     )
-    hit = tot = 0
-    for j, (_, a, c) in enumerate(specs):
-        got = lab[a][j * m : (j + 1) * m]
-        got = got[got >= 0]
-        hit, tot = hit + int((got == TOY_AXES[a].index(c)).sum()), tot + len(got)
+    hits = _recall(lab, specs, m)
+    hit, tot = sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())
     q = sl["n_per_concept"]
     sc = SamplerConfig(
         steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed + 2, batch_size=200

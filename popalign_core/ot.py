@@ -154,24 +154,6 @@ def _fast_solutions(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return sols[np.asarray(inverse).ravel()]
 
 
-def _compositions(n: int, k: int):
-    if k == 1:
-        yield (n,)
-        return
-    for first in range(n + 1):
-        for rest in _compositions(n - first, k - 1):
-            yield (first, *rest)
-
-
-def _log_multinomial(counts: np.ndarray, t: np.ndarray) -> float:
-    if any(c > 0 and tk == 0 for c, tk in zip(counts, t)):
-        return -math.inf
-    out = math.lgamma(int(counts.sum()) + 1)
-    for c, tk in zip(counts, t):
-        out += -math.lgamma(int(c) + 1) + (int(c) * math.log(tk) if c else 0.0)
-    return out
-
-
 def _exact_k2(cost: np.ndarray, t: np.ndarray) -> np.ndarray:
     from scipy.stats import binom
 
@@ -199,12 +181,16 @@ def _expected(cost: np.ndarray, t: np.ndarray, method: str, draws: int, seed: in
                     f"method='exact' would solve {total} count vectors for N={n}, K={k} (max_count_vectors="
                     f"{max_count_vectors}); use method='fast' or 'monte_carlo'"
                 )
+            from scipy.special import gammaln, xlogy
+
+            from .metrics import _compositions
+
+            comps = _compositions(n, k)
+            pmf = np.exp(gammaln(n + 1) - gammaln(comps + 1).sum(1) + xlogy(comps, t).sum(1))
             q = np.zeros((n, k))
-            for c in _compositions(n, k):
-                lw = _log_multinomial(np.asarray(c), t)
-                if lw == -math.inf:
-                    continue
-                q += math.exp(lw) * eye[_assign_counts(cost, np.asarray(c))]
+            for c, w in zip(comps, pmf):
+                if w > 0:
+                    q += w * eye[_assign_counts(cost, c)]
     else:
         rng = np.random.default_rng([seed, 1])
         counts = rng.multinomial(n, t, size=draws)

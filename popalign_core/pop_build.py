@@ -88,9 +88,9 @@ def _groups(rows: list[dict], axes: tuple[str, ...] | None) -> int:
 
 
 def _slug(text: str) -> str:
-    import re
+    from .pop_sample import slug
 
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+    return slug(text, 40)
 
 
 def build_preferences(

@@ -94,6 +94,7 @@ def filter_population(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
+    from .data import write_manifest
     from .pop_sample import read_samples
 
     cfg = config or FilterConfig()
@@ -149,11 +150,8 @@ def filter_population(
                 kept.append({**r, "image": rel, "attributes": attrs, "confidence": conf})
         log(f"[filter] {min(s + cfg.batch_size, len(rows))}/{len(rows)} images classified")
 
-    def lines(rs):
-        return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rs)
-
-    atomic_write_text(out / FILTERED, lines(kept))
-    atomic_write_text(out / "decisions.jsonl", lines(decisions))
+    write_manifest(out / FILTERED, kept)
+    write_manifest(out / "decisions.jsonl", decisions)
     report = {
         "samples": str(samples),
         "out": str(out),

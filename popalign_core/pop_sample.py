@@ -38,6 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .data import write_manifest
 from .fileio import atomic_write_text
 
 __all__ = ["MANIFEST", "RUN_FILE", "SamplingStopped", "image_name", "population_jobs", "read_samples",
@@ -89,11 +90,15 @@ def population_jobs(rows: Sequence[Mapping[str, Any]], neutral_per_prompt: int |
     return jobs
 
 
+def slug(text: str, length: int = 48) -> str:
+    """A filesystem-safe, readable stem of `text`: lower-case runs of [a-z0-9] joined by "-" (at most `length`)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
 def image_name(prompt: str, index: int) -> str:
     """File name of the image of (prompt, index): readable slug + index + a hash of both (unique, filesystem-safe)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
     h = hashlib.sha256(f"{index}\n{prompt}".encode()).hexdigest()[:8]
-    return f"{slug}-{index:05d}-{h}.png"
+    return f"{slug(prompt)}-{index:05d}-{h}.png"
 
 
 def _run_settings(config, model_id: str, model_hash: str) -> dict:
@@ -159,16 +164,12 @@ def _reconcile(out: Path, log: Callable[[str], None]) -> dict:
                 p.unlink()
                 dropped["orphan_images"] += int(p.suffix == ".png")
     if any(dropped.values()) or len(files) > 1 or not (out / MANIFEST).exists():
-        _write_manifest(out / MANIFEST, rows)
+        write_manifest(out / MANIFEST, rows)
         for f in files[1:]:
             f.unlink()
     if any(dropped.values()):
         log(f"[sample] made the folder consistent: {dropped}")
     return {"rows": rows, "dropped": dropped}
-
-
-def _write_manifest(path: Path, rows: Sequence[Mapping]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _append_rows(path: Path, rows: Sequence[Mapping]) -> None:
@@ -320,7 +321,7 @@ def sample_population(
         merged = _reconcile(out, log)["rows"]
         order = {k: i for i, k in enumerate(keys)}
         merged.sort(key=lambda r: order.get((r["prompt"], int(r["index"])), len(order)))
-        _write_manifest(out / MANIFEST, merged)
+        write_manifest(out / MANIFEST, merged)
         rows = merged
     dist.barrier()
     seconds = time.time() - t0

@@ -73,4 +73,4 @@ def test_bad_shapes_and_targets():
         dal_loss(_logits([0.5, 0.4]), [0.7, 0.7])
     with pytest.raises(ValueError, match=r"target: expected 2 class probabilities"):
         dal_loss(_logits([0.5, 0.4]), [0.2, 0.3, 0.5])
-    assert np.isfinite(float(dal_loss(_logits([0.5, 0.4]), [1.0, 0.0], threshold=1.0).loss))
+    assert np.isfinite(float(dal_loss(_logits([0.5, 0.4]), [1.0, 0.0], threshold=1.0).loss.detach()))

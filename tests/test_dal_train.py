@@ -1,0 +1,186 @@
+"""The DAL trainer (popalign_core.dal_train, `popalign dal`) on the toy world: bad input before any work, a run
+with resume equal to an uninterrupted run, micro-batching equal to one batch, the prefix target, skipped no-face
+batches, the gradient mask of the face region, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from popalign_core import dal_train as D
+from popalign_core.toyworld.world import TRAIN_ROLES, caption
+
+PROMPTS = [caption(r) for r in TRAIN_ROLES[:3]]
+TARGET = {"form": [0.5, 0.5], "stature": [0.75, 0.25]}
+
+
+def small(tmp_path, **kw):
+    base = dict(model="toyworld", prompts=PROMPTS, target=TARGET, face_bank="toy", steps=2, images_per_prompt=4,
+                sampler_steps=4, guidance_scale=1.0, lora_rank=4, lr=1e-3, output_dir=str(tmp_path / "run"),
+                progress=False, checkpoint_every=1, lora_formats=["kohya"])  # fmt: skip
+    base.update(kw)
+    return D.load_dal_config(None, **base)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"threshold": 0}, r"threshold=0 is invalid: expected a confidence threshold C in \(0, 1\]"),
+        ({"threshold": 1.5}, r"threshold=1.5 is invalid"),
+        ({"train": "vae"}, "train='vae' is invalid: valid values: text_encoder, unet, both, prefix"),
+        ({"gradient": "adjusted"}, "gradient='adjusted' is invalid: valid values: a1, solver, exact"),
+        ({"classifier": "nope"}, "classifier='nope' is invalid"),
+        ({"lambda_face": 1.0, "face_bank": None}, "face_bank=None is invalid: lambda_face > 0 needs a face bank"),
+        ({"target": {}}, "target={} is invalid"),
+        ({"images_per_prompt": 0}, "images_per_prompt=0 is invalid: must be an integer >= 1"),
+        ({"scheduler": "euler_ancestral"}, "DFT needs a deterministic scheduler"),
+    ],
+)
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        small(tmp_path, **kw)
+
+
+def test_unknown_config_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'stepz'"):
+        D.load_dal_config(None, stepz=3)
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        ({"form": [0.6, 0.6]}, "sum"),
+        ({"gender": [0.5, 0.5]}, "axis 'gender' is not an axis of the classifier; valid axes: \\['form', 'hue', "),
+        ({"form": {"round": 0.5, "square": 0.5}}, "square"),
+        ({"form": [0.5, 0.25, 0.25]}, "form"),
+    ],
+)
+def test_bad_targets_fail_before_the_model_loads(tmp_path, target, match):
+    tr = D.DALTrainer(small(tmp_path, target=target))
+    with pytest.raises(ValueError, match=match):
+        tr.run()
+    assert not hasattr(tr, "adapter")  # nothing was generated or loaded
+
+
+def test_non_differentiable_classifier_is_refused(tmp_path):
+    class Opaque:  # an audit-only backend: classify() but no gradient (like age_gender's ONNX models)
+        name, differentiable, axes = "opaque", False, {"form": ("round", "angular")}
+
+    with pytest.raises(ValueError, match="classifier 'opaque' is not differentiable"):
+        D._FaceModel(Opaque())
+
+
+def test_box_mask_and_gradient_mask():
+    boxes = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    m = D._box_mask(boxes, (2, 3, 4, 4), torch.tensor([0.25, 1.0]), "cpu")
+    want0 = torch.ones(4, 4)
+    want0[:2, :2] = 0.25
+    torch.testing.assert_close(m[0, 0], want0)
+    torch.testing.assert_close(m[1, 0], torch.ones(4, 4))
+    x = torch.ones(2, 3, 4, 4, requires_grad=True)
+    D._GradMask.apply(x, m).sum().backward()
+    torch.testing.assert_close(x.grad[:, 0], m[:, 0])
+
+
+def test_build_target_forms():
+    axes = {"form": ("round", "angular"), "stature": ("tall", "short")}
+    t = D.build_target({"form": {"round": 0.5, "angular": 0.5}, "stature": [0.75, 0.25]}, axes)
+    np.testing.assert_allclose(t.probs, [0.375, 0.125, 0.375, 0.125])
+    j = D.build_target({"joint": {"axes": ["form", "stature"], "probs": [0.4, 0.1, 0.4, 0.1]}}, axes)
+    np.testing.assert_allclose(j.marginal(j.axes[1]).probs, [0.8, 0.2])
+    with pytest.raises(ValueError, match="a joint target is"):
+        D.build_target({"joint": {"axes": ["form"]}, "form": [0.5, 0.5]}, axes)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dal_full")
+    cfg = small(tmp, steps=3)
+    return cfg, D.run_dal(cfg)
+
+
+def test_run_writes_outputs_and_metrics(full_run):
+    from popalign_core.lora_io import read_lora
+
+    cfg, summary = full_run
+    assert summary["steps"] == 3 and summary["method"] == "dal" and summary["skipped_groups"] == 0
+    sd, meta, fmt = read_lora(summary["outputs"]["kohya"])
+    assert fmt == "kohya" and any(k.startswith("lora_te_") for k in sd) and not any("unet" in k for k in sd)
+    assert meta["loss"] == "dal" and json.loads(meta["hyperparameters"])["train"] == "text_encoder"
+    rows = [json.loads(x) for x in open(f"{cfg.output_dir}/metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("loss", "align", "img", "face", "grad_norm", "batch_error_form", "confident_stature"):
+            assert np.isfinite(r[k]), k
+        assert r["loss"] == pytest.approx(r["align"] + r["img"] + r["face"], rel=1e-5)
+
+
+def test_resume_equals_uninterrupted(full_run, tmp_path):
+    """2 steps, then resume to 3: the same LoRA as 3 steps in one go (same noise, targets and optimiser state)."""
+    from popalign_core.lora_io import read_lora
+
+    cfg, summary = full_run
+    first = D.run_dal(small(tmp_path, steps=2))
+    assert first["steps"] == 2
+    second = D.run_dal(small(tmp_path, steps=3))
+    assert second["resumed_from"] == 2
+    a, _, _ = read_lora(summary["outputs"]["kohya"])
+    b, _, _ = read_lora(second["outputs"]["kohya"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cancel_keeps_a_resumable_checkpoint(tmp_path):
+    def cancel(step, total, row):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        D.run_dal(small(tmp_path, steps=3, checkpoint_every=0), on_step=cancel)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()
+
+
+def test_micro_batches_give_the_same_gradient(tmp_path):
+    grads = []
+    for mb in (0, 1):
+        tr = D.DALTrainer(small(tmp_path / str(mb), micro_batch=mb)).setup()
+        row, live = tr._accumulate(1)
+        assert live
+        grads.append([p.grad.clone() for p in tr.params])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-4 * float(g0.abs().max()) + 1e-12)
+
+
+def test_prefix_target_saves_a_textual_inversion(tmp_path):
+    from popalign_core.prefix import SoftPrefix
+
+    s = D.run_dal(small(tmp_path, train="prefix", steps=1, prefix_tokens=3))
+    path = s["outputs"]["embedding"]
+    from popalign_core.models import load_model
+
+    ad = load_model("toyworld")
+    pre = SoftPrefix.load(path, ad)
+    assert len(pre.apply(["a"])[0].split()) == 4  # 3 prefix tokens + the prompt
+
+
+def test_faceless_batches_are_skipped_and_counted(tmp_path):
+    with pytest.warns(UserWarning, match="had no face and were skipped"):
+        s = D.run_dal(small(tmp_path, prompts=["a photo of a tree"], steps=1))
+    assert s["skipped_groups"] == 1
+
+
+def test_cli(tmp_path, capsys):
+    import yaml
+
+    cfg = small(tmp_path, steps=1).to_dict()
+    cfg.pop("target")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc = D.main(["--config", str(tmp_path / "run.yaml"), "--targets", json.dumps({"form": [0.5, 0.5]})])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    rc = D.main(["--config", str(tmp_path / "run.yaml"), "--targets", "{not json"])
+    assert rc == 2
+    assert "--targets: not valid JSON" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`popalign` command line: one entry point, one sub-command per job.
 
 popalign demo [...]          the demo on the embedded default (see popalign_core/demo.py)
+popalign dal --config F      distributional alignment to a stated target (popalign_core/dal_train.py)
 popalign losses [--json]     the loss zoo with each loss's default hyper-parameters
 popalign mog [...]           PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
 """
@@ -44,6 +45,8 @@ def _losses(argv: list[str]) -> int:
 COMMANDS = {
     "demo": ("popalign_core.demo", "the demo on the embedded default"),
     "train": ("popalign_core.train", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
+    "dal": ("popalign_core.dal_train", "distributional alignment (DAL + adjusted DFT) to a stated target (--config)"),
+    "dal-toy": ("popalign_core.experiments.dal_toy", "DAL acceptance run on the toy world (results.json)"),
     "data": ("popalign_core.population", "population data: augment | sample | filter | build | pipeline"),
     "audit": ("popalign_core.audit", "bias audit of a model or an image folder (audit compare A B: before/after)"),
     "losses": (None, "list the loss zoo and its defaults"),

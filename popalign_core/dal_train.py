@@ -34,6 +34,7 @@ same images and targets as an uninterrupted run. Metrics per step go to metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -84,6 +85,15 @@ class DALConfig:
         "target distribution: {axis: [p_1, ..., p_K] or {class: p}} (independent axes), or "
         "{joint: {axes: [a, b], probs: {'c1|c2': p, ...}}}; axes and classes are the classifier's",
         default_factory=dict,
+    )
+    prompt_targets: dict = _help(
+        "prompts with their own target, merged per axis over `target`, e.g. {'a photo of a female doctor': "
+        "{gender: [1, 0]}}: identity-specific prompts that must keep their identity while neutral prompts are "
+        "aligned (they join the training prompts)",
+        default_factory=dict,
+    )
+    neutral_share: float = _help(
+        "with prompt_targets: the probability that a step's prompt is drawn from the neutral prompts", default=0.5
     )
     threshold: float = _help("confidence threshold C of the dynamic targets, in (0, 1]", default=0.8)
     ot_method: str = _help(f"expected-OT method: {', '.join(METHODS)}", default="exact")
@@ -198,6 +208,11 @@ class DALConfig:
             num(name, lo=0)
         num("lr", lo=0, lo_open=True)
         num("face_own_threshold", lo=0, hi=1)
+        num("neutral_share", lo=0, hi=1)
+        if not isinstance(self.prompt_targets, dict) or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, dict) for k, v in self.prompt_targets.items()
+        ):
+            bad("prompt_targets", "expected a mapping {prompt: {axis: probabilities}}")
         num("guidance_scale", lo=0)
         for name in ("steps", "images_per_prompt", "prompts_per_step", "lora_rank", "prefix_tokens", "ot_draws",
                      "sampler_steps"):  # fmt: skip
@@ -258,6 +273,10 @@ def load_dal_config(path: str | os.PathLike | None = None, **overrides) -> DALCo
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {p}: expected a mapping at the top level")
+        for key in ("prompts_file", "face_bank"):  # relative paths in a config file: relative to the file
+            v = data.get(key)
+            if isinstance(v, str) and v != "toy" and not Path(v).is_absolute():
+                data[key] = str(p.parent / v)
     data.update({k: v for k, v in overrides.items() if v is not None})
     valid = {f.name for f in dataclasses.fields(DALConfig)}
     unknown = sorted(set(data) - valid)
@@ -393,6 +412,17 @@ class DALTrainer(Trainer):
         self.face = _FaceModel(clf)
         self.target = build_target(cfg.target, self.face.axes)
         self.t_axes = [a.name for a in self.target.axes]
+        if "joint" in cfg.target and cfg.prompt_targets:
+            raise ValueError("prompt_targets: only with a per-axis `target` (not a joint one)")
+        self.prompt_target = {}
+        for prompt, spec in cfg.prompt_targets.items():
+            unknown = sorted(set(spec) - set(self.t_axes))
+            if unknown:
+                raise ValueError(f"prompt_targets[{prompt!r}]: axes {unknown} are not axes of `target` {self.t_axes}")
+            try:
+                self.prompt_target[prompt] = build_target({**cfg.target, **spec}, self.face.axes)
+            except ValueError as exc:
+                raise ValueError(f"prompt_targets[{prompt!r}]: {exc}") from None
 
     def _setup_embedders(self):
         cfg = self.cfg
@@ -476,14 +506,20 @@ class DALTrainer(Trainer):
 
     def _step_prompts(self, step: int) -> list[str]:
         rng = np.random.default_rng([self.cfg.seed, step])
-        k = min(self.cfg.prompts_per_step, len(self.prompts))
-        return [self.prompts[i] for i in rng.choice(len(self.prompts), size=k, replace=False)]
+        if not self.prompt_target:
+            k = min(self.cfg.prompts_per_step, len(self.prompts))
+            return [self.prompts[i] for i in rng.choice(len(self.prompts), size=k, replace=False)]
+        ident = list(self.prompt_target)
+        return [self.prompts[rng.integers(len(self.prompts))] if rng.random() < self.cfg.neutral_share
+                else ident[rng.integers(len(ident))] for _ in range(self.cfg.prompts_per_step)]  # fmt: skip
 
     def _embed(self, name: str, images: torch.Tensor) -> torch.Tensor:
         return self.embedders[name].embed(images)
 
-    def _group(self, step: int, g: int, prompt: str) -> dict[str, Any] | None:
-        """Originals, targets and weights of one prompt's N images (no gradient)."""
+    def _group(self, step: int, g: int, prompt: str, keep_graph: bool = False) -> dict[str, Any] | None:
+        """Originals, targets and weights of one prompt's N images. keep_graph: generate the current images with
+        gradient once and keep them for the loss (one micro-batch per prompt); else without gradient (the loss
+        regenerates them in micro-batches)."""
         from .dal import dal_targets
         from .dft import generate
 
@@ -496,7 +532,9 @@ class DALTrainer(Trainer):
             face_o, box_o = self.face.detect(orig)
             p_o = {a: t.float().softmax(-1).double().cpu().numpy() for a, t in
                    self.face.logits(orig, box_o).items()}  # fmt: skip
-            cur = generate(self.adapter, self._apply([prompt] * n), noise, dcfg)
+            with torch.enable_grad() if keep_graph else contextlib.nullcontext():
+                x_graph = generate(self.adapter, self._apply([prompt] * n), noise, dcfg)
+            cur = x_graph.detach()
             face_x, box_x = self.face.detect(cur)
             p_x = {a: t.float().softmax(-1).double().cpu().numpy() for a, t in
                    self.face.logits(cur, box_x).items()}  # fmt: skip
@@ -506,7 +544,8 @@ class DALTrainer(Trainer):
                 own = self.embedders[self.face_embedder].embed(self.face.crops(orig, box_o))
         if not face_x.any():
             return {"skipped": True, "n": n, "faces": 0}
-        t = dal_targets({a: p_x[a] for a in self.t_axes}, self.target, threshold=cfg.threshold, face=face_x,
+        target = self.prompt_target.get(prompt, self.target)
+        t = dal_targets({a: p_x[a] for a in self.t_axes}, target, threshold=cfg.threshold, face=face_x,
                         method=cfg.ot_method, mode=cfg.ot_mode, seed=cfg.seed * 1_000_003 + step * 101 + g,
                         draws=cfg.ot_draws)  # fmt: skip
         # dynamic weights: agree = on every used axis the target is the original's class (originals with a face)
@@ -523,14 +562,18 @@ class DALTrainer(Trainer):
         return {
             "skipped": False, "prompt": prompt, "noise": noise, "n": n, "faces": int(face_x.sum()),
             "face_x": face_x, "box_x": box_x, "box_o": box_o, "targets": t, "agree": agree, "use_own": use_own,
-            "emb_o": emb_o, "own": own, "shares": shares,
+            "emb_o": emb_o, "own": own, "shares": shares, "x": x_graph if keep_graph else None, "target": target,
+            "neutral": prompt not in self.prompt_target,
         }  # fmt: skip
 
     def _micro_loss(self, grp: dict, rows: np.ndarray, n_total: int, n_faces: int) -> tuple[torch.Tensor, dict]:
         from .dft import generate
 
         cfg = self.cfg
-        x = generate(self.adapter, self._apply([grp["prompt"]] * len(rows)), grp["noise"][rows], self.dft_cfg)
+        if grp["x"] is not None and len(rows) == grp["n"]:
+            x = grp["x"]  # generated with gradient in `_group` (one micro-batch per prompt)
+        else:
+            x = generate(self.adapter, self._apply([grp["prompt"]] * len(rows)), grp["noise"][rows], self.dft_cfg)
         dev = x.device
         face_x, t = grp["face_x"][rows], grp["targets"]
         loss = x.new_zeros(())
@@ -574,7 +617,10 @@ class DALTrainer(Trainer):
     def _accumulate(self, step: int) -> tuple[dict[str, float], list[dict]]:
         """Gradients of step `step` in the parameters' .grad (zeroed first); returns (metrics, live groups)."""
         cfg = self.cfg
-        groups = [self._group(step, g, p) for g, p in enumerate(self._step_prompts(step))]
+        single = not self.cfg.micro_batch or self.cfg.micro_batch >= self.cfg.images_per_prompt
+        # one micro-batch per prompt: the images of the targets are kept with their graph (with checkpointing, the
+        # graph holds the per-step latents, not the UNet activations) and back-propagated after all targets are in
+        groups = [self._group(step, g, p, keep_graph=single) for g, p in enumerate(self._step_prompts(step))]
         live = [g for g in groups if not g["skipped"]]
         skipped = len(groups) - len(live)
         if skipped:
@@ -602,9 +648,14 @@ class DALTrainer(Trainer):
         row["faces"] = float(n_faces) / n_total
         for a in self.t_axes:
             row[f"confident_{a}"] = float(np.mean([g["targets"].used[a].sum() / g["faces"] for g in live]))
-            tgt = self.target.marginal(self.target.axes[self.t_axes.index(a)]).probs
-            # total-variation distance between the batch's class shares (training classifier) and the target
-            row[f"batch_error_{a}"] = float(np.mean([np.abs(g["shares"][a] - tgt).sum() / 2 for g in live]))
+            # total-variation distance between the batch's class shares (training classifier) and the target:
+            # neutral prompts (batch_error) and prompts with their own target (identity_error)
+            i = self.t_axes.index(a)
+            for name, keep in (("batch_error", True), ("identity_error", False)):
+                errs = [np.abs(g["shares"][a] - g["target"].marginal(g["target"].axes[i]).probs).sum() / 2
+                        for g in live if g["neutral"] == keep]  # fmt: skip
+                if errs:
+                    row[f"{name}_{a}"] = float(np.mean(errs))
         return row, live
 
     def _train_step(self, step: int) -> dict[str, float]:

@@ -66,11 +66,12 @@ def test_bad_targets_fail_before_the_model_loads(tmp_path, target, match):
 
 
 def test_non_differentiable_classifier_is_refused(tmp_path):
-    class Opaque:  # an audit-only backend: classify() but no gradient (like age_gender's ONNX models)
-        name, differentiable, axes = "opaque", False, {"form": ("round", "angular")}
-
-    with pytest.raises(ValueError, match="classifier 'opaque' is not differentiable"):
-        D._FaceModel(Opaque())
+    """age_gender (ONNX models, weights shipped in its package) has no gradient: refused before the model loads."""
+    tr = D.DALTrainer(small(tmp_path, classifier="age_gender", target={"gender": [0.5, 0.5]}, embedders=[],
+                            lambda_face=0.0))  # fmt: skip
+    with pytest.raises(ValueError, match="classifier 'age_gender' is not differentiable: DAL back-propagates"):
+        tr.run()
+    assert not hasattr(tr, "adapter")
 
 
 def test_box_mask_and_gradient_mask():
@@ -184,3 +185,37 @@ def test_cli(tmp_path, capsys):
     rc = D.main(["--config", str(tmp_path / "run.yaml"), "--targets", "{not json"])
     assert rc == 2
     assert "--targets: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pt, match",
+    [
+        ({"a photo of a round baker": {"hue": [1, 0, 0, 0]}}, r"axes \['hue'\] are not axes of `target`"),
+        ({"a photo of a round baker": {"form": {"square": 1.0}}}, "prompt_targets\\['a photo of a round baker'\\]"),
+    ],
+)
+def test_prompt_target_errors(tmp_path, pt, match):
+    tr = D.DALTrainer(small(tmp_path, prompt_targets=pt))
+    with pytest.raises(ValueError, match=match):
+        tr.run()
+
+
+def test_prompt_targets_keep_their_identity(tmp_path):
+    """neutral_share 0: every step draws an identity prompt, whose target on its axis is one-hot."""
+    pt = {caption(TRAIN_ROLES[0], {"form": "round"}): {"form": [1.0, 0.0]}}
+    tr = D.DALTrainer(small(tmp_path, prompt_targets=pt, neutral_share=0.0, steps=1)).setup()
+    assert tr._step_prompts(1) == list(pt)
+    row, live = tr._accumulate(1)
+    t = live[0]["targets"]
+    assert set(t.targets["form"][live[0]["face_x"]]) == {0}  # every face: target round, confidence 1
+    assert "identity_error_form" in row and "batch_error_form" not in row
+
+
+def test_example_config_runs(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "dal_toy.yaml"
+    cfg = D.load_dal_config(example, steps=1, images_per_prompt=2, sampler_steps=2, prompts_per_step=1,
+                            output_dir=str(tmp_path / "ex"), progress=False)  # fmt: skip
+    assert Path(cfg.prompts_file).is_file() and len(cfg.prompt_targets) == 4
+    assert D.run_dal(cfg)["steps"] == 1

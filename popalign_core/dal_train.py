@@ -53,7 +53,16 @@ import torch.nn.functional as F
 from .dft import GRADIENTS, DFTConfig
 from .fileio import atomic_write_text
 from .ot import METHODS, MODES
-from .train import LORA_FORMAT_CHOICES, Trainer, TrainingError, _Dist, _parse_value, _to_yaml, load_training_model
+from .train import (
+    LORA_FORMAT_CHOICES,
+    Trainer,
+    TrainingError,
+    _Dist,
+    _parse_value,
+    config_fingerprint,
+    load_training_model,
+    load_yaml_config,
+)
 
 __all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
 
@@ -251,10 +260,7 @@ class DALConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        d = self.to_dict()
-        for k in ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints"):
-            d.pop(k, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return config_fingerprint(self.to_dict())
 
     @classmethod
     def fields_help(cls) -> dict[str, str]:
@@ -262,27 +268,9 @@ class DALConfig:
 
 
 def load_dal_config(path: str | os.PathLike | None = None, **overrides) -> DALConfig:
-    """A DALConfig from a YAML file (optional) and keyword overrides; unknown keys are errors."""
-    data: dict = {}
-    if path is not None:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p}: expected a mapping at the top level")
-        for key in ("prompts_file", "face_bank"):  # relative paths in a config file: relative to the file
-            v = data.get(key)
-            if isinstance(v, str) and v != "toy" and not Path(v).is_absolute():
-                data[key] = str(p.parent / v)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    valid = {f.name for f in dataclasses.fields(DALConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
-    return DALConfig(**data)
+    """A DALConfig from a YAML file (optional) and keyword overrides; unknown keys are errors. `prompts_file` and
+    `face_bank` written relative in the file are relative to the file."""
+    return load_yaml_config(DALConfig, path, overrides, relative_keys=("prompts_file", "face_bank"))
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -408,7 +396,8 @@ class DALTrainer(Trainer):
         if cfg.classifier == "toy":
             opts.setdefault("which", "train")
         kwargs = {} if cfg.classifier == "toy" else {"detector": cfg.detector}
-        clf = make_classifier(cfg.classifier, weights=cfg.classifier_weights, **kwargs, **opts)
+        clf = make_classifier(cfg.classifier, weights=cfg.classifier_weights, device=str(self.dist.device), **kwargs,
+                              **opts)  # fmt: skip
         self.face = _FaceModel(clf)
         self.target = build_target(cfg.target, self.face.axes)
         self.t_axes = [a.name for a in self.target.axes]
@@ -437,7 +426,7 @@ class DALTrainer(Trainer):
             w = cfg.embedder_weights.get(name)
             if name == "toy" and w is None and cfg.classifier == "toy":
                 w = cfg.classifier_weights
-            self.embedders[name] = make_embedder(name, weights=w)
+            self.embedders[name] = make_embedder(name, weights=w, device=str(self.dist.device))
         self.img_embedders = names
         self.face_embedder = face_name if cfg.lambda_face > 0 else None
         self.bank = None
@@ -449,14 +438,17 @@ class DALTrainer(Trainer):
                 if self.face_embedder != "toy":
                     raise ValueError("face_bank='toy' holds toy-embedder vectors: set face_embedder: toy")
                 self.bank = FaceBank.from_tensor(ToyClassifier(cfg.classifier_weights, which="train").face_bank())
+                self.bank = self.bank.to(self.dist.device)
             else:
-                self.bank = FaceBank.from_folder(cfg.face_bank, emb)
+                self.bank = FaceBank.from_folder(cfg.face_bank, emb).to(self.dist.device)
 
     def _setup_model(self):
         from .lora_io import LoraSpec, add_lora
 
         cfg = self.cfg
         self.adapter = adapter = load_training_model(cfg)
+        for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
+            m.to(self.dist.device)
         adapter.unet.requires_grad_(False)
         adapter.vae.requires_grad_(False)
         for te in adapter.text_encoders:
@@ -615,24 +607,26 @@ class DALTrainer(Trainer):
         return loss, parts
 
     def _accumulate(self, step: int) -> tuple[dict[str, float], list[dict]]:
-        """Gradients of step `step` in the parameters' .grad (zeroed first); returns (metrics, live groups)."""
-        cfg = self.cfg
-        single = not self.cfg.micro_batch or self.cfg.micro_batch >= self.cfg.images_per_prompt
+        """Gradients of step `step` in the parameters' .grad (zeroed first; with several processes, this process's
+        share of the sum: `_train_step` all-reduces); returns (metrics over all processes, this process's live
+        groups). The step's prompt groups are dealt round-robin to the processes; the normalisers N and N_f are
+        global, so the summed gradient equals one process's gradient on the whole step."""
+        cfg, dist = self.cfg, self.dist
+        single = not cfg.micro_batch or cfg.micro_batch >= cfg.images_per_prompt
+        mine = [(g, p) for g, p in enumerate(self._step_prompts(step)) if g % dist.world == dist.rank]
         # one micro-batch per prompt: the images of the targets are kept with their graph (with checkpointing, the
         # graph holds the per-step latents, not the UNet activations) and back-propagated after all targets are in
-        groups = [self._group(step, g, p, keep_graph=single) for g, p in enumerate(self._step_prompts(step))]
+        groups = [self._group(step, g, p, keep_graph=single) for g, p in mine]
         live = [g for g in groups if not g["skipped"]]
-        skipped = len(groups) - len(live)
-        if skipped:
-            msg = f"step {step}: {skipped} of {len(groups)} prompt batch(es) had no face and were skipped"
+        counts = dist.sum(torch.tensor([len(groups) - len(live), sum(g["n"] for g in live),
+                                        sum(g["faces"] for g in live)], dtype=torch.float64))  # fmt: skip
+        skipped, n_total, n_faces = int(counts[0]), int(counts[1]), int(counts[2])
+        if len(groups) - len(live):
+            msg = f"step {step}: {len(groups) - len(live)} prompt batch(es) had no face and were skipped"
             warnings.warn(msg, stacklevel=2)
             self.log(f"[dal] warning: {msg}")
-        row: dict[str, float] = {"skipped_groups": float(skipped), "loss": 0.0, "align": 0.0, "img": 0.0, "face": 0.0}
         self.opt.zero_grad(set_to_none=True)
-        if not live:
-            return row, live
-        n_total = sum(g["n"] for g in live)
-        n_faces = sum(g["faces"] for g in live)
+        sums = {"loss": 0.0, "align": 0.0, "img": 0.0, "face": 0.0}
         mb = cfg.micro_batch or cfg.images_per_prompt
         for grp in live:
             for s in range(0, grp["n"], mb):
@@ -643,25 +637,44 @@ class DALTrainer(Trainer):
                 if loss.requires_grad:
                     loss.backward()
                 for k, v in parts.items():
-                    row[k] += v
-                row["loss"] += float(loss.detach())
-        row["faces"] = float(n_faces) / n_total
+                    sums[k] += v
+                sums["loss"] += float(loss.detach())
+        # per-group statistics, averaged over the groups of all processes: (sum, count) pairs
+        stats: dict[str, list[float]] = {}
         for a in self.t_axes:
-            row[f"confident_{a}"] = float(np.mean([g["targets"].used[a].sum() / g["faces"] for g in live]))
+            i = self.t_axes.index(a)
+            stats[f"confident_{a}"] = [float(g["targets"].used[a].sum() / g["faces"]) for g in live]
             # total-variation distance between the batch's class shares (training classifier) and the target:
             # neutral prompts (batch_error) and prompts with their own target (identity_error)
-            i = self.t_axes.index(a)
             for name, keep in (("batch_error", True), ("identity_error", False)):
-                errs = [np.abs(g["shares"][a] - g["target"].marginal(g["target"].axes[i]).probs).sum() / 2
-                        for g in live if g["neutral"] == keep]  # fmt: skip
-                if errs:
-                    row[f"{name}_{a}"] = float(np.mean(errs))
-        return row, live
+                stats[f"{name}_{a}"] = [
+                    float(np.abs(g["shares"][a] - g["target"].marginal(g["target"].axes[i]).probs).sum() / 2)
+                    for g in live if g["neutral"] == keep
+                ]  # fmt: skip
+        keys = sorted(stats)
+        flat = [*(sums[k] for k in sums), *(sum(stats[k]) for k in keys), *(len(stats[k]) for k in keys)]
+        red = dist.sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        row: dict[str, float] = {"skipped_groups": float(skipped), **dict(zip(sums, red[: len(sums)]))}
+        if n_total:
+            row["faces"] = n_faces / n_total
+        tot, cnt = red[len(sums) : len(sums) + len(keys)], red[len(sums) + len(keys) :]
+        for k, t, c in zip(keys, tot, cnt):
+            if c:
+                row[k] = t / c
+        return row, live if n_total else []
 
     def _train_step(self, step: int) -> dict[str, float]:
         row, live = self._accumulate(step)
-        if not live:
-            return row
+        if not live and not row.get("faces"):
+            return row  # no face in the whole step (every process): no update
+        if self.dist.world > 1:  # sum of the processes' shares (global normalisers: no division)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+            flat = self.dist.sum(flat.float().cpu())
+            off = 0
+            for p in self.params:
+                n = p.numel()
+                p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
+                off += n
         grad_norm = 0.0
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
@@ -742,24 +755,12 @@ class DALTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-
         cfg = self.cfg
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         self._clean_stale_temporaries()
         self.setup()
-        start = 0
-        ck = self._find_resume()
-        if ck is not None:
-            start = self._load_checkpoint(ck)
-            self.log(f"[dal] resumed from {ck} at step {start}")
-        rows = self._read_metrics(start)
-        atomic_write_text(self.out / "config.yaml", _to_yaml(cfg.to_dict()))
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=start, desc="dal", file=sys.stderr)
+        start, rows, bar = self._begin("dal", "dal")
         step = start
         skipped = sum(int(r.get("skipped_groups", 0)) for r in rows)
         try:
@@ -768,7 +769,8 @@ class DALTrainer(Trainer):
                 row = {"step": step, **self._train_step(step), "lr": cfg.lr, "step_seconds": time.time() - ts}
                 skipped += int(row["skipped_groups"])
                 rows.append(row)
-                self._append_metrics(row)
+                if self.dist.main:
+                    self._append_metrics(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -785,8 +787,10 @@ class DALTrainer(Trainer):
             if bar is not None:
                 bar.close()
         self._save_checkpoint(step)
-        written = self._save_outputs(step)
-        self._plot(rows)
+        written = self._save_outputs(step) if self.dist.main else {}
+        if self.dist.main:
+            self._plot(rows)
+        self.dist.barrier()
         summary = {
             "steps": step,
             "resumed_from": start,
@@ -797,8 +801,10 @@ class DALTrainer(Trainer):
             "skipped_groups": skipped,
             "outputs": written,
             "seconds": round(time.time() - t0, 2),
+            "processes": self.dist.world,
         }
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        if self.dist.main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 

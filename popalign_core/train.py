@@ -199,18 +199,25 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Hash of the fields that must not change across a resume (everything but output/progress/steps)."""
-        d = self.to_dict()
-        for k in ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints"):
-            d.pop(k, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return config_fingerprint(self.to_dict())
 
     @classmethod
     def fields_help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
-    """A TrainConfig from a YAML file (optional) and keyword overrides; unknown keys are errors."""
+def config_fingerprint(d: dict) -> str:
+    """Hash of a run config's fields that must not change across a resume (not output/progress/steps)."""
+    d = dict(d)
+    for k in ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_yaml_config(cls, path: str | os.PathLike | None, overrides: dict, relative_keys: tuple[str, ...] = ()):
+    """An instance of the config dataclass `cls` from a YAML file (optional) and keyword overrides (None values are
+    ignored); unknown keys are errors. relative_keys: path-valued keys that, written relative in the file, are
+    relative to the file's folder."""
     data: dict = {}
     if path is not None:
         import yaml
@@ -221,12 +228,21 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {p}: expected a mapping at the top level")
+        for key in relative_keys:
+            v = data.get(key)
+            if isinstance(v, str) and v != "toy" and not Path(v).is_absolute():
+                data[key] = str(p.parent / v)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
-    return TrainConfig(**data)
+    return cls(**data)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) and keyword overrides; unknown keys are errors."""
+    return load_yaml_config(TrainConfig, path, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -716,19 +732,7 @@ class Trainer:
         self.data_hash = self.data.sha256()
         self._setup_anchors()
         self._setup_optimizer()
-        start = 0
-        ck = self._find_resume()
-        if ck is not None:
-            start = self._load_checkpoint(ck)
-            self.log(f"[train] resumed from {ck} at step {start}")
-        rows = self._read_metrics(start)
-        if self.dist.main:
-            atomic_write_text(self.out / "config.yaml", _to_yaml(cfg.to_dict()))
-        bar = None
-        if cfg.progress and self.dist.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.loss}", file=sys.stderr)
+        start, rows, bar = self._begin("train", f"train {cfg.loss}")
         step = start
         for step in range(start + 1, cfg.steps + 1):
             ts = time.time()
@@ -805,6 +809,24 @@ class Trainer:
         if self.dist.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+    def _begin(self, tag: str, desc: str):
+        """Resume (cfg.resume), metrics truncated to the resumed step, config.yaml, progress bar:
+        (start step, metric rows so far, tqdm bar or None)."""
+        start = 0
+        ck = self._find_resume()
+        if ck is not None:
+            start = self._load_checkpoint(ck)
+            self.log(f"[{tag}] resumed from {ck} at step {start}")
+        rows = self._read_metrics(start)
+        if self.dist.main:
+            atomic_write_text(self.out / "config.yaml", _to_yaml(self.cfg.to_dict()))
+        bar = None
+        if self.cfg.progress and self.dist.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=start, desc=desc, file=sys.stderr)
+        return start, rows, bar
 
     # metrics files: JSONL (every key) and CSV (columns fixed by the first row), truncated to the resumed step
     def _read_metrics(self, upto: int) -> list[dict]:

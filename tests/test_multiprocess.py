@@ -124,3 +124,36 @@ def test_two_process_training_matches_one_process_on_the_same_global_batch(tmp_p
     diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
     norm = sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
     assert diff / norm < 1e-2
+
+
+def test_dal_two_processes_match_one_process(tmp_path):
+    """`popalign dal` under torchrun: each process takes every other prompt group of the step, the normalisers are
+    global and the gradients summed, so the metrics (and the update) equal one process on the same step."""
+    prompts = json.dumps(["a photo of a baker", "a photo of a farmer"])
+    common = [
+        "--model", "toyworld", "--prompts", prompts, "--target", '{"form": [0.5, 0.5], "stature": [0.75, 0.25]}',
+        "--face-bank", "toy", "--steps", "2", "--images-per-prompt", "4", "--prompts-per-step", "2",
+        "--sampler-steps", "3", "--guidance-scale", "1.0", "--lora-rank", "2", "--lr", "0.001",
+        "--checkpoint-every", "0", "--progress", "false", "--lora-formats", '["kohya"]',
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "popalign_core.dal_train", *common, "--output-dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one = subprocess.run(
+        [sys.executable, "-m", "popalign_core.dal_train", *common, "--output-dir", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = {
+        k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")
+    }
+    assert len(rows["one"]) == len(rows["two"]) == 2
+    for r1, r2 in zip(rows["one"], rows["two"]):
+        for key in ("loss", "align", "img", "face", "grad_norm", "faces", "batch_error_form", "confident_stature"):
+            rel = 1e-4 if r1["step"] == 1 else 1e-3
+            assert r2[key] == pytest.approx(r1[key], rel=rel, abs=1e-6), (r1["step"], key)

@@ -356,22 +356,9 @@ class ClipEmbedder(Embedder):
         if open_clip.get_model_config(arch) is None:
             raise ValueError(f"clip: unknown open_clip architecture {arch!r}; valid: {open_clip.list_models()}")
         path = self._find(arch, weights, models_dir)
-        import logging
+        from .classify.classifiers import load_open_clip
 
-        root = logging.getLogger()
-        level = root.level
-        try:
-            root.setLevel(logging.ERROR)  # open_clip logs "model initialized randomly" before we load the file
-            model = open_clip.create_model(arch, pretrained=None, **(model_cfg or {}))
-            try:
-                open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - re-raised with file + arch
-                raise ValueError(
-                    f"clip: cannot load {str(path)!r} into open_clip {arch!r} (wrong architecture or not a state "
-                    f"dict; TorchScript archives are not read): {type(e).__name__}: {e}"
-                ) from e
-        finally:
-            root.setLevel(level)
+        model = load_open_clip(arch, path, model_cfg)
         visual = model.visual
         del model  # the text tower is not needed
         self.model = self._freeze(visual)

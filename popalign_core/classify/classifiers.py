@@ -378,6 +378,32 @@ DEFAULT_CLIP_PROMPTS: dict[str, dict[str, list[str]]] = {
 DEFAULT_CLIP_AXES = {"gender": "binary", "race": "fairface7", "age": "fairface9"}
 
 
+def load_open_clip(arch: str, path: str | os.PathLike | None, model_cfg: dict | None = None, pretrained=None):
+    """An open_clip model `arch` with the state dict of `path` (read with weights_only=True), or, with path None,
+    open_clip's own `pretrained` weights (only reached when downloads were allowed). Errors name the file."""
+    import logging
+
+    import open_clip
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.ERROR)  # open_clip logs "model initialized randomly" before the file is loaded
+        if path is None:
+            return open_clip.create_model(arch, pretrained=pretrained, **(model_cfg or {}))
+        model = open_clip.create_model(arch, pretrained=None, **(model_cfg or {}))
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with file + arch
+            raise ValueError(
+                f"clip: cannot load {str(path)!r} into open_clip {arch!r} (wrong architecture or not a state dict; "
+                f"TorchScript archives are not read): {type(e).__name__}: {e}"
+            ) from e
+        return model
+    finally:
+        root.setLevel(level)
+
+
 class ClipZeroShotClassifier(TorchAttributeClassifier):
     """open_clip zero-shot: probabilities = softmax(logit_scale * cosine(image, class text embedding)) per axis.
 
@@ -419,30 +445,13 @@ class ClipZeroShotClassifier(TorchAttributeClassifier):
             raise ValueError(f"clip: unknown open_clip architecture {arch!r}; valid: {open_clip.list_models()}")
         self.axes = self._select_axes(axes)
         files = tuple(f"open_clip_{arch}{ext}" for ext in (".safetensors", ".pt", ".bin"))
-        import logging
-
-        quiet = logging.getLogger().level
         try:
             path = find_weights("clip", files, weights, models_dir)
         except BackendUnavailable:
             if not allow_download:
                 raise
             path = None
-        try:
-            logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "model initialized randomly" otherwise
-            if path is None:
-                model = open_clip.create_model(arch, pretrained=pretrained, **(model_cfg or {}))
-            else:
-                model = open_clip.create_model(arch, pretrained=None, **(model_cfg or {}))
-                try:
-                    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-                except Exception as e:  # noqa: BLE001 - re-raised with file + arch
-                    raise ValueError(
-                        f"clip: cannot load {str(path)!r} into open_clip {arch!r} (wrong architecture or not a "
-                        f"state dict; TorchScript archives are not read): {type(e).__name__}: {e}"
-                    ) from e
-        finally:
-            logging.getLogger().setLevel(quiet)
+        model = load_open_clip(arch, path, model_cfg, pretrained=pretrained)
         self.model = self._freeze(model)
         self.weights_path = path
         self.arch = arch

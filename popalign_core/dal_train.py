@@ -366,8 +366,9 @@ class _GradMask(torch.autograd.Function):
 class DALTrainer(Trainer):
     """Runs one DAL job (module docstring). Reuses the LoRA trainer's checkpoint and metrics files."""
 
-    def __init__(self, cfg: DALConfig, log=None, on_step=None):
+    def __init__(self, cfg: DALConfig, log=None, on_step=None, adapter=None):
         self.cfg = cfg.validate()
+        self._given_adapter = adapter  # an already loaded model (ComfyUI's); it stays on its own device
         self.out = Path(cfg.output_dir)
         self.dist = _Dist("no")
         self.log = log or (lambda m: print(m, file=sys.stderr))
@@ -446,9 +447,10 @@ class DALTrainer(Trainer):
         from .lora_io import LoraSpec, add_lora
 
         cfg = self.cfg
-        self.adapter = adapter = load_training_model(cfg)
-        for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
-            m.to(self.dist.device)
+        self.adapter = adapter = self._given_adapter or load_training_model(cfg)
+        if self._given_adapter is None:
+            for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
+                m.to(self.dist.device)
         adapter.unet.requires_grad_(False)
         adapter.vae.requires_grad_(False)
         for te in adapter.text_encoders:
@@ -808,13 +810,13 @@ class DALTrainer(Trainer):
         return summary
 
 
-def run_dal(cfg: DALConfig | None = None, log=None, on_step=None, **overrides) -> dict:
+def run_dal(cfg: DALConfig | None = None, log=None, on_step=None, adapter=None, **overrides) -> dict:
     """Run a DAL job: `run_dal(DALConfig(...))` or `run_dal(model=..., prompts=[...], target={...})`."""
     if cfg is None:
         cfg = load_dal_config(None, **overrides)
     elif overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    return DALTrainer(cfg, log=log, on_step=on_step).run()
+    return DALTrainer(cfg, log=log, on_step=on_step, adapter=adapter).run()
 
 
 def build_parser():

@@ -335,6 +335,11 @@ def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str
                 for layer in layers.values():
                     torch.nn.init.normal_(layer.lora_A[adapter_name].weight, std=1.0 / spec.rank)
                     torch.nn.init.normal_(layer.lora_B[adapter_name].weight, std=1.0 / spec.rank)
+        with torch.no_grad():  # trainable weights in float32 whatever the base's storage dtype (as peft's autocast)
+            for layer in layers.values():
+                for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                    if sub.weight.dtype in (torch.float16, torch.bfloat16):
+                        sub.float()
         counts[prefix] = len(layers)
     _freeze_base(adapter, adapter_name)
     return counts

@@ -340,20 +340,27 @@ class _Dist:
 class Trainer:
     """Runs one training job described by a TrainConfig. `run()` returns a summary dict."""
 
-    def __init__(self, cfg: TrainConfig, log=None):
+    def __init__(self, cfg: TrainConfig, log=None, adapter=None, on_step=None):
+        """adapter: an already loaded model adapter to train (e.g. ComfyUI's MODEL wrapped by the node pack);
+        `cfg.model` is then only a label. It stays on its own device. on_step(step, total, metrics) is called
+        after every step; an exception it raises (a cancel) stops the run after saving a resumable checkpoint of
+        the last finished step, then propagates."""
         self.cfg = cfg.validate()
         self.out = Path(cfg.output_dir)
         self.dist = _Dist(cfg.mixed_precision)
         self.log = log or (lambda m: print(m, file=sys.stderr))
+        self._given_adapter = adapter
+        self.on_step = on_step
 
     # -------------------------------------------------------------------------------------------- setup
     def _setup_model(self):
         from .lora_io import LoraSpec, add_lora
 
         cfg = self.cfg
-        self.adapter = adapter = load_training_model(cfg)
-        for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
-            m.to(self.dist.device)
+        self.adapter = adapter = self._given_adapter or load_training_model(cfg)
+        if self._given_adapter is None:
+            for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
+                m.to(self.dist.device)
         torch.manual_seed(cfg.seed)
         if cfg.full_finetune:
             adapter.reference_unet = copy.deepcopy(adapter.unet).requires_grad_(False).eval()
@@ -734,64 +741,73 @@ class Trainer:
         self._setup_optimizer()
         start, rows, bar = self._begin("train", f"train {cfg.loss}")
         step = start
-        for step in range(start + 1, cfg.steps + 1):
-            ts = time.time()
-            self.opt.zero_grad(set_to_none=True)
-            agg: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                out = self._micro_step(step, micro)
-                finite = torch.tensor([1.0 if out is None or bool(torch.isfinite(out.loss)) else 0.0])
-                if float(self.dist.sum(finite)) < self.dist.world:
-                    last = self._latest_checkpoint()
-                    raise TrainingError(
-                        f"loss is not finite (NaN/inf) at step {step}; nothing was saved for this step. "
-                        f"Last good checkpoint: {last or 'none'}. Lower lr or beta, or check the data."
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                ts = time.time()
+                self.opt.zero_grad(set_to_none=True)
+                agg: dict[str, float] = {}
+                for micro in range(cfg.grad_accum):
+                    out = self._micro_step(step, micro)
+                    finite = torch.tensor([1.0 if out is None or bool(torch.isfinite(out.loss)) else 0.0])
+                    if float(self.dist.sum(finite)) < self.dist.world:
+                        last = self._latest_checkpoint()
+                        raise TrainingError(
+                            f"loss is not finite (NaN/inf) at step {step}; nothing was saved for this step. "
+                            f"Last good checkpoint: {last or 'none'}. Lower lr or beta, or check the data."
+                        )
+                    if out is None:
+                        continue
+                    self.dist.backward(out.loss / cfg.grad_accum)
+                    for k, v in out.metrics.items():
+                        agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+                if self.dist.world > 1:
+                    flat = torch.cat(
+                        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
                     )
-                if out is None:
-                    continue
-                self.dist.backward(out.loss / cfg.grad_accum)
-                for k, v in out.metrics.items():
-                    agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
-            if self.dist.world > 1:
-                flat = torch.cat(
-                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
-                )
-                flat = self.dist.sum(flat.float().cpu()) / self.dist.world
-                off = 0
-                for p in self.params:
-                    n = p.numel()
-                    p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
-                    off += n
-            self.dist.unscale(self.opt)
-            grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
-            gfin = torch.tensor([1.0 if grads_ok else 0.0])
-            # with the fp16 gradient scaler an overflow is routine: the scaler skips that update and lowers its scale
-            if float(self.dist.sum(gfin)) < self.dist.world and self.dist.scaler is None:
-                raise TrainingError(
-                    f"gradients are not finite (NaN/inf) at step {step}; the update was not applied and nothing "
-                    f"was saved for this step. Last good checkpoint: {self._latest_checkpoint() or 'none'}. "
-                    "Lower lr or beta."
-                )
-            grad_norm = 0.0
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            self.dist.step(self.opt)
-            if self.dist.world > 1:
-                keys = sorted(agg)
-                vals = self.dist.sum(torch.tensor([agg[k] for k in keys], dtype=torch.float64)) / self.dist.world
-                agg = dict(zip(keys, vals.tolist()))
-            row = {"step": step, **agg, "grad_norm": grad_norm, "lr": cfg.lr, "step_seconds": time.time() - ts}
-            rows.append(row)
-            if self.dist.main:
-                self._append_metrics(row)
+                    flat = self.dist.sum(flat.float().cpu()) / self.dist.world
+                    off = 0
+                    for p in self.params:
+                        n = p.numel()
+                        p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
+                        off += n
+                self.dist.unscale(self.opt)
+                grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+                gfin = torch.tensor([1.0 if grads_ok else 0.0])
+                # with the fp16 gradient scaler an overflow is routine: the scaler skips that update, lowers its scale
+                if float(self.dist.sum(gfin)) < self.dist.world and self.dist.scaler is None:
+                    raise TrainingError(
+                        f"gradients are not finite (NaN/inf) at step {step}; the update was not applied and nothing "
+                        f"was saved for this step. Last good checkpoint: {self._latest_checkpoint() or 'none'}. "
+                        "Lower lr or beta."
+                    )
+                grad_norm = 0.0
+                if cfg.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                self.dist.step(self.opt)
+                if self.dist.world > 1:
+                    keys = sorted(agg)
+                    vals = self.dist.sum(torch.tensor([agg[k] for k in keys], dtype=torch.float64)) / self.dist.world
+                    agg = dict(zip(keys, vals.tolist()))
+                row = {"step": step, **agg, "grad_norm": grad_norm, "lr": cfg.lr, "step_seconds": time.time() - ts}
+                rows.append(row)
+                if self.dist.main:
+                    self._append_metrics(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    self._save_checkpoint(step)
+                if self.on_step is not None:
+                    self.on_step(step, cfg.steps, row)
+                self.dist.barrier()
+        except BaseException as exc:
+            done = rows[-1]["step"] if rows and rows[-1]["step"] > start else start
+            if done > start and not isinstance(exc, TrainingError):
+                self._save_checkpoint(done)  # a cancel keeps a resumable checkpoint of the last finished step
+            raise
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                self._save_checkpoint(step)
-            self.dist.barrier()
-        if bar is not None:
-            bar.close()
+                bar.close()
         self._save_checkpoint(step)
         written = self._save_outputs(step)
         self._plot(rows)
@@ -886,13 +902,13 @@ def _to_yaml(d: dict) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def train(cfg: TrainConfig | None = None, log=None, **overrides) -> dict:
+def train(cfg: TrainConfig | None = None, log=None, adapter=None, on_step=None, **overrides) -> dict:
     """Run a training job: `train(TrainConfig(...))` or `train(model=..., data=..., loss=...)`."""
     if cfg is None:
         cfg = load_config(None, **overrides)
     elif overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    return Trainer(cfg, log=log).run()
+    return Trainer(cfg, log=log, adapter=adapter, on_step=on_step).run()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

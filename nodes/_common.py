@@ -1,0 +1,235 @@
+"""Shared helpers of the node modules: types, tooltips, model folders, progress/cancel, output folders.
+
+Only this package imports ComfyUI (lazily, inside functions, so that importing a node module outside ComfyUI, e.g. in
+the static tests, works). `popalign_core` is the pack's own copy when it is not installed in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+try:  # the core: installed (pip install -e .) or the copy beside the nodes (a plain clone into custom_nodes/)
+    import popalign_core  # noqa: F401
+except ImportError:  # appended, not prepended: the pack root holds a folder named `nodes` like ComfyUI's nodes.py
+    sys.path.append(str(PACK_ROOT))
+    import popalign_core  # noqa: F401
+
+CATEGORY = "PopAlign"
+
+# custom types passed between PopAlign nodes
+POPULATION = "POPALIGN_POPULATION"  # {"rows": [row per IMAGE row], "settings": {...}}
+CLASSIFIER = "POPALIGN_CLASSIFIER"  # ClassifierHandle
+DETECTOR = "POPALIGN_DETECTOR"  # DetectorHandle
+DATASET = "POPALIGN_DATASET"  # {"manifest": path, "kind": ..., "report": {...}}
+TARGET = "POPALIGN_TARGET"  # {"target": {...}, "prompt_targets": {...}}
+
+# model folders (under ComfyUI/models/), registered with folder_paths at import
+MODEL_FOLDERS = {
+    "popalign_classifiers": os.path.join("popalign", "classifiers"),
+    "popalign_face_detectors": os.path.join("popalign", "face_detectors"),
+    "popalign_face_banks": os.path.join("popalign", "face_banks"),
+    "popalign_embedders": os.path.join("popalign", "embedders"),
+    "deepface": "deepface",
+}
+WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin", ".onnx", ".h5", ".tflite", ".dat"}
+AUTO = "auto"
+
+
+def tip(kind, tooltip: str, **options):
+    """An input spec with its tooltip: (kind, {"tooltip": ..., **options})."""
+    if not tooltip:
+        raise ValueError("every input needs a tooltip")
+    return (kind, {"tooltip": tooltip, **options})
+
+
+def register_folders() -> None:
+    """Register the pack's model folders with ComfyUI's folder_paths (idempotent; no-op outside ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    # the core's classifiers and embedders look for their weights under $POPALIGN_MODELS_DIR/popalign/...
+    os.environ.setdefault("POPALIGN_MODELS_DIR", folder_paths.models_dir)
+    for kind, rel in MODEL_FOLDERS.items():
+        path = os.path.join(folder_paths.models_dir, rel)
+        entry = folder_paths.folder_names_and_paths.get(kind)
+        if entry is None:
+            folder_paths.folder_names_and_paths[kind] = ([path], set(WEIGHT_EXTENSIONS))
+        elif path not in entry[0]:
+            entry[0].append(path)
+
+
+def models_dir() -> str | None:
+    """ComfyUI's models folder (the core's backends look for their weights under it)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return folder_paths.models_dir
+
+
+def folder_files(kind: str) -> list[str]:
+    try:
+        import folder_paths
+
+        return sorted(folder_paths.get_filename_list(kind))
+    except Exception:  # noqa: BLE001 - outside ComfyUI or no such folder: an empty list
+        return []
+
+
+def folder_subdirs(kind: str) -> list[str]:
+    """Sub-folders of a model folder kind (face banks are folders of images)."""
+    out = set()
+    try:
+        import folder_paths
+
+        for base in folder_paths.get_folder_paths(kind):
+            if os.path.isdir(base):
+                out.update(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    except Exception:  # noqa: BLE001
+        return []
+    return sorted(out)
+
+
+def resolve_file(kind: str, name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        dirs = folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []
+        raise FileNotFoundError(f"{name!r} is not in the {kind} model folder(s): {', '.join(dirs) or '(none)'}")
+    return path
+
+
+def resolve_subdir(kind: str, name: str) -> str:
+    import folder_paths
+
+    for base in folder_paths.get_folder_paths(kind):
+        p = os.path.join(base, name)
+        if os.path.isdir(p):
+            return p
+    raise FileNotFoundError(f"{name!r} is not a folder in the {kind} model folder(s)")
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def safe_name(value: str, arg: str) -> str:
+    """A plain file-name stem: letters, digits, '.', '_' and '-', no path separators, no leading dot."""
+    v = str(value).strip()
+    if v.endswith(".safetensors"):
+        v = v[: -len(".safetensors")]
+    if not _SAFE.match(v) or ".." in v:
+        raise ValueError(
+            f"{arg}={value!r} is not a plain name: use letters, digits, '.', '_' and '-' only (no path separators, "
+            "no leading dot, at most 100 characters)"
+        )
+    return v
+
+
+def output_root() -> Path:
+    """<ComfyUI output>/popalign: runs, data sets and reports of the nodes."""
+    try:
+        import folder_paths
+
+        base = Path(folder_paths.get_output_directory())
+    except ImportError:
+        base = Path("output")
+    return base / "popalign"
+
+
+def loras_dir() -> Path:
+    """<first ComfyUI loras folder>/popalign: where trained LoRAs are saved (the stock LoraLoader lists them)."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("loras")[0]) / "popalign"
+
+
+def parse_json(text: str, arg: str, default=None):
+    text = (text or "").strip()
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{arg}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def prompt_lines(text: str, arg: str = "prompts") -> list[str]:
+    lines = [ln.strip() for ln in str(text).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError(f"{arg}: no prompt (one prompt per line; lines starting with # are comments)")
+    return lines
+
+
+class Progress:
+    """comfy.utils.ProgressBar: progress in the UI, and a cancel point (ComfyUI's hook raises on interrupt)."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(max(1, int(total)))
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set(self, value: int) -> None:
+        self.bar.update_absolute(value)
+
+
+def check_interrupt() -> None:
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def send(event: str, data: dict) -> None:
+    """A websocket message to the browser (the JS extension listens), no-op without a server."""
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:  # noqa: BLE001 - headless tests in a plain process: nothing to tell
+        pass
+
+
+def save_preview_png(fig_or_png: bytes, prefix: str) -> dict:
+    """Write a PNG into ComfyUI's temp folder; the UI dict entry that shows it on the node."""
+    import folder_paths
+
+    temp = Path(folder_paths.get_temp_directory())
+    temp.mkdir(parents=True, exist_ok=True)
+    import hashlib
+
+    name = f"{prefix}_{hashlib.sha256(fig_or_png).hexdigest()[:12]}.png"
+    (temp / name).write_bytes(fig_or_png)
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
+def image_batch_to_uint8(images) -> list:
+    """ComfyUI IMAGE [B, H, W, C] float 0..1 -> list of [H, W, 3] uint8 arrays."""
+    import numpy as np
+
+    if images is None or images.ndim != 4 or images.shape[0] == 0:
+        shape = None if images is None else tuple(images.shape)
+        raise ValueError(f"images: expected a non-empty IMAGE batch [B, H, W, C], got shape {shape}")
+    arr = (images[..., :3].detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return list(arr)
+
+
+def check_population(images, population, arg: str = "population") -> list[dict]:
+    rows = (population or {}).get("rows")
+    if not isinstance(rows, list):
+        raise ValueError(f"{arg}: expected a PopAlign population (from PopAlign Population Sampler)")
+    if images is not None and len(rows) != int(images.shape[0]):
+        raise ValueError(
+            f"{arg}: {len(rows)} rows but the IMAGE batch has {int(images.shape[0])} images; connect the images and "
+            "the population of the same node"
+        )
+    return rows

@@ -1,0 +1,156 @@
+"""Preference data sets: built from a filtered population, or loaded from a folder on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import _common as C
+
+
+def _write_population(images, rows: list[dict], folder: Path) -> Path:
+    """The images (PNG) and their rows (filtered.jsonl, the core's filter layout) in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    from popalign_core.data import write_manifest
+    from popalign_core.pop_filter import FILTERED
+    from popalign_core.pop_sample import image_name
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for arr, r in zip(C.image_batch_to_uint8(images), rows):
+        rel = f"images/{image_name(r['prompt'], int(r.get('index', 0)))}"
+        target = folder / rel
+        if not target.is_file():
+            tmp = target.with_suffix(".tmp.png")
+            Image.fromarray(np.asarray(arr)).save(tmp)
+            os.replace(tmp, target)
+        out.append({**r, "image": rel})
+    write_manifest(folder / FILTERED, out)
+    return folder / FILTERED
+
+
+class PopAlignBuildPreferenceData:
+    DESCRIPTION = (
+        "PopAlign preference data from a filtered population: sets of `set_size` winning (augmented) and losing "
+        "(neutral) images of the same neutral prompt, captioned with the neutral prompt; also (winner, loser) pairs. "
+        "Written to output/popalign/data/<name>-<hash>/."
+    )
+    CATEGORY = C.CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (C.DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from popalign_core.pop_build import BUILD_RULES
+
+        return {
+            "required": {
+                "images": C.tip("IMAGE", "filtered images (PopAlign Filter Population)"),
+                "population": C.tip(C.POPULATION, "their metadata (same node)"),
+                "name": C.tip("STRING", "data set name (a plain file name)", default="popalign_data"),
+                "set_size": C.tip(
+                    "INT", "images per population set (public PopAlign code: 5)", default=5, min=1, max=1000
+                ),  # fmt: skip
+                "rule": C.tip(
+                    list(BUILD_RULES),
+                    "which set wins: augmented (paper) or the one with more distinct groups (public code)",
+                    default="augmented",
+                ),  # fmt: skip
+                "on_short": C.tip(
+                    ["skip", "error"], "a prompt with too few kept images: skip it or fail", default="skip"
+                ),  # fmt: skip
+                "seed": C.tip("INT", "seed of the set shuffles", default=0, min=0, max=0xFFFFFFFF),
+            }
+        }
+
+    def run(self, images, population, name, set_size, rule, on_short, seed):
+        from popalign_core.pop_build import BuildConfig, build_preferences
+
+        name = C.safe_name(name, "name")
+        rows = C.check_population(images, population)
+        digest = hashlib.sha256(json.dumps([rows, list(images.shape), float(images.float().sum())],
+                                           sort_keys=True, default=str).encode()).hexdigest()[:10]  # fmt: skip
+        folder = C.output_root() / "data" / f"{name}-{digest}"
+        filtered = _write_population(images, rows, folder)
+        summary = build_preferences(
+            filtered,
+            folder / "sets",
+            BuildConfig(set_size=int(set_size), rule=rule, on_short=on_short, seed=int(seed)),
+        )
+        dataset = {"manifest": summary["files"]["population"], "kind": "population", "folder": str(folder),
+                   "pairwise": summary["files"].get("pairwise"), "sets": summary["sets"]}  # fmt: skip
+        return (dataset, json.dumps(summary, indent=2))
+
+
+class PopAlignLoadPreferenceData:
+    DESCRIPTION = (
+        "A preference data set from disk: a manifest (.jsonl / .csv, see docs/data-format.md) or a folder holding "
+        "population.jsonl / pairwise.jsonl / manifest.jsonl. Relative paths are under ComfyUI's input folder."
+    )
+    CATEGORY = C.CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (C.DATASET, "STRING")
+    RETURN_NAMES = ("dataset", "report")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "path": C.tip(
+                    "STRING",
+                    "manifest file or folder (absolute, or relative to ComfyUI's input folder)",
+                    default="popalign/data",
+                ),  # fmt: skip
+                "kind": C.tip(["auto", "population", "pairwise"], "data kind; auto = detected from the columns"),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, path, kind):
+        p = _resolve(path)
+        files = [p] if p.is_file() else sorted(p.glob("*.jsonl")) + sorted(p.glob("*.csv")) if p.exists() else []
+        return json.dumps([(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()])
+
+    def run(self, path, kind):
+        from popalign_core.data import load_preference_data
+
+        p = _resolve(path)
+        if p.is_dir():
+            for cand in ("population.jsonl", "pairwise.jsonl", "manifest.jsonl", "manifest.csv"):
+                if (p / cand).is_file():
+                    p = p / cand
+                    break
+            else:
+                raise FileNotFoundError(f"path: {p} holds no population.jsonl / pairwise.jsonl / manifest.jsonl")
+        if not p.is_file():
+            raise FileNotFoundError(f"path: {p} does not exist")
+        data = load_preference_data(str(p), kind=None if kind == "auto" else kind)
+        report = {"manifest": str(p), "kind": data.kind, "images": len(data.samples)}
+        return ({"manifest": str(p), "kind": data.kind, "folder": str(p.parent)}, json.dumps(report, indent=2))
+
+
+def _resolve(path: str) -> Path:
+    p = Path(str(path).strip()).expanduser()
+    if not p.is_absolute():
+        try:
+            import folder_paths
+
+            p = Path(folder_paths.get_input_directory()) / p
+        except ImportError:
+            pass
+    return p
+
+
+NODE_CLASS_MAPPINGS = {
+    "PopAlignBuildPreferenceData": PopAlignBuildPreferenceData,
+    "PopAlignLoadPreferenceData": PopAlignLoadPreferenceData,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PopAlignBuildPreferenceData": "PopAlign Build Preference Data",
+    "PopAlignLoadPreferenceData": "PopAlign Load Preference Data",
+}

@@ -1,0 +1,283 @@
+"""The LoRA trainer on the user's MODEL / CLIP (the core's loss zoo) and its helpers.
+
+Memory: the core trains diffusers views that share ComfyUI's weight storage (nodes/comfy_adapter.py): no copy of the
+UNet. Cancel: ComfyUI's progress bar raises on interrupt; the trainer then saves a resumable checkpoint of the last
+finished step, and re-queuing the graph resumes from it. Runs live in output/popalign/train/<name>-<key>/, where
+the key hashes the model (a sample of its weights and its upstream patches), the data and every setting but
+`steps`: the same graph resumes (or, when finished, only re-exports), a changed setting starts a new run, and raising
+`steps` continues a finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import _common as C
+
+
+def model_key(model, clip=None) -> str:
+    """A cheap identity of a ComfyUI MODEL (+ CLIP): type, parameter shapes, 4 KiB of a spread of its tensors and its
+    weight patches (e.g. LoRAs loaded upstream, with strengths)."""
+    import torch
+
+    h = hashlib.sha256()
+    for mod in [model.model.diffusion_model] + ([clip.cond_stage_model] if clip is not None else []):
+        items = list(mod.state_dict(keep_vars=True).items())
+        h.update(f"{type(mod).__name__}:{len(items)}".encode())
+        for name, t in items[:: max(1, len(items) // 16)]:
+            flat = t.detach().reshape(-1)[:1024].to("cpu", torch.float32).contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(flat.numpy().tobytes())
+    for patcher in [model] + ([clip.patcher] if clip is not None else []):
+        for key in sorted(getattr(patcher, "patches", {})):
+            for p in patcher.patches[key]:
+                h.update(f"{key}:{p[0]}:{p[2] if len(p) > 2 else ''}".encode())
+                w = p[1][0] if isinstance(p[1], tuple) and p[1] and hasattr(p[1][0], "shape") else None
+                if w is not None:
+                    h.update(w.detach().reshape(-1)[:256].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def publish_lora(src: Path, name: str) -> Path:
+    """Copy the finished kohya file to <loras>/popalign/<name>.safetensors atomically (never a half-written file)."""
+    dest_dir = C.loras_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{name}.safetensors"
+    tmp = dest_dir / f".{name}.{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        import folder_paths
+
+        folder_paths.filename_list_cache.pop("loras", None)  # the LoraLoader dropdown sees the new file
+    except Exception:  # noqa: BLE001
+        pass
+    return dest
+
+
+def apply_lora(model, clip, path: Path):
+    """model.clone() / clip.clone() with the LoRA as weight patches (exactly what the stock LoraLoader does)."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+
+
+def loss_curve_ui(run_dir: Path, rows: list[dict], node_id) -> dict:
+    ui: dict = {"popalign_loss": [{"node": str(node_id), "rows": rows[-2000:]}]}
+    png = run_dir / "loss_curve.png"
+    if png.is_file():
+        ui["images"] = [C.save_preview_png(png.read_bytes(), "popalign_loss")]
+    return ui
+
+
+def read_metric_rows(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.append({k: r[k] for k in ("step", "loss") if k in r})
+    return rows
+
+
+def peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def model_bytes(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict(keep_vars=True).values())
+
+
+class StepReporter:
+    """on_step callback: progress bar (and cancel), websocket loss events for the live curve."""
+
+    def __init__(self, total: int, node_id, start: int = 0):
+        self.bar = C.Progress(total)
+        self.node_id = str(node_id)
+        self.bar.set(start)
+
+    def __call__(self, step: int, total: int, row: dict) -> None:
+        C.send("popalign.loss", {"node": self.node_id, "step": step, "total": total,
+                                 "loss": row.get("loss"), "metrics": {k: v for k, v in row.items()
+                                                                      if isinstance(v, (int, float))}})  # fmt: skip
+        self.bar.set(step)  # ComfyUI's hook raises InterruptProcessingException here when the user cancels
+
+
+class PopAlignLoRATrainer:
+    DESCRIPTION = (
+        "Trains a LoRA on the MODEL (and optionally the CLIP) with a loss of the core's zoo (PopAlign Eq. 11, DPO, "
+        "RPO, DSPO, ...), reference = the same model with the LoRA disabled. Saves the kohya LoRA to "
+        "models/loras/popalign/<lora_name>.safetensors (the stock LoraLoader reads it) and outputs the model with it "
+        "applied; the incoming MODEL is untouched. Cancel keeps a checkpoint; re-queue resumes."
+    )
+    CATEGORY = C.CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora_path", "summary")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from popalign_core.losses import LOSSES
+
+        return {
+            "required": {
+                "model": C.tip("MODEL", "the model to fine-tune (left untouched; the output carries the LoRA)"),
+                "clip": C.tip("CLIP", "its text encoder (encodes captions; trained when train_text_encoder)"),
+                "vae": C.tip("VAE", "its VAE (encodes the training images)"),
+                "dataset": C.tip(C.DATASET, "preference data (PopAlign Build / Load Preference Data)"),
+                "loss": C.tip(
+                    list(LOSSES),
+                    "training loss; its default hyper-parameters apply unless overridden in loss_params",
+                    default="popalign",
+                ),  # fmt: skip
+                "loss_params": C.tip(
+                    "STRING",
+                    "JSON overrides of the loss's hyper-parameters, e.g. {\"beta\": 500}; {} = the loss's defaults",
+                    default="{}",
+                    multiline=True,
+                ),  # fmt: skip
+                "lora_name": C.tip(
+                    "STRING",
+                    "file name of the LoRA in models/loras/popalign/ (no path separators)",
+                    default="popalign_lora",
+                ),  # fmt: skip
+                "steps": C.tip(
+                    "INT", "optimiser steps (raising it continues a finished run)", default=200, min=1, max=1000000
+                ),  # fmt: skip
+                "learning_rate": C.tip(
+                    "FLOAT", "AdamW learning rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=False
+                ),  # fmt: skip
+                "lora_rank": C.tip("INT", "LoRA rank", default=8, min=1, max=256),
+                "batch_size": C.tip("INT", "images (population losses) or pairs per step", default=4, min=1, max=256),
+                "train_text_encoder": C.tip("BOOLEAN", "also train a LoRA on the text encoder(s)", default=False),
+                "resolution": C.tip(
+                    "INT",
+                    "training image side in pixels; 0 = the model's native size",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=8,
+                ),  # fmt: skip
+                "seed": C.tip(
+                    "INT", "seed of the LoRA init, batches, noise and timesteps", default=0, min=0, max=0xFFFFFFFF
+                ),  # fmt: skip
+                "checkpoint_every": C.tip(
+                    "INT",
+                    "steps between resumable checkpoints (a cancel always saves one)",
+                    default=50,
+                    min=1,
+                    max=1000000,
+                ),  # fmt: skip
+                "restart": C.tip(
+                    "BOOLEAN", "ignore an existing checkpoint of the same run and start over", default=False
+                ),  # fmt: skip
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, steps, learning_rate, lora_rank,
+              batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart, unique_id=None):  # fmt: skip
+        import torch
+
+        from popalign_core.train import TrainConfig, Trainer, config_fingerprint
+
+        from .comfy_adapter import adapter_from_comfy, family_of
+
+        name = C.safe_name(lora_name, "lora_name")
+        params = C.parse_json(loss_params, "loss_params", {})
+        if not isinstance(params, dict):
+            raise ValueError('loss_params: expected a JSON object of hyper-parameters, e.g. {"beta": 500}')
+        if not isinstance(dataset, dict) or "manifest" not in dataset:
+            raise ValueError("dataset: expected a PopAlign data set (PopAlign Build / Load Preference Data)")
+        family_of(model)  # an unsupported model type fails before anything else
+        cfg = TrainConfig(
+            model="comfyui", data=dataset["manifest"], loss=loss, loss_params=params, steps=int(steps),
+            lr=float(learning_rate), lora_rank=int(lora_rank), batch_size=int(batch_size),
+            train_text_encoder=bool(train_text_encoder), resolution=int(resolution) or None, seed=int(seed),
+            lora_name=name, lora_formats=["kohya"], checkpoint_every=int(checkpoint_every), progress=False,
+            resume="none" if restart else "auto", output_dir="",
+        )  # fmt: skip
+        key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
+        run_dir = C.output_root() / "train" / f"{name}-{key[:10]}"
+        cfg.output_dir = str(run_dir)
+        cfg.model = f"comfyui:{key[:10]}"
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.time()
+        start = _checkpoint_step(run_dir)
+        with torch.inference_mode(False), torch.enable_grad():
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            adapter = adapter_from_comfy(model, clip, vae)
+            size = model_bytes(adapter.unet, *adapter.text_encoders, adapter.vae)
+            reporter = StepReporter(int(steps), unique_id, start)
+            trainer = Trainer(cfg, log=lambda m: print(m), adapter=adapter, on_step=reporter)
+            summary = trainer.run()
+            del trainer, adapter
+        kohya = Path(summary["outputs"]["kohya"])
+        dest = publish_lora(kohya, name)
+        out_model, out_clip = apply_lora(model, clip, dest)
+        summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
+                       **peak_memory())  # fmt: skip
+        (run_dir / "node_summary.json").write_text(json.dumps(summary, indent=2))
+        ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
+        return {"ui": ui, "result": (out_model, out_clip, str(dest), json.dumps(summary, indent=2))}
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    ck = sorted((run_dir / "checkpoints").glob("step_*")) if run_dir.exists() else []
+    try:
+        return int(ck[-1].name.split("_")[1]) if ck else 0
+    except ValueError:
+        return 0
+
+
+class PopAlignLossDefaults:
+    DESCRIPTION = "The default hyper-parameters of a loss of the zoo, as JSON (a starting point for loss_params)."
+    CATEGORY = C.CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("loss_params",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from popalign_core.losses import LOSSES
+
+        return {"required": {"loss": C.tip(list(LOSSES), "loss of the zoo", default="popalign")}}
+
+    def run(self, loss):
+        from popalign_core.losses import loss_defaults
+
+        return (json.dumps(loss_defaults(loss), indent=2),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "PopAlignLoRATrainer": PopAlignLoRATrainer,
+    "PopAlignLossDefaults": PopAlignLossDefaults,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PopAlignLoRATrainer": "PopAlign LoRA Trainer",
+    "PopAlignLossDefaults": "PopAlign Loss Defaults",
+}

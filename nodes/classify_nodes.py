@@ -97,7 +97,7 @@ class PopAlignFaceDetectorLoader:
 class PopAlignClassifierLoader:
     DESCRIPTION = (
         "An attribute classifier (gender / race / age ...). Weight files go in ComfyUI/models/popalign/classifiers/ "
-        "(e.g. FairFace's res34_fair_align_multi_7_20190809.pt, open_clip_ViT-B-32.safetensors); nothing is downloaded."
+        "(e.g. FairFace's res34_fair_align_multi_7_20190809.pt, open_clip_ViT-B-32.safetensors); nothing downloads."
     )
     CATEGORY = C.CATEGORY
     FUNCTION = "load"

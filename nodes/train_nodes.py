@@ -198,7 +198,8 @@ class PopAlignLoRATrainer:
         }
 
     def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, steps, learning_rate, lora_rank,
-              batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart, unique_id=None):  # fmt: skip
+              batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart,
+              unique_id=None):  # fmt: skip
         import torch
 
         from popalign_core.train import TrainConfig, Trainer, config_fingerprint

@@ -109,12 +109,13 @@ class PopAlignPopulationSampler:
                 "model": C.tip("MODEL", "the diffusion model to sample from"),
                 "clip": C.tip("CLIP", "its text encoder"),
                 "vae": C.tip("VAE", "its VAE (latents -> images)"),
-                "augmented_json": C.tip(
+                "prompts": C.tip(
                     "STRING",
-                    "rows from PopAlign Augment Prompts, or plain prompts one per line "
-                    "(then every image is a neutral one)",
-                    forceInput=True,
-                ),  # fmt: skip
+                    "augmented rows (JSON, from PopAlign Augment Prompts) or plain prompts, one per line (then every "
+                    "image is a neutral, losing one)",
+                    multiline=True,
+                    default="a photo of a doctor",
+                ),
                 "neutral_per_prompt": C.tip(
                     "INT",
                     "losing (neutral-prompt) images per neutral prompt; -1 = as many as its augmented rows; 0 = none",
@@ -142,14 +143,14 @@ class PopAlignPopulationSampler:
             },
         }
 
-    def run(self, model, clip, vae, augmented_json, neutral_per_prompt, seed, steps, cfg, sampler_name, scheduler,
+    def run(self, model, clip, vae, prompts, neutral_per_prompt, seed, steps, cfg, sampler_name, scheduler,
             width, height, batch_size, negative_prompt=""):  # fmt: skip
         import comfy.sample
         import torch
 
         from popalign_core.sampling import derive_seed
 
-        jobs = _jobs(augmented_json, neutral_per_prompt)
+        jobs = _jobs(prompts, neutral_per_prompt)
         if width % 8 or height % 8:
             raise ValueError(f"width/height: {width}x{height} must be multiples of 8")
         neg = _conditioning(clip, negative_prompt or "")
@@ -191,17 +192,17 @@ def _jobs(text: str, neutral_per_prompt: int) -> list[dict]:
 
     text = str(text or "").strip()
     if not text:
-        raise ValueError("augmented_json: empty; connect PopAlign Augment Prompts or give prompts one per line")
+        raise ValueError("prompts: empty; connect PopAlign Augment Prompts or give prompts one per line")
     n = None if neutral_per_prompt < 0 else int(neutral_per_prompt)
     if text.startswith("["):
-        rows = C.parse_json(text, "augmented_json")
+        rows = C.parse_json(text, "prompts")
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ValueError("augmented_json: expected a JSON list of rows {neutral, prompt, identity, index}")
+            raise ValueError("prompts: expected a JSON list of rows {neutral, prompt, identity, index}")
         return population_jobs(rows, neutral_per_prompt=n)
-    prompts = C.prompt_lines(text, "augmented_json")
+    lines = C.prompt_lines(text, "prompts")
     per = 1 if n is None else max(1, n)
     return [{"prompt": p, "index": i, "neutral": p, "identity": {}, "population": "losing"}
-            for p in dict.fromkeys(prompts) for i in range(per)]  # fmt: skip
+            for p in dict.fromkeys(lines) for i in range(per)]  # fmt: skip
 
 
 NODE_CLASS_MAPPINGS = {

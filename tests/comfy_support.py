@@ -504,13 +504,25 @@ class ComfyServer:
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else {}  # e.g. /interrupt answers with an empty body
         except urllib.error.HTTPError as e:  # ComfyUI explains a rejected prompt in the body
             raise RuntimeError(f"POST {route}: HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}") from e
 
+    def queue(self, workflow: Mapping) -> str:
+        """POST /prompt; returns the prompt id (RuntimeError with ComfyUI's explanation when it is rejected)."""
+        return self.post("/prompt", {"prompt": dict(workflow)})["prompt_id"]
+
+    def entry(self, prompt_id: str) -> dict | None:
+        """The /history entry of a prompt (None while it is queued or running)."""
+        return self.get(f"/history/{prompt_id}").get(prompt_id)
+
     def run_prompt(self, workflow: Mapping, timeout: float = 300) -> dict:
         """Queue an API-format workflow, wait for it; returns its /history entry (RuntimeError on failure)."""
-        prompt_id = self.post("/prompt", {"prompt": dict(workflow)})["prompt_id"]
+        return self.wait(self.queue(workflow), timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """Wait for a queued prompt; its /history entry (RuntimeError when it failed or was interrupted)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -539,14 +551,22 @@ def comfy_server(
     extra_args: Sequence[str] = (),
     startup_timeout: float = 120,
     threads: int | None = None,
+    private_copy: bool = True,
 ):
     """Start ComfyUI (``main.py --cpu``) on a free local port; yields a `ComfyServer`; stops it afterwards.
 
     folders: model folder kind -> folder(s) added through an ``extra_model_paths.yaml`` written to `work_dir`
     (e.g. {"checkpoints": d, "loras": d2, "custom_nodes": d3}). Output, temp and input folders live in `work_dir`.
+    private_copy: run a copy of ComfyUI (5.5 MB) in `work_dir`, so that what nodes write into ComfyUI's own
+    ``models/`` folders (e.g. trained LoRAs in ``models/loras/``) never reaches the shared cache.
     """
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if private_copy:
+        copy = work / "ComfyUI"
+        if not copy.exists():
+            shutil.copytree(comfy_dir, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        comfy_dir = copy
     out_dir = work / "output"
     for sub in ("output", "temp", "input"):
         (work / sub).mkdir(exist_ok=True)

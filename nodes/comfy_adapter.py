@@ -64,16 +64,17 @@ def family_of(model) -> str:
 
 
 def prediction_type_of(model) -> str:
-    mt = getattr(model.model, "model_type", None)
-    name = getattr(mt, "name", str(mt))
-    if name == "EPS":
-        return "epsilon"
-    if name == "V_PREDICTION":
-        return "v_prediction"
-    raise UnsupportedModel(
-        f"model: prediction type {name!r} of the {model_type_name(model)} model is not supported; PopAlign trains "
-        "eps- and v-prediction models (EPS, V_PREDICTION)"
-    )
+    """epsilon / v_prediction from the MODEL's model sampling: the class that defines ``calculate_denoised`` first in
+    its MRO is the parameterisation (EPS, V_PREDICTION; a ModelSamplingDiscrete patch counts)."""
+    ms = model_sampling(model)
+    param = next((c for c in type(ms).__mro__ if "calculate_denoised" in vars(c)), type(ms))
+    kinds = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+    if param.__name__ not in kinds:
+        raise UnsupportedModel(
+            f"model: prediction type {param.__name__!r} of the {model_type_name(model)} model is not supported; "
+            "PopAlign trains eps- and v-prediction models (EPS, V_PREDICTION)"
+        )
+    return kinds[param.__name__]
 
 
 def model_sampling(model):

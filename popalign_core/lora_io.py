@@ -330,16 +330,16 @@ def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str
         )
         _add_adapter(comps[prefix], config, adapter_name)
         layers = _lora_layers(comps[prefix], adapter_name)
-        if spec.init_lora_weights == "gaussian":
-            with torch.no_grad():
-                for layer in layers.values():
-                    torch.nn.init.normal_(layer.lora_A[adapter_name].weight, std=1.0 / spec.rank)
-                    torch.nn.init.normal_(layer.lora_B[adapter_name].weight, std=1.0 / spec.rank)
         with torch.no_grad():  # trainable weights in float32 whatever the base's storage dtype (as peft's autocast)
             for layer in layers.values():
                 for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
                     if sub.weight.dtype in (torch.float16, torch.bfloat16):
                         sub.float()
+        if spec.init_lora_weights == "gaussian":
+            with torch.no_grad():
+                for layer in layers.values():
+                    torch.nn.init.normal_(layer.lora_A[adapter_name].weight, std=1.0 / spec.rank)
+                    torch.nn.init.normal_(layer.lora_B[adapter_name].weight, std=1.0 / spec.rank)
         counts[prefix] = len(layers)
     _freeze_base(adapter, adapter_name)
     return counts

@@ -76,8 +76,9 @@ def losses(adapter, t: dict) -> dict:
         l_model = per_sample_error(adapter.predict(x_t, t["timesteps"], cond), target)
         with adapter.reference():
             l_ref = per_sample_error(adapter.predict(x_t, t["timesteps"], adapter.encode_prompt(PROMPTS)), target)
-    return {"loss": float(out.loss.detach()), "per_sample": out.per_sample.detach().tolist(), "l_model": l_model.tolist(),
-            "l_ref": l_ref.tolist(), "abar": adapter.noise_scheduler.alphas_cumprod.double().tolist()}  # fmt: skip
+    return {"loss": float(out.loss.detach()), "per_sample": out.per_sample.detach().tolist(),
+            "l_model": l_model.tolist(), "l_ref": l_ref.tolist(),
+            "abar": adapter.noise_scheduler.alphas_cumprod.double().tolist()}  # fmt: skip
 
 
 def comfy_job(job: dict, log) -> dict:

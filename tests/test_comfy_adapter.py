@@ -174,3 +174,84 @@ def test_unsupported_model_type_is_named():
     with pytest.raises(ca.UnsupportedModel, match=r"ComfyUI model type 'SD3' is not supported by PopAlign; "
                                                   r"supported types: SD15, SD20, SDXL"):  # fmt: skip
         ca.family_of(model)
+
+
+# ------------------------------------------------------------------------------ full-size layouts, without memory
+def layout_job(job: dict, log) -> dict:
+    """Child: ComfyUI's own detection on the original-layout keys of each family's full-size UNet (meta tensors),
+    then the adapter's diffusers config from ComfyUI's unet_config, compared with the shipped diffusers config."""
+    import comfy.model_detection as md
+    from diffusers import UNet2DConditionModel
+
+    sys.path.append(job["repo"])
+    spec = importlib.util.spec_from_file_location("pa_ca_layout", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+    from popalign_core.checkpoints import _apply_module_map, unet_module_map, unet_to_original
+    from popalign_core.models import FAMILY_CONFIG_DIRS
+
+    out = {}
+    for family in ("sd15", "sd2", "sdxl"):
+        shipped = UNet2DConditionModel.load_config(str(FAMILY_CONFIG_DIRS[family] / "unet"))
+        with torch.device("meta"):
+            ref = UNet2DConditionModel.from_config(shipped)
+        orig = unet_to_original(ref)
+        mc = md.model_config_from_unet(orig, "")
+        cfg = ca.diffusers_unet_config(dict(mc.unet_config), family)
+        with torch.device("meta"):
+            view = UNet2DConditionModel(**cfg)
+        names = _apply_module_map({k: k for k in view.state_dict()}, unet_module_map(view), "unet")
+        ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        out[family] = {
+            "comfy_type": type(mc).__name__,
+            "keys_equal": sorted(names) == sorted(orig),
+            "shapes_equal": {k: tuple(v.shape) for k, v in view.state_dict().items()} == ref_shapes,
+            "cfg": {k: cfg[k] for k in ("block_out_channels", "down_block_types", "up_block_types", "mid_block_type",
+                                        "cross_attention_dim", "use_linear_projection")},  # fmt: skip
+            "shipped": {k: shipped.get(k) for k in ("block_out_channels", "down_block_types", "up_block_types",
+                                                    "mid_block_type", "cross_attention_dim", "use_linear_projection")},
+        }  # fmt: skip
+    return out
+
+
+def test_comfy_unet_configs_map_to_the_full_size_diffusers_layouts(tmp_path):
+    comfy = cs.comfyui_or_skip()
+    got = cs.run_in_comfy(f"{__file__}:layout_job", {"repo": str(REPO)}, comfy_dir=comfy, output_dir=tmp_path)
+    expect = {"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
+    for family, r in ((f, got[f]) for f in expect):
+        assert r["comfy_type"] == expect[family], family
+        assert r["keys_equal"] and r["shapes_equal"], family
+        shipped = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in r["shipped"].items()}
+        shipped["mid_block_type"] = shipped["mid_block_type"] or "UNetMidBlock2DCrossAttn"
+        shipped["use_linear_projection"] = bool(shipped["use_linear_projection"])
+        assert r["cfg"] == shipped, family
+
+
+def text_layout_job(job: dict, log) -> dict:
+    """Child: ComfyUI's own SD1.5 / SD2 / SDXL text-encoder modules built on `meta` (no memory), wrapped by the
+    adapter's transformers views (every view weight must find a ComfyUI weight of the same shape)."""
+    import comfy.sd1_clip
+    import comfy.sd2_clip
+    import comfy.sdxl_clip
+
+    sys.path.append(job["repo"])
+    spec = importlib.util.spec_from_file_location("pa_ca_text", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+    out = {}
+    classes = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": comfy.sd2_clip.SD2ClipModel,
+               "sdxl": comfy.sdxl_clip.SDXLClipModel}  # fmt: skip
+    for family, cls in classes.items():
+        clip = type("FakeCLIP", (), {})()
+        clip.cond_stage_model = cls(device="meta")
+        views = ca.text_encoder_views(clip, family)
+        out[family] = [[type(v).__name__, v.config.num_hidden_layers, v.config.hidden_size] for v in views]
+    return out
+
+
+def test_text_encoder_views_cover_comfyuis_sd15_sd2_sdxl_encoders(tmp_path):
+    comfy = cs.comfyui_or_skip()
+    got = cs.run_in_comfy(f"{__file__}:text_layout_job", {"repo": str(REPO)}, comfy_dir=comfy, output_dir=tmp_path)
+    assert got["sd15"] == [["CLIPTextModel", 12, 768]]
+    assert got["sd2"] == [["CLIPTextModel", 23, 1024]]  # diffusers' SD2 encoder: 23 of OpenCLIP's 24 blocks
+    assert got["sdxl"] == [["CLIPTextModel", 12, 768], ["CLIPTextModelWithProjection", 32, 1280]]

@@ -255,3 +255,59 @@ def test_text_encoder_views_cover_comfyuis_sd15_sd2_sdxl_encoders(tmp_path):
     assert got["sd15"] == [["CLIPTextModel", 12, 768]]
     assert got["sd2"] == [["CLIPTextModel", 23, 1024]]  # diffusers' SD2 encoder: 23 of OpenCLIP's 24 blocks
     assert got["sdxl"] == [["CLIPTextModel", 12, 768], ["CLIPTextModelWithProjection", 32, 1280]]
+
+
+# --------------------------------------------------------------------------------- LoRAs loaded upstream
+def upstream_lora_job(job: dict, log) -> dict:
+    """Child: a LoRA applied with ComfyUI's own loader before the adapter is built; the adapter must see the patched
+    weights (training happens on top of them) and the unpatched MODEL must stay as it was."""
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    import nodes as comfy_nodes
+
+    sys.path.append(job["repo"])
+    spec = importlib.util.spec_from_file_location("pa_ca_up", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+    t = load_file(job["inputs"])
+    model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(job["ckpt"])[:3]
+    sig = ca.model_sampling(model).sigmas[t["timesteps"]]
+    xc = t["latents"] * (1 + sig**2).sqrt()[:, None, None, None]
+    ctx = torch.zeros(4, 77, 768)
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    before = model.model.apply_model(xc, sig, c_crossattn=ctx).clone()
+    lora = comfy.utils.load_torch_file(job["lora"], safe_load=True)
+    model_l, clip_l = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    with torch.inference_mode(False), torch.no_grad():
+        adapter = ca.adapter_from_comfy(model_l, clip_l, vae)
+        pred = adapter.predict(t["latents"], t["timesteps"], adapter.encode_prompt(PROMPTS))
+    mm.load_models_gpu([model])  # back to the MODEL without the LoRA: ComfyUI restores its weights
+    after = model.model.apply_model(xc, sig, c_crossattn=ctx)
+    return {"pred": pred.tolist(), "unpatched_change": float((after - before).abs().max())}
+
+
+def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, tmp_path):
+    comfy = cs.comfyui_or_skip()
+    from popalign_core.lora_io import save_lora
+    from popalign_core.models import load_model
+
+    ours = load_model(tiny["ckpt"], config_dir=tiny["config"])
+    add_seeded_lora(ours)
+    lora = save_lora(ours, tmp_path / "upstream.safetensors", format="kohya")
+    t = tiny["tensors"]
+    with torch.no_grad():
+        want = ours.predict(t["latents"], t["timesteps"], ours.encode_prompt(PROMPTS))
+    job = {"ckpt": tiny["ckpt"].name, "inputs": str(tiny["inputs"]), "repo": str(REPO), "lora": str(lora)}
+    got = cs.run_in_comfy(f"{__file__}:upstream_lora_job", job, comfy_dir=comfy,
+                          folders={"checkpoints": tiny["ckpt"].parent}, output_dir=tmp_path / "out")  # fmt: skip
+    pred = torch.tensor(got["pred"])
+    # ComfyUI merges the text-encoder LoRA into its fp16 weights (rounding ~1e-3); ours keeps it unmerged in fp32
+    assert torch.allclose(pred, want, rtol=1e-3, atol=5e-3), float((pred - want).abs().max())
+    with torch.no_grad(), ours.reference():
+        base = ours.predict(t["latents"], t["timesteps"], ours.encode_prompt(PROMPTS))
+    assert float((pred - base).abs().max()) > 10 * float((pred - want).abs().max())  # the LoRA is really in it
+    assert got["unpatched_change"] == 0.0

@@ -371,3 +371,22 @@ def test_invalid_data_fails_with_an_execution_error_naming_it(server, env, node,
     assert needle in str(err.value)
     assert not list((env["loras"] / "popalign").glob("*escape*"))
     assert not (env["root"] / "escape.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------- the README's headless recipe
+def test_examples_run_workflow_script_runs_a_shared_workflow(server):
+    import subprocess
+
+    api = shrink(api_workflow("bias_audit"))
+    sets = [f"{nid}.{k}={json.dumps(v)}" for nid, node in api.items() for k, v in node["inputs"].items()
+            if not isinstance(v, list)]  # fmt: skip
+    sets.append("4.seed=7")
+    cmd = [sys.executable, str(REPO / "examples" / "run_workflow.py"), str(WORKFLOWS / "bias_audit.api.json"),
+           "--server", server.url, "--timeout", "300"] + [a for s in sets for a in ("--set", s)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = json.loads(proc.stdout)
+    assert outputs["5"]["popalign_chart"][0]["label"] == "audit"
+    bad = subprocess.run(cmd + ["--set", "1.ckpt_name=missing.safetensors"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and "missing.safetensors" in bad.stdout

@@ -349,6 +349,15 @@ def test_invalid_widget_values_come_back_as_node_errors_naming_the_input(server)
     assert set(errors) == {"8"}
     named = {e["extra_info"]["input_name"] for e in errors["8"]["errors"]}
     assert named == {"lora_rank", "loss"}
+    # a missing link is named too
+    wf = shrink(api_workflow("popalign_train"))
+    del wf["8"]["inputs"]["dataset"]
+    try:
+        body = json.dumps(server.post("/prompt", {"prompt": wf}))
+    except RuntimeError as err:
+        body = str(err)
+    errors = json.loads(body[body.index("{") :])["node_errors"]
+    assert {e["extra_info"]["input_name"] for e in errors["8"]["errors"]} == {"dataset"}
 
 
 @pytest.mark.parametrize(
@@ -358,6 +367,14 @@ def test_invalid_widget_values_come_back_as_node_errors_naming_the_input(server)
         ("8", "loss_params", '{"beta": ', "loss_params: not valid JSON"),
         ("8", "loss_params", '{"no_such_param": 1}', "'no_such_param' is not a hyper-parameter of loss 'popalign'"),
         ("6", "threshold", 1.0, "filter: no image was kept"),
+        ("3", "backend", "clip", "clip: cannot load"),  # a weight file of another model
+        (
+            "3",
+            "weights",
+            "auto",
+            "not found (also accepted: res34_fair_align_multi_7_20190809.safetensors). Put it in "
+            "ComfyUI/models/popalign/classifiers/",
+        ),  # a classifier without weights # fmt: skip
     ],
 )
 def test_invalid_data_fails_with_an_execution_error_naming_it(server, env, node, field, value, needle):

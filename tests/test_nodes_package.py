@@ -124,3 +124,16 @@ def test_augment_node_lists_skipped_prompts(pack):
     assert skipped == "a photo of a female nurse  <- female"
     with pytest.raises(ValueError, match="every prompt was skipped as identity-specific"):
         node.run("a photo of a female nurse", "default", "gender", 2, 0)
+
+
+def test_metrics_refuse_an_empty_batch(pack):
+    import torch
+
+    node = pack.NODE_CLASS_MAPPINGS["PopAlignBiasMetrics"]()
+    with pytest.raises(ValueError, match="images: the IMAGE batch is empty; nothing to measure"):
+        node.run(torch.zeros(0, 64, 64, 3), classifier=None, axis="gender", label="x", hard_labels=True)
+    common = sys.modules["popalign_nodes_unit._common"]
+    with pytest.raises(
+        ValueError, match=r"images: expected a non-empty IMAGE batch \[B, H, W, C\], got shape \(0, 8, 8, 3\)"
+    ):
+        common.image_batch_to_uint8(torch.zeros(0, 8, 8, 3))

@@ -22,6 +22,7 @@ try:
     from . import _common
 
     _common.register_folders()
+    _common.register_routes()
 except Exception as exc:  # noqa: BLE001 - without the core nothing can load; say why
     LOAD_ERRORS["_common"] = f"{type(exc).__name__}: {exc}"
     _log.error("PopAlign: the core package could not be imported (%s); no PopAlign node is available", exc)

@@ -64,6 +64,27 @@ def register_folders() -> None:
             entry[0].append(path)
 
 
+def register_routes() -> None:
+    """GET /popalign/losses: {loss: {"defaults": {...}, "summary": ...}} for the front end (the trainer's loss dropdown
+    fills loss_params with the chosen loss's defaults). No-op without a running ComfyUI server."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return
+    inst = getattr(PromptServer, "instance", None)
+    if inst is None or getattr(inst, "_popalign_routes", False):
+        return
+
+    @inst.routes.get("/popalign/losses")
+    async def _losses(request):
+        from popalign_core.losses import LOSSES, loss_defaults
+
+        return web.json_response({n: {"defaults": loss_defaults(n), "summary": s.summary} for n, s in LOSSES.items()})
+
+    inst._popalign_routes = True
+
+
 def models_dir() -> str | None:
     """ComfyUI's models folder (the core's backends look for their weights under it)."""
     try:

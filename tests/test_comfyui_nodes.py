@@ -154,6 +154,14 @@ def test_object_info_lists_every_node_with_tooltips(object_info):
     assert object_info["PopAlignLoRATrainer"]["input"]["required"]["loss"][0] == list(LOSSES)
 
 
+def test_loss_defaults_route(server):
+    from popalign_core.losses import LOSSES, loss_defaults
+
+    got = server.get("/popalign/losses")
+    assert list(got) == list(LOSSES)
+    assert got["popalign"]["defaults"] == json.loads(json.dumps(loss_defaults("popalign")))
+
+
 def test_committed_workflows_are_what_the_generator_writes(object_info, tmp_path):
     written = mw.write_all(object_info, tmp_path)
     assert len(written) == 2 * len(mw.WORKFLOWS)

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import time
-from pathlib import Path
 
 from . import _common as C
-from .train_nodes import (
-    StepReporter,
-    _checkpoint_step,
-    apply_lora,
-    loss_curve_ui,
-    model_bytes,
-    model_key,
-    peak_memory,
-    publish_lora,
-    read_metric_rows,
-)
+from .train_nodes import run_training
 
 DEFAULT_TARGET = '{"gender": {"female": 0.75, "male": 0.25}}'
 
@@ -186,12 +172,10 @@ class PopAlignDistributionalAlignment:
     def train(self, model, clip, vae, prompts, target, classifier, lora_name, train, steps, learning_rate, lora_rank,
               images_per_prompt, sampler_steps, guidance, gradient, threshold, embedder, face_bank, face_detection,
               resolution, micro_batch, seed, checkpoint_every, restart, unique_id=None):  # fmt: skip
-        import torch
 
         from popalign_core.dal_train import DALConfig, DALTrainer
-        from popalign_core.train import config_fingerprint
 
-        from .comfy_adapter import adapter_from_comfy, family_of
+        from .comfy_adapter import family_of
 
         name = C.safe_name(lora_name, "lora_name")
         if not isinstance(target, dict) or "target" not in target:
@@ -214,29 +198,7 @@ class PopAlignDistributionalAlignment:
         )  # fmt: skip
         if face_bank != "none" and not emb:
             raise ValueError("face_bank: the face-realism loss needs an embedder (choose one besides 'none')")
-        key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
-        run_dir = C.output_root() / "dal" / f"{name}-{key[:10]}"
-        cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
-        if restart and run_dir.exists():
-            shutil.rmtree(run_dir)
-        t0 = time.time()
-        start = _checkpoint_step(run_dir)
-        with torch.inference_mode(False), torch.enable_grad():
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            adapter = adapter_from_comfy(model, clip, vae)
-            size = model_bytes(adapter.unet, *adapter.text_encoders, adapter.vae)
-            trainer = DALTrainer(cfg, log=lambda m: print(m), on_step=StepReporter(int(steps), unique_id, start),
-                                 adapter=adapter)  # fmt: skip
-            summary = trainer.run()
-            del trainer, adapter
-        dest = publish_lora(Path(summary["outputs"]["kohya"]), name)
-        out_model, out_clip = apply_lora(model, clip, dest)
-        summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
-                       **peak_memory())  # fmt: skip
-        (run_dir / "node_summary.json").write_text(json.dumps(summary, indent=2))
-        ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
-        return {"ui": ui, "result": (out_model, out_clip, str(dest), json.dumps(summary, indent=2))}
+        return run_training("dal", DALTrainer, cfg, name, model, clip, vae, int(steps), bool(restart), unique_id)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -200,11 +200,10 @@ class PopAlignLoRATrainer:
     def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, steps, learning_rate, lora_rank,
               batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart,
               unique_id=None):  # fmt: skip
-        import torch
 
-        from popalign_core.train import TrainConfig, Trainer, config_fingerprint
+        from popalign_core.train import TrainConfig, Trainer
 
-        from .comfy_adapter import adapter_from_comfy, family_of
+        from .comfy_adapter import family_of
 
         name = C.safe_name(lora_name, "lora_name")
         params = C.parse_json(loss_params, "loss_params", {})
@@ -220,31 +219,40 @@ class PopAlignLoRATrainer:
             lora_name=name, lora_formats=["kohya"], checkpoint_every=int(checkpoint_every), progress=False,
             resume="none" if restart else "auto", output_dir="",
         )  # fmt: skip
-        key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
-        run_dir = C.output_root() / "train" / f"{name}-{key[:10]}"
-        cfg.output_dir = str(run_dir)
-        cfg.model = f"comfyui:{key[:10]}"
-        if restart and run_dir.exists():
-            shutil.rmtree(run_dir)
-        t0 = time.time()
-        start = _checkpoint_step(run_dir)
-        with torch.inference_mode(False), torch.enable_grad():
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            adapter = adapter_from_comfy(model, clip, vae)
-            size = model_bytes(adapter.unet, *adapter.text_encoders, adapter.vae)
-            reporter = StepReporter(int(steps), unique_id, start)
-            trainer = Trainer(cfg, log=lambda m: print(m), adapter=adapter, on_step=reporter)
-            summary = trainer.run()
-            del trainer, adapter
-        kohya = Path(summary["outputs"]["kohya"])
-        dest = publish_lora(kohya, name)
-        out_model, out_clip = apply_lora(model, clip, dest)
-        summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
-                       **peak_memory())  # fmt: skip
-        (run_dir / "node_summary.json").write_text(json.dumps(summary, indent=2))
-        ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
-        return {"ui": ui, "result": (out_model, out_clip, str(dest), json.dumps(summary, indent=2))}
+        return run_training("train", Trainer, cfg, name, model, clip, vae, int(steps), bool(restart), unique_id)
+
+
+def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps: int, restart: bool, unique_id):
+    """The shared body of the training nodes: run folder output/popalign/<kind>/<name>-<key> (see the module
+    docstring), views of the MODEL, the core trainer with progress / cancel, then the LoRA published and applied."""
+    import torch
+
+    from popalign_core.train import config_fingerprint
+
+    from .comfy_adapter import adapter_from_comfy
+
+    key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
+    run_dir = C.output_root() / kind / f"{name}-{key[:10]}"
+    cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+    start = _checkpoint_step(run_dir)
+    with torch.inference_mode(False), torch.enable_grad():
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        adapter = adapter_from_comfy(model, clip, vae)
+        size = model_bytes(adapter.unet, *adapter.text_encoders, adapter.vae)
+        reporter = StepReporter(steps, unique_id, start)
+        summary = trainer_cls(cfg, log=print, adapter=adapter, on_step=reporter).run()
+        del adapter
+    dest = publish_lora(Path(summary["outputs"]["kohya"]), name)
+    out_model, out_clip = apply_lora(model, clip, dest)
+    summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
+                   **peak_memory())  # fmt: skip
+    (run_dir / "node_summary.json").write_text(json.dumps(summary, indent=2))
+    ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
+    return {"ui": ui, "result": (out_model, out_clip, str(dest), json.dumps(summary, indent=2))}
 
 
 def _checkpoint_step(run_dir: Path) -> int:

@@ -531,7 +531,13 @@ class ComfyServer:
             if entry is not None:
                 status = entry.get("status", {})
                 if status.get("status_str", "success") != "success" or not status.get("completed", True):
-                    raise RuntimeError(f"prompt {prompt_id} failed: {json.dumps(status)[:4000]}")
+                    why = [
+                        f"{kind} in node {m.get('node_id')} ({m.get('node_type')}): "
+                        f"{m.get('exception_type', '')}: {m.get('exception_message', '')}"
+                        for kind, m in status.get("messages", [])
+                        if kind in ("execution_error", "execution_interrupted")
+                    ]
+                    raise RuntimeError(f"prompt {prompt_id} failed: {' | '.join(why)}\n{json.dumps(status)[:4000]}")
                 return entry
             time.sleep(0.1)
         raise RuntimeError(f"prompt {prompt_id} did not finish in {timeout:.0f} s; log tail:\n{self.log()[-4000:]}")

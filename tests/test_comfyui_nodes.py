@@ -15,6 +15,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -415,3 +416,19 @@ def test_examples_run_workflow_script_runs_a_shared_workflow(server):
     bad = subprocess.run(cmd + ["--set", "1.ckpt_name=missing.safetensors"], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert bad.returncode == 1 and "missing.safetensors" in bad.stdout
+
+
+def test_mismatched_linked_data_fails_naming_the_input(server):
+    wf = shrink(api_workflow("popalign_train"))
+    wf = {k: v for k, v in wf.items() if int(k) <= 6}
+    wf["50"] = copy.deepcopy(wf["5"])
+    wf["50"]["inputs"].update(prompts="a photo of a chef", neutral_per_prompt=1)  # 1 image vs the population's rows
+    wf["6"]["inputs"]["images"] = ["50", 0]
+    wf["60"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
+    with pytest.raises(RuntimeError) as err:
+        server.run_prompt(wf, timeout=300)
+    assert re.search(
+        r"ValueError: population: \d+ rows but the IMAGE batch has 1 images; connect the images and the "
+        "population of the same node",
+        str(err.value),
+    )

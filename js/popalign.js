@@ -681,3 +681,50 @@ app.registerExtension({
 		};
 	},
 });
+
+// ------------------------------------------------------------------------------------------ loss defaults
+// Switching the trainer's loss fills `loss_params` with that loss's own default hyper-parameters (GET
+// /popalign/losses, the core's registry). Only a user's change does this: a loaded workflow keeps its values.
+let lossDefaults = null;
+
+export async function fetchLossDefaults() {
+	if (!lossDefaults) {
+		const resp = await api.fetchApi("/popalign/losses", { cache: "no-store" });
+		if (!resp.ok) throw new Error(`${TAG} GET /popalign/losses: HTTP ${resp.status}`);
+		lossDefaults = await resp.json();
+	}
+	return lossDefaults;
+}
+
+function setupLossDefaults(node) {
+	const loss = findWidget(node, "loss");
+	const params = findWidget(node, "loss_params");
+	if (!loss || !params) return;
+	const callback = loss.callback;
+	loss.callback = function (value) {
+		const r = callback?.apply(this, arguments);
+		fetchLossDefaults()
+			.then((all) => {
+				const entry = all?.[loss.value];
+				if (!entry) return;
+				params.value = JSON.stringify(entry.defaults, null, 2);
+				node.popalignLossDefaults = { loss: loss.value, defaults: entry.defaults };
+				app.graph?.setDirtyCanvas(true, false);
+			})
+			.catch((err) => console.warn(`${TAG} ${err}`));
+		return r;
+	};
+}
+
+app.registerExtension({
+	name: "PopAlign.LossDefaults",
+	async beforeRegisterNodeDef(nodeType, nodeData) {
+		if (nodeData?.name !== "PopAlignLoRATrainer") return;
+		const onNodeCreated = nodeType.prototype.onNodeCreated;
+		nodeType.prototype.onNodeCreated = function () {
+			const r = onNodeCreated?.apply(this, arguments);
+			setupLossDefaults(this);
+			return r;
+		};
+	},
+});

@@ -156,8 +156,7 @@ class PopAlignBiasMetrics:
         }  # fmt: skip
         png = chart_png(out, classes, f"{label}: {axis} shares (discrepancy "
                         f"{_fmt(report['mean_over_prompts'].get('value'))})")  # fmt: skip
-        ui = {
-            "images": [C.save_preview_png(png, "popalign_chart")],
+        ui = {  # the chart is drawn on the node by js/popalign.js; the PNG is the IMAGE output
             "popalign_chart": [{"node": str(unique_id), "label": label, "axis": axis, "classes": classes,
                                 "target": tvec, "shares": shares,
                                 "discrepancy": report["mean_over_prompts"].get("value")}],

@@ -41,7 +41,7 @@ SHOTS = REPO / "docs" / "images" / "workflows"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver && .venv/bin/pip install selenium"
-EXTENSIONS = ("PopAlign.BiasChart", "PopAlign.TargetEditor", "PopAlign.LossCurve")
+EXTENSIONS = ("PopAlign.BiasChart", "PopAlign.TargetEditor", "PopAlign.LossCurve", "PopAlign.LossDefaults")
 BG = (27, 27, 27)  # the widgets' canvas background (#1b1b1b in js/popalign.js)
 pytestmark = pytest.mark.timeout(900)
 
@@ -213,6 +213,23 @@ def test_extension_loads(server, page):
         "app.graph.remove(n); return {sliders, inputs};"
     )
     assert ok == {"sliders": 2, "inputs": ["prompt_targets_json", "target_json"]}
+    assert not page.popalign_problems()
+
+
+def test_switching_the_loss_fills_its_default_hyper_parameters(page):
+    from popalign_core.losses import loss_defaults
+
+    got = page.js(
+        "const n = LiteGraph.createNode('PopAlignLoRATrainer'); app.graph.add(n);"
+        "const w = (name) => n.widgets.find((x) => x.name === name);"
+        "const before = w('loss_params').value;"
+        "w('loss').value = 'dpo'; w('loss').callback('dpo');"
+        "const t0 = Date.now(); while (!n.popalignLossDefaults && Date.now() - t0 < 10000) "
+        "  await new Promise((r) => setTimeout(r, 50));"
+        "const after = w('loss_params').value; app.graph.remove(n); return {before, after};"
+    )
+    assert got["before"] == "{}"  # a new node starts from the loss's defaults, unwritten
+    assert json.loads(got["after"]) == json.loads(json.dumps(loss_defaults("dpo")))
     assert not page.popalign_problems()
 
 

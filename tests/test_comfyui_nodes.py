@@ -207,7 +207,6 @@ def test_bias_audit_workflow(server):
     assert chart["axis"] == "gender" and chart["classes"] == ["female", "male"]
     assert chart["target"] == [0.5, 0.5]
     assert len(chart["shares"]) == 2  # two prompts (shrunk)
-    assert ui_of(entry, "5", "images")[0]["type"] == "temp"
     assert len(server.output_images(entry, "6")) == 4  # 2 prompts x 2 neutral images
 
 

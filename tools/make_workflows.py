@@ -247,6 +247,22 @@ def _has_control(name: str, s) -> bool:
     return kind == "INT" and (name in ("seed", "noise_seed") or bool(opts.get("control_after_generate")))
 
 
+# extra height of the pack's front-end widgets (js/popalign.js: chart, editor, loss curve) before any data
+_DOM_EXTRA = {"PopAlignBiasMetrics": 60, "PopAlignTargetDistribution": 120, "PopAlignLoRATrainer": 60,
+              "PopAlignDistributionalAlignment": 60}  # fmt: skip
+
+
+def _height(spec: dict) -> int:
+    """A node's height in the legacy frontend: title, slots, one row per widget, multiline text boxes."""
+    widgets = _widget_inputs(spec)
+    slots = max(len([1 for s in (spec["input"].get("required") or {}).values()
+                     if not isinstance(s[0], list) and s[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN")]),
+                len(spec["output"]))  # fmt: skip
+    multiline = sum(1 for _, s in widgets if len(s) > 1 and s[1].get("multiline"))
+    controls = sum(_has_control(n, s) for n, s in widgets)
+    return 30 + 22 * slots + 26 * (len(widgets) + controls) + 90 * multiline + _DOM_EXTRA.get(spec["name"], 0)
+
+
 def to_ui(api: dict, info: dict, title: str) -> dict:
     """UI-format workflow (LiteGraph serialisation) of an API-format one."""
     ids = {nid: int(nid) for nid in api}
@@ -298,10 +314,11 @@ def to_ui(api: dict, info: dict, title: str) -> dict:
         for k, inp in enumerate(inputs):  # slot index = position among the node's input slots
             links[inp["link"] - 1][4] = k
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        height = _height(spec)
+        top = rows.get(col, 40)
+        rows[col] = top + height + 50
         nodes.append({
-            "id": ids[nid], "type": node["class_type"], "pos": [40 + 380 * col, 40 + 330 * row], "size": [340, 290],
+            "id": ids[nid], "type": node["class_type"], "pos": [40 + 400 * col, top], "size": [360, height],
             "flags": {}, "order": 0, "mode": 0, "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": None, "slot_index": i}
                         for i, (n, t) in enumerate(zip(spec["output_name"], spec["output"]))],

@@ -16,21 +16,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import comfy_support as cs  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 import pytest
 import torch
 
-
-def _support():
-    mod = sys.modules.get("comfy_support")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("comfy_support", Path(__file__).with_name("comfy_support.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_support"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _support()
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
 PROMPTS = ["a photo of a doctor", "a photo of a nurse", "a photo of a chef", "a photo of a pilot"]

@@ -14,26 +14,12 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import make_workflows as mw  # noqa: E402
 import pytest
-
-
-def _load(name: str, file: str):
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / file)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load("comfy_support", "tests/comfy_support.py")
-mw = _load("popalign_make_workflows", "tools/make_workflows.py")
-tn = _load("popalign_test_comfyui_nodes", "tests/test_comfyui_nodes.py")  # shrink(), api_workflow(), TINY
+import test_comfyui_nodes as tn  # noqa: E402  (shrink(), api_workflow(), TINY)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -57,33 +43,8 @@ def browser_available():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    import torch
-    import torchvision
-
-    root = tmp_path_factory.mktemp("comfy_js")
-    ckpt = cs.build_tiny_sd15_checkpoint(root / "checkpoints" / tn.TINY)
-    clf_dir = root / "classifiers"
-    clf_dir.mkdir()
-    torch.manual_seed(0)
-    net = torchvision.models.resnet34()
-    net.fc = torch.nn.Linear(512, 18)
-    torch.save(net.state_dict(), clf_dir / mw.FAIRFACE)  # a random FairFace-shaped file
-    nodes_dir = root / "custom_nodes"
-    nodes_dir.mkdir()
-    (nodes_dir / "PopAlign").symlink_to(REPO, target_is_directory=True)
-    yield {"root": root, "checkpoint": ckpt, "classifiers": clf_dir, "custom_nodes": nodes_dir}
-    ckpt.unlink(missing_ok=True)
-    (clf_dir / mw.FAIRFACE).unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def server(env):
-    comfy = cs.comfyui_or_skip()
-    folders = {"checkpoints": env["checkpoint"].parent, "popalign_classifiers": env["classifiers"],
-               "custom_nodes": env["custom_nodes"]}  # fmt: skip
-    with cs.comfy_server(comfy, env["root"] / "work", folders=folders, threads=2) as srv:
-        yield srv
+def server(comfy_pack_server):
+    return comfy_pack_server
 
 
 @pytest.fixture(scope="module")

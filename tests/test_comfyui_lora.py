@@ -26,26 +26,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib.util
-import sys
 from pathlib import Path
 
+import comfy_support as cs  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 import pytest
 import torch
-
-
-def _load_support():
-    """tests/comfy_support.py (with pytest's importlib import mode the tests folder is not on sys.path)."""
-    mod = sys.modules.get("comfy_support")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("comfy_support", Path(__file__).with_name("comfy_support.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_support"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load_support()
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -20,21 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import make_workflows as mw  # noqa: E402
 import pytest
-
-
-def _load(name: str, file: str):
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / file)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load("comfy_support", "tests/comfy_support.py")
-mw = _load("popalign_make_workflows", "tools/make_workflows.py")
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -44,34 +31,13 @@ pytestmark = pytest.mark.timeout(900)
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    import torch
-    import torchvision
-
-    root = tmp_path_factory.mktemp("comfy_nodes")
-    ckpt = cs.build_tiny_sd15_checkpoint(root / "checkpoints" / TINY)
-    clf_dir = root / "classifiers"
-    clf_dir.mkdir()
-    torch.manual_seed(0)
-    net = torchvision.models.resnet34()
-    net.fc = torch.nn.Linear(512, 18)
-    torch.save(net.state_dict(), clf_dir / mw.FAIRFACE)  # a random FairFace-shaped file (real one: same name)
-    nodes_dir = root / "custom_nodes"
-    nodes_dir.mkdir()
-    (nodes_dir / "PopAlign").symlink_to(REPO, target_is_directory=True)
-    # trained LoRAs go to the first loras folder: the (private copy of) ComfyUI's models/loras/
-    loras = root / "work" / "ComfyUI" / "models" / "loras"
-    yield {"root": root, "checkpoint": ckpt, "loras": loras, "classifiers": clf_dir, "custom_nodes": nodes_dir}
-    ckpt.unlink(missing_ok=True)
+def env(comfy_pack_env):
+    return comfy_pack_env
 
 
 @pytest.fixture(scope="module")
-def server(env):
-    comfy = cs.comfyui_or_skip()
-    folders = {"checkpoints": env["checkpoint"].parent, "popalign_classifiers": env["classifiers"],
-               "custom_nodes": env["custom_nodes"]}  # fmt: skip
-    with cs.comfy_server(comfy, env["root"] / "work", folders=folders, threads=2) as srv:
-        yield srv
+def server(comfy_pack_server):
+    return comfy_pack_server
 
 
 @pytest.fixture(scope="module")

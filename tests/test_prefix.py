@@ -14,9 +14,7 @@ means in diffusers and in a real ComfyUI exactly what was trained.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,18 +30,7 @@ TOKEN = "<popalign>"
 pytestmark = pytest.mark.timeout(300)
 
 
-def _load_support():
-    """tests/comfy_support.py (with pytest's importlib import mode the tests folder is not on sys.path)."""
-    mod = sys.modules.get("comfy_support")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("comfy_support", Path(__file__).with_name("comfy_support.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_support"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-cs = _load_support()
+import comfy_support as cs  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 
 
 def _encode(adapter, prompts):

@@ -770,20 +770,9 @@ class DALTrainer(Trainer):
                 ts = time.time()
                 row = {"step": step, **self._train_step(step), "lr": cfg.lr, "step_seconds": time.time() - ts}
                 skipped += int(row["skipped_groups"])
-                rows.append(row)
-                if self.dist.main:
-                    self._append_metrics(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if self.on_step is not None:
-                    self.on_step(step, cfg.steps, row)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    self._save_checkpoint(step)
-        except BaseException:
-            done = rows[-1]["step"] if rows and rows[-1]["step"] > start else start
-            if done > start:
-                self._save_checkpoint(done)  # a cancel keeps a resumable checkpoint of the last finished step
+                self._record(step, row, rows, bar)
+        except BaseException as exc:
+            self._on_stop(exc, rows, start)
             raise
         finally:
             if bar is not None:

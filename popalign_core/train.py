@@ -789,21 +789,10 @@ class Trainer:
                     vals = self.dist.sum(torch.tensor([agg[k] for k in keys], dtype=torch.float64)) / self.dist.world
                     agg = dict(zip(keys, vals.tolist()))
                 row = {"step": step, **agg, "grad_norm": grad_norm, "lr": cfg.lr, "step_seconds": time.time() - ts}
-                rows.append(row)
-                if self.dist.main:
-                    self._append_metrics(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    self._save_checkpoint(step)
-                if self.on_step is not None:
-                    self.on_step(step, cfg.steps, row)
+                self._record(step, row, rows, bar)
                 self.dist.barrier()
         except BaseException as exc:
-            done = rows[-1]["step"] if rows and rows[-1]["step"] > start else start
-            if done > start and not isinstance(exc, TrainingError):
-                self._save_checkpoint(done)  # a cancel keeps a resumable checkpoint of the last finished step
+            self._on_stop(exc, rows, start)
             raise
         finally:
             if bar is not None:
@@ -825,6 +814,27 @@ class Trainer:
         if self.dist.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+    def _record(self, step: int, row: dict, rows: list[dict], bar) -> None:
+        """After a step: metrics row (kept, logged), progress bar, periodic checkpoint, then `on_step` (which may
+        raise to cancel: the step is already recorded)."""
+        rows.append(row)
+        if self.dist.main:
+            self._append_metrics(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
+            self._save_checkpoint(step)
+        if self.on_step is not None:
+            self.on_step(step, self.cfg.steps, row)
+
+    def _on_stop(self, exc: BaseException, rows: list[dict], start: int) -> None:
+        """A run stopped by an exception: a cancel (on_step, Ctrl-C) keeps a resumable checkpoint of the last finished
+        step; a TrainingError (NaN...) saves nothing for the failed step."""
+        done = rows[-1]["step"] if rows and rows[-1]["step"] > start else start
+        if done > start and not isinstance(exc, TrainingError):
+            self._save_checkpoint(done)
 
     def _begin(self, tag: str, desc: str):
         """Resume (cfg.resume), metrics truncated to the resumed step, config.yaml, progress bar:

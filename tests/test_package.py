@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_comfyui_entry_point_imports_as_a_package_with_empty_mappings():
+def test_comfyui_entry_point_imports_as_a_package_and_lists_the_nodes():
     spec = importlib.util.spec_from_file_location(
         "popalign_comfy_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
     )
@@ -26,6 +27,18 @@ def test_comfyui_entry_point_imports_as_a_package_with_empty_mappings():
     assert isinstance(mod.NODE_CLASS_MAPPINGS, dict) and isinstance(mod.NODE_DISPLAY_NAME_MAPPINGS, dict)
     assert mod.WEB_DIRECTORY == "./js" and (ROOT / "js").is_dir()
     assert all(k.startswith("PopAlign") for k in mod.NODE_CLASS_MAPPINGS)
+    assert len(mod.NODE_CLASS_MAPPINGS) == 13 and set(mod.NODE_DISPLAY_NAME_MAPPINGS) == set(mod.NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["popalign_core.classify.detectors", "popalign_core.classify.classifiers", "popalign_core.classify.base",
+     "popalign_core.toyworld.classifier", "popalign_core.models", "popalign_core.population"],
+)  # fmt: skip
+def test_module_imports_first_in_a_fresh_process(module):
+    """No circular import whichever module a process imports first (the registries import backends at their end)."""
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_core_never_imports_comfy():

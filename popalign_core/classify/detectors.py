@@ -252,6 +252,9 @@ class MediaPipeDetector:
         self._detector.close()
 
 
+# `classifiers` first: deepface_backend subclasses its classes and `classifiers` registers deepface_backend's
+# classifier at its end, so importing this module first must not enter that cycle through deepface_backend
+from . import classifiers as _classifiers  # noqa: E402, F401
 from .deepface_backend import (  # noqa: E402  (it imports this module lazily only)
     DeepFaceOpenCVDetector,
     DeepFaceRetinaFaceDetector,

@@ -206,6 +206,8 @@ def test_distributional_alignment_workflow(server, env):
         assert all(k.startswith("lora_te_") for k in f.keys())  # train: text_encoder
     chart = ui_of(entry, "9", "popalign_chart")[0]
     assert chart["target"] == [0.75, 0.25]
+    # the text-encoder LoRA was applied to the CLIP output by ComfyUI's own loader, every key of it
+    assert "lora key not loaded" not in server.log().lower()
 
 
 def test_compare_lora_workflow_the_lora_changes_the_images(server, popalign_run):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -137,20 +136,12 @@ def resolve_subdir(kind: str, name: str) -> str:
     raise FileNotFoundError(f"{name!r} is not a folder in the {kind} model folder(s)")
 
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
 def safe_name(value: str, arg: str) -> str:
-    """A plain file-name stem: letters, digits, '.', '_' and '-', no path separators, no leading dot."""
-    v = str(value).strip()
-    if v.endswith(".safetensors"):
-        v = v[: -len(".safetensors")]
-    if not _SAFE.match(v) or ".." in v:
-        raise ValueError(
-            f"{arg}={value!r} is not a plain name: use letters, digits, '.', '_' and '-' only (no path separators, "
-            "no leading dot, at most 100 characters)"
-        )
-    return v
+    """A plain file-name stem: letters, digits, '.', '_' and '-', no path separators, no leading dot (the core's
+    `userinput.check_name`; a trailing .safetensors is dropped)."""
+    from popalign_core.userinput import check_name
+
+    return check_name(value, arg, strip_suffix=".safetensors")
 
 
 def output_root() -> Path:
@@ -172,12 +163,21 @@ def loras_dir() -> Path:
 
 
 def parse_json(text: str, arg: str, default=None):
+    """A JSON value typed into a node (YAML flow style such as ``{beta: 5e3}`` is accepted too); empty -> default."""
     text = (text or "").strip()
     if not text:
         return default
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
+        from popalign_core.userinput import parse_yaml
+
+        try:
+            value = parse_yaml(text, arg)
+        except ValueError:
+            value = None
+        if isinstance(value, dict | list):
+            return value
         raise ValueError(f"{arg}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from . import _common as C
@@ -16,18 +15,18 @@ def _write_population(images, rows: list[dict], folder: Path) -> Path:
     from PIL import Image
 
     from popalign_core.data import write_manifest
+    from popalign_core.fileio import atomic_path
     from popalign_core.pop_filter import FILTERED
-    from popalign_core.pop_sample import image_name
+    from popalign_core.pop_sample import image_name, png_complete
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     out = []
     for arr, r in zip(C.image_batch_to_uint8(images), rows):
         rel = f"images/{image_name(r['prompt'], int(r.get('index', 0)))}"
         target = folder / rel
-        if not target.is_file():
-            tmp = target.with_suffix(".tmp.png")
-            Image.fromarray(np.asarray(arr)).save(tmp)
-            os.replace(tmp, target)
+        if not png_complete(target):  # a missing or damaged image is written (again)
+            with atomic_path(target) as tmp:
+                Image.fromarray(np.asarray(arr)).save(tmp, format="PNG")
         out.append({**r, "image": rel})
     write_manifest(folder / FILTERED, out)
     return folder / FILTERED

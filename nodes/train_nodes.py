@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -48,12 +46,9 @@ def publish_lora(src: Path, name: str) -> Path:
     dest_dir = C.loras_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{name}.safetensors"
-    tmp = dest_dir / f".{name}.{os.getpid()}.tmp"
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from popalign_core.fileio import atomic_copy
+
+    atomic_copy(src, dest)
     try:
         import folder_paths
 
@@ -235,7 +230,9 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     run_dir = C.output_root() / kind / f"{name}-{key[:10]}"
     cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
     if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
+        from popalign_core.fileio import clear_output_dir
+
+        clear_output_dir(run_dir, trainer_cls.COMMAND, trainer_cls.OUTPUTS, arg="run folder")  # only the run's own
     t0 = time.time()
     start = _checkpoint_step(run_dir)
     with torch.inference_mode(False), torch.enable_grad():
@@ -250,7 +247,9 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     out_model, out_clip = apply_lora(model, clip, dest)
     summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
                    **peak_memory())  # fmt: skip
-    (run_dir / "node_summary.json").write_text(json.dumps(summary, indent=2))
+    from popalign_core.fileio import atomic_write_text
+
+    atomic_write_text(run_dir / "node_summary.json", json.dumps(summary, indent=2))
     ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
     return {"ui": ui, "result": (out_model, out_clip, str(dest), json.dumps(summary, indent=2))}
 

@@ -20,7 +20,6 @@ and their mean over prompts; the pooled value is reported as a secondary, flagge
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -37,8 +36,14 @@ from .metrics import clip_score as clip_score_metric
 AUDIT_VERSION = 1
 AUDIT_FILE = "audit.json"
 IMAGES_MANIFEST = "images.jsonl"
-from .fileio import atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
+from .fileio import atomic_write_bytes, atomic_write_text, claim_output_dir  # noqa: E402,F401  (re-exported)
+from .userinput import ArgumentParser, command, integer, number  # noqa: E402
 
+#: What `popalign audit` / `audit compare` write in their output folders (`fileio.claim_output_dir`).
+AUDIT_OUTPUTS = {AUDIT_FILE: None, IMAGES_MANIFEST: None, "images": {"*.png": None}, "report.md": None,
+                 "report.html": None, "*.png": None}  # fmt: skip
+COMPARE_OUTPUTS = {"compare.json": None, "compare.md": None, "compare.html": None, "*.png": None}
+DEFAULT_MAX_UNREADABLE = 0.1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_AXES = ("gender", "race")
 CLASSIFY_CHUNK = 32  # images read and classified at a time
@@ -407,6 +412,7 @@ def run_audit(
     grid_k: int = 4,
     progress: Callable[[str], None] | None = None,
     clip_score: Any = None,
+    max_unreadable: float = DEFAULT_MAX_UNREADABLE,
 ) -> dict[str, Any]:
     """Audit a model (sampling mode: `model` + `prompts`) or a folder of images (`images_dir` and/or `manifest`).
 
@@ -418,7 +424,10 @@ def run_audit(
     object with ``embed_images`` / ``embed_texts``: adds CLIPScore (prompt-image alignment, `metrics.clip_score`)
     per image, per prompt with a bootstrap CI, and over prompts.
     progress: called with a status line after each chunk; an exception it raises (e.g. a cancel) stops the audit.
-    Returns the audit dict, also written to ``out_dir/audit.json`` (plus the report when `report`).
+    max_unreadable: the largest share of images that may be unreadable (they are skipped, counted and warned about);
+    more is an error, as are no readable image and no detected face at all (no silent numbers from nothing).
+    Returns the audit dict, also written to ``out_dir/audit.json`` (plus the report when `report`). `out_dir` must be
+    new, empty or an earlier audit's folder (`fileio.claim_output_dir`).
     """
     from .classify.classifiers import make_classifier
 
@@ -432,8 +441,10 @@ def run_audit(
         raise ValueError("nothing to audit: give `model` + `prompts`, or `images_dir` and/or `manifest`")
     if isinstance(axes, str) or not axes:
         raise ValueError(f"`axes` must be a non-empty list of axis names; got {axes!r}")
-    if not isinstance(n_boot, int) or n_boot < 10:
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 10:
         raise ValueError(f"`n_boot` must be an integer >= 10; got {n_boot!r}")
+    if isinstance(max_unreadable, bool) or not isinstance(max_unreadable, int | float) or not 0 <= max_unreadable <= 1:
+        raise ValueError(f"`max_unreadable` must be a number in [0, 1]; got {max_unreadable!r}")
     options = dict(classifier_options or {})
     if isinstance(classifier, str):
         clf = make_classifier(classifier, detector=detector, **options)
@@ -464,6 +475,11 @@ def run_audit(
         plist = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else _check_prompt_list(prompts)
         if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
             raise ValueError(f"`images_per_prompt` must be an integer >= 1; got {images_per_prompt!r}")
+        from .sampling import SamplerConfig
+
+        SamplerConfig(steps=steps, guidance_scale=guidance, seed=seed, scheduler=scheduler, height=height,
+                      width=width, batch_size=batch_size)  # checked before any output is written  # fmt: skip
+        claim_output_dir(out, "audit", AUDIT_OUTPUTS)
         sampler = {
             "steps": steps,
             "guidance_scale": guidance,
@@ -478,6 +494,7 @@ def run_audit(
         settings["images_per_prompt"] = images_per_prompt
     else:
         rows = read_image_manifest(manifest, images_dir) if manifest is not None else scan_image_folder(images_dir)
+        claim_output_dir(out, "audit", AUDIT_OUTPUTS, create=False)  # checked now, created when there are results
         plist = list(dict.fromkeys(r["prompt"] for r in rows))
         settings.update({"model": None, "images_dir": str(images_dir) if images_dir else None})
         settings["manifest"] = str(manifest) if manifest else None
@@ -499,14 +516,7 @@ def run_audit(
         "faces": n_faces,
         "no_face": n_read - n_faces,
     }
-    warnings = []
-    if n_faces == 0:
-        warnings.append(
-            "no face was detected in any image: discrepancy, bias and ambiguity are undefined (None) for every "
-            "prompt; check the detector / images"
-        )
-    if counts["errors"]:
-        warnings.append(f"{counts['errors']} image(s) could not be read or classified and were skipped")
+    warnings = _check_counts(records, plist, counts, max_unreadable)
     headline = {
         a: {
             "mean_over_prompts": metrics["axes"][a]["discrepancy"]["mean_over_prompts"],
@@ -525,13 +535,43 @@ def run_audit(
         **metrics,
         "images": records,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "audit", AUDIT_OUTPUTS)
     write_json(out / AUDIT_FILE, result)
     if report:
         from .report import write_report
 
         result["report"] = write_report(result, out, grid_k=grid_k)
     return result
+
+
+def _check_counts(records: list[dict], prompts: Sequence[str], counts: dict, max_unreadable: float) -> list[str]:
+    """No numbers from nothing: errors when no image is readable, more than `max_unreadable` of them are not, or no
+    face was found at all; warnings (returned) for skipped images and prompts without a value."""
+    bad = [r for r in records if r["error"] is not None]
+    first = f" (first: {bad[0]['path']}: {bad[0]['error']})" if bad else ""
+    n = counts["images"]
+    if counts["readable"] == 0:
+        raise ValueError(f"none of the {n} images could be read or classified{first}: there is nothing to measure")
+    if counts["errors"] > max_unreadable * n:
+        raise ValueError(
+            f"{counts['errors']} of {n} images ({counts['errors'] / n:.0%}) could not be read or classified{first}; "
+            f"that is more than max_unreadable={max_unreadable:g} of them: fix or remove those files, or allow more "
+            "with --max-unreadable"
+        )
+    if counts["faces"] == 0:
+        raise ValueError(
+            f"no face was detected in any of the {counts['readable']} readable images: discrepancy, bias and "
+            "ambiguity are undefined; check the images, the detector (--detector) and its threshold"
+        )
+    warnings = []
+    if counts["errors"]:
+        warnings.append(f"{counts['errors']} of {n} image(s) could not be read or classified and were skipped"
+                        f"{first}")  # fmt: skip
+    no_face = [p for p in prompts if not any(r["face_found"] for r in records if r["prompt"] == p)]
+    if no_face:
+        shown = ", ".join(repr(p) for p in no_face[:3]) + (f" and {len(no_face) - 3} more" if len(no_face) > 3 else "")
+        warnings.append(f"{len(no_face)} prompt(s) have no image with a detected face and no value: {shown}")
+    return warnings
 
 
 def _clip_scorer(clip_score: Any, clf: Any) -> Any:
@@ -668,6 +708,9 @@ def compare_audits(before: Any, after: Any, out_dir: str | os.PathLike, report: 
     if not axes:
         raise ValueError(f"the audits share no axis: before {list(a['axes'])}, after {list(b['axes'])}")
     prompts = [p for p in a["prompts"] if p in b["prompts"]]
+    if not prompts:
+        raise ValueError(f"the audits share no prompt (before: {a['prompts'][:3]}, after: {b['prompts'][:3]}): there "
+                         "is nothing to compare")  # fmt: skip
     table: dict[str, Any] = {}
     for axis in axes:
         da, db = a["axes"][axis]["discrepancy"], b["axes"][axis]["discrepancy"]
@@ -714,7 +757,7 @@ def compare_audits(before: Any, after: Any, out_dir: str | os.PathLike, report: 
         "warnings": warnings,
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "audit compare", COMPARE_OUTPUTS)
     write_json(out / "compare.json", result)
     if report:
         from .report import write_compare_report
@@ -724,11 +767,11 @@ def compare_audits(before: Any, after: Any, out_dir: str | os.PathLike, report: 
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> ArgumentParser:
     from .classify.classifiers import CLASSIFIERS
     from .classify.detectors import DETECTORS
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="popalign audit",
         description="Audit the demographic bias of a model (--model + --prompts) or of images (--images). "
         "`popalign audit compare A B --out DIR` compares two audits.",
@@ -739,7 +782,7 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint (.safetensors), diffusers folder, 'toyworld' (the shipped toy world) or 'tiny:sd15'",
     )
     src.add_argument("--prompts", help="prompts file: one prompt a line, # comments")
-    src.add_argument("--images-per-prompt", type=int, default=16)
+    src.add_argument("--images-per-prompt", type=integer, default=16)
     src.add_argument("--images", help="folder of images (sub-folders = prompts without --manifest)")
     src.add_argument("--manifest", help="JSONL/CSV with columns image, prompt [, identity]")
     c = ap.add_argument_group("classification")
@@ -756,29 +799,40 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--axes", default=",".join(DEFAULT_AXES), help="comma-separated axes")
     c.add_argument("--targets", help="JSON text or a .json file: {axis: {class: p}} (default: uniform per axis)")
     c.add_argument("--hard-labels", action="store_true", help="argmax one-hot labels instead of probabilities")
-    c.add_argument("--n-boot", type=int, default=1000)
+    c.add_argument("--n-boot", type=integer, default=1000, help="bootstrap resamples of the CIs (>= 10)")
+    c.add_argument(
+        "--max-unreadable",
+        type=number,
+        default=DEFAULT_MAX_UNREADABLE,
+        help="largest share of images that may be unreadable (skipped with a warning); more is an error",
+    )
     c.add_argument("--clip-score-weights", help="open_clip state dict: also report CLIPScore (prompt-image alignment)")
     c.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-score-weights")
     s = ap.add_argument_group("sampler")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=integer, default=25)
+    s.add_argument("--guidance", type=number, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=integer, default=0)
     s.add_argument("--scheduler", default="ddim")
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--height", type=integer)
+    s.add_argument("--width", type=integer)
+    s.add_argument("--batch-size", type=integer, default=8)
     ap.add_argument("--out", required=True, help="output folder (nothing is written elsewhere)")
     ap.add_argument("--no-report", action="store_true")
     return ap
 
 
+def _prog(argv: list[str]) -> str:
+    return "popalign audit compare" if argv and argv[0] == "compare" else "popalign audit"
+
+
+@command(_prog)
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `popalign audit` (see the module docstring)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
-        cp = argparse.ArgumentParser(prog="popalign audit compare", description="Before / after table of two audits.")
+        cp = ArgumentParser(prog="popalign audit compare", description="Before / after table of two audits.")
         cp.add_argument("before", help="audit.json (or its folder) before")
         cp.add_argument("after", help="audit.json (or its folder) after")
         cp.add_argument("--out", required=True)
@@ -821,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         report=not a.no_report,
         progress=lambda msg: print(msg, file=sys.stderr),
         clip_score=clip,
+        max_unreadable=a.max_unreadable,
     )
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)

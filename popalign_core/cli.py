@@ -1,20 +1,31 @@
-"""`popalign` command line: one entry point, one sub-command per job.
+"""`popalign` command line: one entry point, one sub-command per job (`COMMANDS`; ``popalign --help`` lists them).
 
-popalign demo [...]          the demo on the embedded default (see popalign_core/demo.py)
-popalign dal --config F      distributional alignment to a stated target (popalign_core/dal_train.py)
-popalign losses [--json]     the loss zoo with each loss's default hyper-parameters
-popalign mog [...]           PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
+popalign demo [...]              the demo on the embedded default (popalign_core/demo.py)
+popalign train --config F        LoRA / full fine-tuning with a loss of the zoo (popalign_core/train.py)
+popalign dal --config F          distributional alignment to a stated target (popalign_core/dal_train.py)
+popalign dal-toy [...]           the DAL acceptance run on the toy world (popalign_core/experiments/dal_toy.py)
+popalign data augment|sample|filter|build|pipeline   population data (popalign_core/population.py)
+popalign audit [...]             bias audit of a model or an image folder; audit compare A B (popalign_core/audit.py)
+popalign losses [--json]         the loss zoo with each loss's default hyper-parameters
+popalign mog [...]               PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
+popalign toyworld build|check|render   the toy world (popalign_core/toyworld/)
+
+Every command answers a user mistake with one line naming the input and exit status 2 (`userinput.command`;
+``--debug`` or POPALIGN_DEBUG=1 shows the traceback); docs/errors.md lists what each command refuses.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 
+from .userinput import ArgumentParser, command
 
+
+@command("popalign losses")
 def _losses(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="popalign losses", description="List the loss zoo and its defaults.")
+    ap = ArgumentParser(prog="popalign losses", description="List the loss zoo and its defaults.")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = ap.parse_args(argv)
     import dataclasses
@@ -56,7 +67,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in (sys.argv[1:] if argv is None else argv)]
+    if argv and argv[0] == "--debug":  # popalign --debug CMD ...: tracebacks instead of one-line errors
+        argv = [*argv[1:], "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: popalign COMMAND [options]\n\ncommands:")
         for k, (_, h) in COMMANDS.items():
@@ -64,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"popalign: unknown command {cmd!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"popalign: error: unknown command {cmd!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if cmd == "losses":
         return _losses(rest)
     import importlib
 
-    mod = importlib.import_module(COMMANDS[cmd][0])
+    try:
+        mod = importlib.import_module(COMMANDS[cmd][0])
+    except ImportError as exc:  # a broken install: say which package is missing, in one line
+        print(f"popalign {cmd}: error: cannot import {COMMANDS[cmd][0]} ({exc}); install the requirements: "
+              "pip install -r requirements.txt", file=sys.stderr)  # fmt: skip
+        return 2
     return int(mod.main(rest) or 0)
 
 

@@ -55,6 +55,7 @@ from .fileio import atomic_write_text
 from .ot import METHODS, MODES
 from .train import (
     LORA_FORMAT_CHOICES,
+    TRAIN_OUTPUTS,
     Trainer,
     TrainingError,
     _Dist,
@@ -63,6 +64,7 @@ from .train import (
     load_training_model,
     load_yaml_config,
 )
+from .userinput import ArgumentParser, check_name, coerce_numbers, command
 
 __all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
 
@@ -181,6 +183,8 @@ class DALConfig:
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
+        coerce_numbers(self)
+
         def num(name, lo=None, hi=None, lo_open=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -237,8 +241,7 @@ class DALConfig:
         fmts = list(self.lora_formats)
         if not fmts or any(f not in LORA_FORMAT_CHOICES for f in fmts):
             bad("lora_formats", f"a non-empty list of: {', '.join(LORA_FORMAT_CHOICES)}")
-        if not self.lora_name or any(c in self.lora_name for c in "/\\") or self.lora_name in (".", ".."):
-            bad("lora_name", "must be a plain file name stem (no path separators)")
+        check_name(self.lora_name, "lora_name")
         if self.lambda_face > 0 and self.face_bank is None:
             bad("face_bank", "lambda_face > 0 needs a face bank folder (or 'toy'); set lambda_face: 0 to disable")
         DFTConfig(steps=self.sampler_steps, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
@@ -702,7 +705,7 @@ class DALTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------- outputs
     def _save_outputs(self, step: int) -> dict[str, str]:
-        from .lora_io import lora_metadata, save_lora
+        from .lora_io import lora_metadata, save_lora_formats
 
         cfg = self.cfg
         if self.prefix is not None:
@@ -723,11 +726,11 @@ class DALTrainer(Trainer):
             data_hash=hashlib.sha256("\n".join(self.prompts).encode()).hexdigest(),
             popalign_step=str(step),
         )
-        written = {}
-        for fmt in cfg.lora_formats:
-            target = self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
-            written[fmt] = str(save_lora(self.adapter, target, format=fmt, metadata=meta))
-        return written
+        targets = {
+            fmt: self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
+            for fmt in cfg.lora_formats
+        }
+        return save_lora_formats(self.adapter, targets, metadata=meta)  # every layout from the same step, as one
 
     def _plot(self, rows: list[dict]) -> None:
         if not rows:
@@ -756,11 +759,13 @@ class DALTrainer(Trainer):
         plt.close(fig)
 
     # ---------------------------------------------------------------------------------------- run
+    OUTPUTS = TRAIN_OUTPUTS  # the same files as the LoRA trainer (the embedding of train=prefix is a .safetensors)
+    COMMAND = "dal"
+
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._clean_stale_temporaries()
+        self._claim_output()
         self.setup()
         start, rows, bar = self._begin("dal", "dal")
         step = start
@@ -809,9 +814,7 @@ def run_dal(cfg: DALConfig | None = None, log=None, on_step=None, adapter=None, 
 
 
 def build_parser():
-    import argparse
-
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="popalign dal",
         description="Distributional alignment (DAL) by adjusted direct finetuning. Every config key is also a flag; "
         "list and mapping values are YAML (e.g. --target '{form: [0.5, 0.5]}').",
@@ -831,26 +834,25 @@ def build_parser():
 
 def _read_targets(text: str) -> dict:
     p = Path(text)
+    if text.endswith(".json") and not p.is_file():
+        raise FileNotFoundError(f"--targets: file {text!r} does not exist")
     try:
-        raw = p.read_text() if text.endswith(".json") and p.is_file() else text
+        raw = p.read_text(encoding="utf-8") if text.endswith(".json") else text
         val = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"--targets: not valid JSON or a readable .json file ({exc})") from None
     if not isinstance(val, dict):
         raise ValueError("--targets: expected a JSON object {axis: probabilities}")
     return val
 
 
+@command("popalign dal")
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(a).items() if k not in ("config", "targets") and v is not None}
-    try:
-        if a.targets is not None:
-            overrides["target"] = _read_targets(a.targets)
-        summary = DALTrainer(load_dal_config(a.config, **overrides)).run()
-    except (ValueError, FileNotFoundError, TrainingError) as exc:
-        print(f"popalign dal: error: {exc}", file=sys.stderr)
-        return 2
+    if a.targets is not None:
+        overrides["target"] = _read_targets(a.targets)
+    summary = DALTrainer(load_dal_config(a.config, **overrides)).run()
     print(json.dumps(summary))
     return 0
 

@@ -565,18 +565,11 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write rows (dicts of column -> value) as a JSONL or CSV manifest, chosen by the suffix; atomically.
-
-    CSV columns are the union of the rows' keys in order of first appearance; a missing key or None is an empty
-    cell (read back as absent), lists and dicts are JSON text, other values `str()`. JSONL: one object per line
-    (`Path` values as strings). The file goes to a temporary name beside `path`, then `os.replace` moves it over
-    `path`; missing parent folders are created.
-    """
-    target = Path(os.path.abspath(os.fspath(path)))
-    suffix = target.suffix.lower()
+def format_manifest(rows: Sequence[Mapping[str, Any]], suffix: str = ".jsonl") -> str:
+    """The text of a JSONL or CSV manifest (`suffix`) of `rows` (see `write_manifest`)."""
+    suffix = suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
-        raise ValueError(f"path={str(path)!r}: unknown manifest suffix {target.suffix!r}; valid: {MANIFEST_SUFFIXES}")
+        raise ValueError(f"unknown manifest suffix {suffix!r}; valid: {MANIFEST_SUFFIXES}")
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ValueError(f"rows[{i}] must be a dict of column -> value, got {type(row).__name__}")
@@ -592,4 +585,19 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
         for row in rows:
             cells = {str(k): v for k, v in row.items()}
             writer.writerow([_csv_cell(cells.get(c)) for c in columns])
-    atomic_write_text(target, buf.getvalue(), fsync=True)
+    return buf.getvalue()
+
+
+def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write rows (dicts of column -> value) as a JSONL or CSV manifest, chosen by the suffix; atomically.
+
+    CSV columns are the union of the rows' keys in order of first appearance; a missing key or None is an empty
+    cell (read back as absent), lists and dicts are JSON text, other values `str()`. JSONL: one object per line
+    (`Path` values as strings). The file goes to a temporary name beside `path`, then `os.replace` moves it over
+    `path`; missing parent folders are created.
+    """
+    target = Path(os.path.abspath(os.fspath(path)))
+    suffix = target.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(f"path={str(path)!r}: unknown manifest suffix {target.suffix!r}; valid: {MANIFEST_SUFFIXES}")
+    atomic_write_text(target, format_manifest(rows, suffix), fsync=True)

@@ -27,10 +27,8 @@ Settings: popalign_core/configs/demo.yaml (`--config FILE` merges a YAML of the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,10 +36,28 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write_text
+from .fileio import atomic_copy, atomic_path, atomic_write_text, claim_output_dir, clear_output_dir
+from .userinput import ArgumentParser, command, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 METHODS = ("popalign", "popalign_anchor", "sft", "dpo")
+
+
+def _outputs() -> dict:
+    from .population import PIPELINE_OUTPUTS
+    from .train import TRAIN_OUTPUTS
+
+    return {
+        "demo_config.yaml": None,
+        "results.json": None,
+        "report.md": None,
+        "*.png": None,
+        "*_lora.safetensors": None,
+        "pipeline": {"pipeline.yaml": None, "run": PIPELINE_OUTPUTS},
+        **{m: TRAIN_OUTPUTS for m in METHODS},
+    }
+
+
 STAGES = ("audit_before", "data", "train", "select", "audit_after", "report")
 
 
@@ -62,18 +78,10 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 def load_demo_config(path: str | Path | None = None, quick: bool = False, **overrides) -> dict:
     """The demo's settings: the packaged demo.yaml, then `path` (merged), then `quick`, then `overrides`."""
-    import yaml
-
-    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg = read_yaml(DEFAULT_CONFIG, "packaged demo config")
     quick_over = cfg.pop("quick")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"demo config {str(p)!r} does not exist")
-        user = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(user, dict):
-            raise ValueError(f"demo config {str(p)!r}: expected a mapping at the top level")
-        cfg = _merge(cfg, user)
+        cfg = _merge(cfg, read_yaml(path, "demo config"))
     if quick:
         cfg = _merge(cfg, quick_over)
     cfg = _merge(cfg, overrides)
@@ -366,7 +374,7 @@ def train_method(
         train(load_config(**common, steps=steps), log=lambda msg: None)
         t_train += time.time() - t
         lora = out / f"{name}_step{steps:05d}.safetensors"
-        shutil.copyfile(out / f"{name}.safetensors", lora)
+        atomic_copy(out / f"{name}.safetensors", lora)
         t = time.time()
         model = load_model("toyworld")
         load_lora(model, lora)
@@ -414,7 +422,8 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     axes[0, -1].legend(fontsize=7, loc="upper right")
     fig.suptitle("held-out roles: class shares (evaluation classifier); dashed = target")
     fig.tight_layout()
-    fig.savefig(out / "shares.png")
+    with atomic_path(out / "shares.png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     files["shares"] = "shares.png"
 
@@ -437,7 +446,8 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     a2.set_title("checkpoint selection: training roles (training classifier)")
     a2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "training.png")
+    with atomic_path(out / "training.png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     files["training"] = "training.png"
     return files
@@ -506,11 +516,12 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
 
     cfg = config or load_demo_config()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} is not empty; pass --overwrite or another --out")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} is not empty; pass --overwrite (it replaces an earlier demo run, "
+                              "nothing else) or choose another --out")  # fmt: skip
+    if overwrite:
+        clear_output_dir(out, "demo", _outputs())  # only an earlier demo run's own files; else nothing is deleted
+    claim_output_dir(out, "demo", _outputs())
     import yaml
 
     atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
@@ -552,7 +563,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
         from .lora_io import load_lora
 
         load_lora(model, out / name / tr["best"]["lora"])
-        shutil.copyfile(out / name / tr["best"]["lora"], out / f"{name}_lora.safetensors")
+        atomic_copy(out / name / tr["best"]["lora"], out / f"{name}_lora.safetensors")
         evals[name] = evaluate(model, cfg, seed, eval_clf)
         log(f"[demo] {name} (step {tr['best']['step']}): held-out discrepancy {evals[name]['bias']['mean']:.3f}")
     timings["audit_after"] = time.time() - t
@@ -653,26 +664,29 @@ def summary_line(results: dict) -> dict:
     }
 
 
+@command("popalign demo")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="popalign demo", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="popalign demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     ap.add_argument("--config", default=None, help="YAML merged over popalign_core/configs/demo.yaml")
     ap.add_argument("--quick", action="store_true", help="a smoke run (tiny sizes; numbers are meaningless)")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier demo run in --out (only a folder the demo wrote, holding nothing else)",
+    )
     a = ap.parse_args(argv)
-    try:
-        cfg = load_demo_config(a.config, quick=a.quick)
-        if a.methods:
-            keep = [m.strip() for m in a.methods.split(",") if m.strip()]
-            bad = [m for m in keep if m not in cfg["methods"]]
-            if bad:
-                raise ValueError(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(cfg['methods'])}")
-            cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in keep}
-        results = run_demo(a.out, cfg, overwrite=a.overwrite, log=lambda m: print(m, file=sys.stderr))
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"popalign demo: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_demo_config(a.config, quick=a.quick)
+    if a.methods is not None:
+        keep = [m.strip() for m in a.methods.split(",") if m.strip()]
+        if not keep:
+            raise ValueError(f"--methods {a.methods!r} names no method; valid: {', '.join(cfg['methods'])}")
+        bad = [m for m in keep if m not in cfg["methods"]]
+        if bad:
+            raise ValueError(f"--methods: unknown method {bad[0]!r}; valid: {', '.join(cfg['methods'])}")
+        cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in keep}
+    results = run_demo(a.out, cfg, overwrite=a.overwrite, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary_line(results)))
     return 0
 

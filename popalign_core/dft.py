@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters.base import Conditioning
 from .sampling import SCHEDULERS, build_scheduler
+from .userinput import coerce_numbers
 
 __all__ = ["GRADIENTS", "DFTConfig", "a1_coefficients", "generate", "grad_coefficients", "solver_coefficients"]
 
@@ -90,6 +91,7 @@ class DFTConfig:
         self.validate()
 
     def validate(self) -> None:
+        coerce_numbers(self)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {self.steps!r}")
         gs = self.guidance_scale

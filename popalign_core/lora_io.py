@@ -44,7 +44,9 @@ files), plus the caller's entries, e.g. from `lora_metadata` (loss, hyperparamet
 data_hash).
 
 Saves are atomic: tensors go to a uniquely named temporary file beside the destination, which `os.replace` then moves
-onto the final name, so an interrupted save never leaves a partial file under the final name.
+onto the final name, so an interrupted save never leaves a partial file under the final name; `save_lora_formats`
+writes several layouts as one step (`fileio.publish_together`). Reading (`read_lora`) names a damaged or truncated
+file and says what to do (`fileio.CorruptFileError`).
 """
 
 from __future__ import annotations
@@ -653,42 +655,20 @@ def _diffusers_adapter_metadata(adapter, sd, alphas, adapter_name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ save / read
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    import safetensors.torch
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata: expected a str -> str mapping, got {type(metadata).__name__}")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"metadata: keys and values must be str (safetensors metadata); offending keys: {bad}")
+    reserved = {"format", DIFFUSERS_METADATA_KEY} & set(metadata)
+    if reserved:
+        raise ValueError(f"metadata: key(s) {sorted(reserved)} are reserved for the file format")
 
-    from .fileio import atomic_path
 
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def save_lora(
-    adapter,
-    path: str | os.PathLike,
-    format: str = "kohya",
-    metadata: Mapping[str, str] | None = None,
-    adapter_name: str = "default",
-) -> str:
-    """Save the adapter's LoRA `adapter_name` atomically; returns the written file's path.
-
-    format "kohya": `path` is the .safetensors file (ComfyUI: put it in models/loras/); "diffusers": `path` is a
-    folder (created if needed) that receives `pytorch_lora_weights.safetensors`. metadata: extra str -> str
-    entries (see `lora_metadata`); popalign_version, lora_format, family, lora_rank, lora_alpha and the targets are
-    always written (and for kohya the ss_* keys kohya-trained LoRAs carry).
-    """
-    _check_format(format)
-    path = os.fspath(path)
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise ValueError(f"metadata: expected a str -> str mapping, got {type(metadata).__name__}")
-        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"metadata: keys and values must be str (safetensors metadata); offending keys: {bad}")
-        reserved = {"format", DIFFUSERS_METADATA_KEY} & set(metadata)
-        if reserved:
-            raise ValueError(f"metadata: key(s) {sorted(reserved)} are reserved for the file format")
+def _check_target(path: str, format: str) -> None:
     if format == "kohya":
         if not path.endswith(".safetensors"):
             raise ValueError(f"path={path!r}: format 'kohya' writes one file, whose name must end in .safetensors")
@@ -696,6 +676,14 @@ def save_lora(
             raise ValueError(f"path={path!r} is a folder; format 'kohya' needs a file path")
     elif os.path.isfile(path):
         raise ValueError(f"path={path!r} is a file; format 'diffusers' needs a folder path")
+
+
+def lora_file_contents(
+    adapter, format: str = "kohya", metadata: Mapping[str, str] | None = None, adapter_name: str = "default"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of the adapter's LoRA `adapter_name` in layout `format` (see `save_lora`)."""
+    _check_format(format)
+    _check_metadata(metadata)
     sd, alphas = get_lora_state_dict(adapter, adapter_name)
     meta = dict(metadata or {})
     meta.update(_base_metadata(adapter, sd, alphas, format, adapter_name))
@@ -710,19 +698,82 @@ def save_lora(
             warnings.warn(
                 f"save_lora: ComfyUI's LoraLoader applies text-encoder LoRA only to q/k/v/out_proj and fc1/fc2 of the "
                 f"encoder layers; it will skip {len(ignored)} module(s), e.g. {ignored[:3]}",
-                stacklevel=2,
+                stacklevel=3,
             )
         tensors = peft_to_kohya(tensors, adapter.family, alphas)
-        target = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     else:
         meta["format"] = "pt"
         peft_kwargs = _diffusers_adapter_metadata(adapter, sd, alphas, adapter_name)
         meta[DIFFUSERS_METADATA_KEY] = json.dumps(peft_kwargs, indent=2, sort_keys=True)  # as diffusers writes it
+    return tensors, meta
+
+
+def save_lora(
+    adapter,
+    path: str | os.PathLike,
+    format: str = "kohya",
+    metadata: Mapping[str, str] | None = None,
+    adapter_name: str = "default",
+) -> str:
+    """Save the adapter's LoRA `adapter_name` atomically; returns the written file's path.
+
+    format "kohya": `path` is the .safetensors file (ComfyUI: put it in models/loras/); "diffusers": `path` is a
+    folder (created if needed) that receives `pytorch_lora_weights.safetensors`. metadata: extra str -> str
+    entries (see `lora_metadata`); popalign_version, lora_format, family, lora_rank, lora_alpha and the targets are
+    always written (and for kohya the ss_* keys kohya-trained LoRAs carry). Files get ordinary permissions (0644
+    under the usual umask). Several layouts at once, as one step: `save_lora_formats`.
+    """
+    from .fileio import save_safetensors
+
+    _check_format(format)
+    path = os.fspath(path)
+    _check_metadata(metadata)
+    _check_target(path, format)
+    tensors, meta = lora_file_contents(adapter, format, metadata, adapter_name)
+    if format == "kohya":
+        target = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    else:
         os.makedirs(path, exist_ok=True)
         target = os.path.join(path, DIFFUSERS_WEIGHT_NAME)
-    _atomic_save(tensors, target, meta)
+    save_safetensors(tensors, target, meta)
     return target
+
+
+def save_lora_formats(
+    adapter,
+    targets: Mapping[str, str | os.PathLike],
+    metadata: Mapping[str, str] | None = None,
+    adapter_name: str = "default",
+) -> dict[str, str]:
+    """Save the LoRA in several layouts ({format: path}, paths as in `save_lora`, all in one folder) as one step
+    (`fileio.publish_together`): after a kill at any point, the next writer's start leaves either all old or all new
+    files, never a mix of two steps. Returns {format: written file}."""
+    import safetensors.torch
+
+    from .fileio import publish_together
+
+    _check_metadata(metadata)
+    paths = {fmt: os.fspath(p) for fmt, p in targets.items()}
+    for fmt, p in paths.items():
+        _check_format(fmt)
+        _check_target(p, fmt)
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths.values()}
+    if len(folders) != 1:
+        raise ValueError(f"save_lora_formats: every target must be in one folder, got {sorted(folders)}")
+    written = {}
+    with publish_together(folders.pop()) as st:
+        for fmt, p in paths.items():
+            tensors, meta = lora_file_contents(adapter, fmt, metadata, adapter_name)
+            tmp = st.stage(p)
+            if fmt == "kohya":
+                safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+                written[fmt] = p
+            else:
+                tmp.mkdir()
+                safetensors.torch.save_file(tensors, str(tmp / DIFFUSERS_WEIGHT_NAME), metadata=meta)
+                written[fmt] = os.path.join(p, DIFFUSERS_WEIGHT_NAME)
+    return written
 
 
 def _detect_format(keys: list[str]) -> str | None:
@@ -742,9 +793,9 @@ def _detect_format(keys: list[str]) -> str | None:
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """(state_dict, metadata, format) of a LoRA file, or of a folder holding `pytorch_lora_weights.safetensors`
     (or exactly one .safetensors). Only safetensors are read (no pickle). The format ("diffusers" or "kohya") is
-    detected from the keys; ValueError when the keys are neither.
+    detected from the keys; ValueError when the keys are neither, `fileio.CorruptFileError` for a damaged file.
     """
-    from safetensors import safe_open
+    from .fileio import read_safetensors
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -759,10 +810,13 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
                 )
             path = os.path.join(path, files[0])
     if not os.path.isfile(path):
-        raise ValueError(f"path={path!r}: no such file or folder")
-    with safe_open(path, framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    sd, metadata = read_safetensors(
+        path,
+        "LoRA file",
+        "re-export it (re-running `popalign train` with the same output folder writes it again from "
+        "its last checkpoint) or choose another LoRA",
+    )
     fmt = _detect_format(list(sd))
     if fmt is None:
         lora_like = [k for k in sd if "lora" in k.lower()]

@@ -166,31 +166,37 @@ class _EmptyFp32ListFilter(logging.Filter):
 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
+    import warnings
+
     log = logging.getLogger("diffusers.models.modeling_utils")
     flt = _EmptyFp32ListFilter()
     log.addFilter(flt)
     try:
-        yield
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; the older name works in every supported version
+            warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
+            yield
     finally:
         log.removeFilter(flt)
 
 
+_DAMAGED_HINT = (
+    "the file is damaged or incomplete (compare its size with the original, download or copy it again) or is not a "
+    "safetensors checkpoint"
+)
+
+
 # ------------------------------------------------------------------------------------------------------ single file
 def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+    from .fileio import safetensors_keys
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except Exception as e:  # corrupt header, not a safetensors file, ...
-        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
+    return safetensors_keys(path, "checkpoint", _DAMAGED_HINT)[0]
 
 
 def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from .fileio import read_safetensors
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    return read_safetensors(path, "checkpoint", _DAMAGED_HINT, keys=lambda k: k.startswith(prefixes))[0]
 
 
 def _load_single_file_pipeline(
@@ -285,6 +291,11 @@ def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, 
         library = (index.get(name) or ["diffusers"])[0]
         variants.add(_component_weights(root, name, library))
     variant = "fp16" if variants == {"fp16"} else None
+    from .fileio import safetensors_keys
+
+    for name in names:  # a damaged weight file is named before diffusers reads it
+        for f in sorted((root / name).glob("*.safetensors")):
+            safetensors_keys(f, f"{name} weight file", _DAMAGED_HINT.replace("checkpoint", "diffusers model"))
     extras = _pipeline_extras(family)
     for tok_name, tok in _tokenizers(family).items():  # the folder's own tokenizer wins when it has one
         tok_dir = root / tok_name

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import claim_output_dir, publish_together
+from .userinput import coerce_numbers
 
 __all__ = ["BUILD_RULES", "BuildConfig", "build_preferences"]
 
@@ -39,6 +40,8 @@ BUILD_RULES = {
     "distinct_groups": "the set with more distinct identity groups wins; ties are dropped (public PopAlign code)",
 }
 ON_SHORT = ("error", "skip")
+#: What `popalign data build` writes in its output folder (`fileio.claim_output_dir`).
+BUILD_OUTPUTS = {"population.jsonl": None, "pairwise.jsonl": None, "build_report.json": None}
 
 
 @dataclass
@@ -60,6 +63,7 @@ class BuildConfig:
     )
 
     def check(self) -> None:
+        coerce_numbers(self)
         if not isinstance(self.set_size, int) or isinstance(self.set_size, bool) or self.set_size < 1:
             raise ValueError(f"set_size: expected an int >= 1, got {self.set_size!r}")
         if self.set_count is not None and (not isinstance(self.set_count, int) or self.set_count < 1):
@@ -87,6 +91,27 @@ def _groups(rows: list[dict], axes: tuple[str, ...] | None) -> int:
     return len(keys)
 
 
+def _read_filtered(manifest: Path) -> list[dict]:
+    """Rows of filtered.jsonl; a damaged line or a row without its columns is an error naming file and line."""
+    rows = []
+    text = manifest.read_bytes().decode("utf-8", errors="replace")
+    for no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{manifest}, line {no}: not valid JSON ({e.msg}); run `popalign data filter` again"
+            ) from None
+        missing = [k for k in ("image", "prompt", "neutral", "population") if not isinstance(r, dict) or k not in r]
+        if missing or r["population"] not in ("winning", "losing"):
+            raise ValueError(f"{manifest}, line {no}: not a row of `popalign data filter` (needs image, prompt, "
+                             "neutral and population winning|losing)")  # fmt: skip
+        rows.append(r)
+    return rows
+
+
 def _slug(text: str) -> str:
     from .pop_sample import slug
 
@@ -109,12 +134,18 @@ def build_preferences(
     manifest = filtered / FILTERED if filtered.is_dir() else filtered
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: run `popalign data filter` first")
-    rows = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = _read_filtered(manifest)
     if not rows:
         raise ValueError(f"{manifest} holds no kept image: every image was filtered out (see filter_report.json)")
+    if cfg.group_axes:
+        known = sorted({a for r in rows for a in (r.get("attributes") or {})})
+        unknown = [a for a in cfg.group_axes if a not in known]
+        if unknown:
+            raise ValueError(f"group_axes: unknown axis {unknown[0]!r}; the filtered images have the axes "
+                             f"{', '.join(known) or '(none)'}")  # fmt: skip
     base = manifest.parent
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "data build", BUILD_OUTPUTS, arg="out")
     by_prompt: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
         r = {**r, "image": os.path.relpath(base / r["image"], out)}
@@ -182,12 +213,10 @@ def build_preferences(
             f"no population set could be built from {manifest}: every prompt has fewer than set_size="
             f"{cfg.set_size} kept images in one of its populations" + (" or every set tied" if ties else "")
         )
-    from .data import write_manifest
+    from .data import format_manifest
 
     files = {"population": str(out / "population.jsonl")}
-    write_manifest(out / "population.jsonl", pop_rows)
     if pair_rows:
-        write_manifest(out / "pairwise.jsonl", pair_rows)
         files["pairwise"] = str(out / "pairwise.jsonl")
     summary: dict[str, Any] = {
         "filtered": str(manifest),
@@ -202,6 +231,12 @@ def build_preferences(
         "sets_flipped": flipped,
         "files": files,
     }
-    atomic_write_text(out / "build_report.json", json.dumps(summary, indent=2))
+    with publish_together(out) as st:  # the data files and their report: all from this run, or all from the last
+        st.stage(out / "population.jsonl").write_text(format_manifest(pop_rows), encoding="utf-8")
+        if pair_rows:
+            st.stage(out / "pairwise.jsonl").write_text(format_manifest(pair_rows), encoding="utf-8")
+        st.stage(out / "build_report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if not pair_rows:
+        (out / "pairwise.jsonl").unlink(missing_ok=True)  # an earlier run's pairs would not match these sets
     log(f"[build] {summary['sets']} sets ({len(pop_rows)} images), {len(pair_rows)} pairs -> {out}")
     return summary

@@ -27,12 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import claim_output_dir, publish_together
+from .userinput import coerce_numbers
 
 __all__ = ["FILTERED", "FilterConfig", "filter_population"]
 
 FILTERED = "filtered.jsonl"
 REASONS = ("kept", "unreadable", "no_face", "ambiguous", "mismatch")
+#: What `popalign data filter` writes in its output folder (`fileio.claim_output_dir`).
+FILTER_OUTPUTS = {FILTERED: None, "decisions.jsonl": None, "filter_report.json": None}
 
 
 @dataclass
@@ -50,6 +53,7 @@ class FilterConfig:
     batch_size: int = field(default=256, metadata={"help": "images per classifier call"})
 
     def check(self) -> None:
+        coerce_numbers(self)
         t = self.threshold
         if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t <= 1:
             raise ValueError(f"threshold: expected a number in (0, 1], got {t!r}")
@@ -94,16 +98,24 @@ def filter_population(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
-    from .data import write_manifest
-    from .pop_sample import read_samples
+    from .data import format_manifest
+    from .pop_sample import read_samples_report
 
     cfg = config or FilterConfig()
     cfg.check()
     log = log or (lambda m: None)
     samples, out = Path(samples), Path(out)
-    rows = read_samples(samples)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"samples folder {str(samples)!r} does not exist: run `popalign data sample` first")
+    rows, skipped = read_samples_report(samples)
+    n_skipped = len(skipped["bad_lines"]) + len(skipped["missing_images"]) + skipped["duplicate_rows"]
     if not rows:
-        raise ValueError(f"{samples} holds no sampled images (no rows in its manifest.jsonl): run `sample` first")
+        why = f" ({n_skipped} manifest row(s) unusable: {_skipped_text(skipped)})" if n_skipped else ""
+        raise ValueError(f"{samples} holds no sampled images (no usable rows in its manifest.jsonl{why}): run "
+                         "`popalign data sample` first, or again to repair the folder")  # fmt: skip
+    if n_skipped:
+        log(f"[filter] warning: skipped {n_skipped} manifest row(s) of {samples}: {_skipped_text(skipped)}; re-run "
+            "`popalign data sample` on that folder to repair and complete it")  # fmt: skip
     caxes = {a: tuple(c) for a, c in classifier.axes.items()}
     # check the keyword classes against the classifier before classifying anything
     for r in rows:
@@ -121,7 +133,7 @@ def filter_population(
                     f"class {cls!r} of axis {axis!r} (prompt {r['prompt']!r}) is not a class of the classifier; "
                     f"its {axis} classes: {list(caxes[axis])}"
                 )
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "data filter", FILTER_OUTPUTS, arg="out")
     kept, decisions = [], []
     counts: Counter = Counter()
     per_pop: dict[str, Counter] = {}
@@ -150,8 +162,6 @@ def filter_population(
                 kept.append({**r, "image": rel, "attributes": attrs, "confidence": conf})
         log(f"[filter] {min(s + cfg.batch_size, len(rows))}/{len(rows)} images classified")
 
-    write_manifest(out / FILTERED, kept)
-    write_manifest(out / "decisions.jsonl", decisions)
     report = {
         "samples": str(samples),
         "out": str(out),
@@ -161,6 +171,31 @@ def filter_population(
         "kept": counts["kept"],
         "reasons": dict(sorted(counts.items())),
         "per_population": {k: dict(sorted(v.items())) for k, v in sorted(per_pop.items())},
+        "skipped_rows": {"count": n_skipped, **skipped},
     }
-    atomic_write_text(out / "filter_report.json", json.dumps(report, indent=2))
+    with publish_together(out) as st:  # kept rows, decisions and report: all from this run, or all from the last
+        st.stage(out / FILTERED).write_text(format_manifest(kept), encoding="utf-8")
+        st.stage(out / "decisions.jsonl").write_text(format_manifest(decisions), encoding="utf-8")
+        st.stage(out / "filter_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if counts["unreadable"]:
+        log(f"[filter] warning: {counts['unreadable']} of {len(rows)} image(s) could not be read (reason "
+            "'unreadable' in decisions.jsonl)")  # fmt: skip
+    if not counts["kept"]:
+        raise ValueError(
+            f"no image of {samples} was kept ({len(rows)} classified: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + f"); see {out / 'decisions.jsonl'}. Check the classifier, its options and the threshold"
+        )
     return report
+
+
+def _skipped_text(skipped: dict) -> str:
+    parts = []
+    if skipped["bad_lines"]:
+        parts.append(f"{len(skipped['bad_lines'])} unreadable line(s) ({', '.join(skipped['bad_lines'][:3])})")
+    if skipped["missing_images"]:
+        parts.append(f"{len(skipped['missing_images'])} row(s) whose image is missing "
+                     f"({', '.join(skipped['missing_images'][:2])})")  # fmt: skip
+    if skipped["duplicate_rows"]:
+        parts.append(f"{skipped['duplicate_rows']} duplicate row(s)")
+    return "; ".join(parts)

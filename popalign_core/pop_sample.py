@@ -16,10 +16,12 @@ On disk (`out/`):
   hash); a run with other settings refuses the folder instead of mixing images.
 
 Resumable and crash-consistent: an image is written to a temporary file and renamed, *then* its row is appended
-(flushed and fsynced per batch). On start, rows whose image is missing, duplicate rows and a torn last line are
-dropped, and images without a row are deleted, so the manifest always lists exactly the images on disk; the
-remaining jobs are then sampled. A write error (disk full) removes the images of the failed batch that have no row
-and stops with a message; re-running resumes.
+(flushed and fsynced per batch). On start, rows whose image is missing or damaged (not a complete PNG: signature and
+final IEND chunk), duplicate rows and a torn last line are dropped (and counted), and images of this run without a row
+are deleted, so the manifest always lists exactly the images on disk; the remaining jobs, the damaged ones among
+them, are then sampled. The folder must be new, empty or a run of `popalign data sample` (`fileio.claim_output_dir`):
+files it did not write are never deleted. A write error (disk full) removes the images of the failed batch that have
+no row and stops with a message; re-running resumes.
 
 Data parallel (``torchrun`` / ``accelerate launch``): process r samples every world-th pending job into
 ``manifest.rank<r>.jsonl``; after a barrier the main process merges the shards into ``manifest.jsonl``. Same
@@ -39,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import write_manifest
-from .fileio import atomic_write_text
+from .fileio import atomic_path, atomic_write_text, claim_output_dir, clean_temporaries
+from .userinput import user_error
 
 __all__ = ["MANIFEST", "RUN_FILE", "SamplingStopped", "image_name", "population_jobs", "read_samples",
            "sample_population"]  # fmt: skip
@@ -48,9 +51,15 @@ MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 IMAGES = "images"
 _SHARD = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
+_IMAGE = re.compile(r"^[a-z0-9-]+-\d{5,}-[0-9a-f]{8}\.png$")  # `image_name`
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: What `popalign data sample` writes in its output folder (`fileio.claim_output_dir`).
+SAMPLE_OUTPUTS = {RUN_FILE: None, MANIFEST: None, "manifest.rank*.jsonl": None, IMAGES: {"*.png": None}}
 _RUN_KEYS = ("steps", "guidance_scale", "scheduler", "height", "width", "negative_prompt", "seed", "eta")
 
 
+@user_error
 class SamplingStopped(RuntimeError):
     """Sampling stopped by a write error; the folder is consistent and a re-run resumes."""
 
@@ -106,63 +115,107 @@ def _run_settings(config, model_id: str, model_hash: str) -> dict:
     return {"sampler": {k: d[k] for k in _RUN_KEYS}, "model": model_id, "model_hash": model_hash}
 
 
-def _read_rows(path: Path) -> tuple[list[dict], bool]:
-    """Rows of one manifest file; a line that does not parse (a torn write) is dropped -> (rows, torn)."""
-    rows, torn = [], False
+def _read_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of one manifest file; lines that do not parse as a row (a torn write, a damaged line) are dropped ->
+    (rows, their line numbers)."""
+    rows, bad = [], []
     if not path.is_file():
-        return rows, torn
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return rows, bad
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            torn = True
+            bad.append(no)
             continue
-        if isinstance(row, dict) and "image" in row and "prompt" in row and "index" in row:
+        if isinstance(row, dict) and "image" in row and "prompt" in row and _is_index(row.get("index")):
             rows.append(row)
         else:
-            torn = True
-    return rows, torn
+            bad.append(no)
+    return rows, bad
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def png_complete(path: str | os.PathLike) -> bool:
+    """True when `path` is a whole PNG file: the PNG signature at the start and the IEND chunk at the end (a file cut
+    short by a crash or a full disk has no IEND)."""
+    try:
+        p = Path(path)
+        if p.stat().st_size < 57:  # the smallest valid PNG
+            return False
+        with open(p, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return False
+            f.seek(-12, os.SEEK_END)
+            tail = f.read(12)
+        return tail[4:8] == b"IEND"
+    except OSError:
+        return False
+
+
+def _manifests(out: Path) -> list[Path]:
+    return [out / MANIFEST, *sorted(p for p in out.glob("manifest.rank*.jsonl") if _SHARD.match(p.name))]
+
+
+def read_samples_report(out: str | os.PathLike) -> tuple[list[dict], dict]:
+    """(the finished rows of a population run folder, what was skipped): rows of the merged manifest and any shards
+    whose image exists; skipped = {"bad_lines": ["manifest.jsonl:7", ...], "missing_images": [...],
+    "duplicate_rows": n}."""
+    out = Path(out)
+    rows, seen = [], set()
+    skipped: dict[str, Any] = {"bad_lines": [], "missing_images": [], "duplicate_rows": 0}
+    for f in _manifests(out):
+        rs, bad = _read_rows(f)
+        skipped["bad_lines"] += [f"{f.name}:{n}" for n in bad]
+        for r in rs:
+            key = (r["prompt"], int(r["index"]))
+            if key in seen:
+                skipped["duplicate_rows"] += 1
+            elif not (out / r["image"]).is_file():
+                skipped["missing_images"].append(str(r["image"]))
+            else:
+                seen.add(key)
+                rows.append(r)
+    return rows, skipped
 
 
 def read_samples(out: str | os.PathLike) -> list[dict]:
     """The finished rows of a population run folder (merged manifest and any shards; rows whose image exists)."""
-    out = Path(out)
-    rows, seen = [], set()
-    for f in [out / MANIFEST, *sorted(p for p in out.glob("manifest.rank*.jsonl") if _SHARD.match(p.name))]:
-        for r in _read_rows(f)[0]:
-            key = (r["prompt"], int(r["index"]))
-            if key not in seen and (out / r["image"]).is_file():
-                seen.add(key)
-                rows.append(r)
-    return rows
+    return read_samples_report(out)[0]
 
 
 def _reconcile(out: Path, log: Callable[[str], None]) -> dict:
     """Make the folder consistent (see module docstring); returns {"rows": [...], "dropped": {...}}."""
-    files = [out / MANIFEST, *sorted(p for p in out.glob("manifest.rank*.jsonl") if _SHARD.match(p.name))]
+    files = _manifests(out)
     rows, seen = [], set()
-    dropped = {"torn_lines": 0, "missing_images": 0, "duplicate_rows": 0, "orphan_images": 0}
+    dropped = {"torn_lines": 0, "missing_images": 0, "damaged_images": 0, "duplicate_rows": 0, "orphan_images": 0}
     for f in files:
-        rs, torn = _read_rows(f)
-        dropped["torn_lines"] += int(torn)
+        rs, bad = _read_rows(f)
+        dropped["torn_lines"] += len(bad)
         for r in rs:
             key = (r["prompt"], int(r["index"]))
             if key in seen:
                 dropped["duplicate_rows"] += 1
             elif not (out / r["image"]).is_file():
                 dropped["missing_images"] += 1
+            elif not png_complete(out / r["image"]):
+                dropped["damaged_images"] += 1  # truncated / not a PNG: sampled again below
             else:
                 seen.add(key)
                 rows.append(r)
     listed = {Path(r["image"]).name for r in rows}
     img_dir = out / IMAGES
     if img_dir.is_dir():
+        clean_temporaries(img_dir)
         for p in img_dir.iterdir():
-            if p.name not in listed:
+            if p.name not in listed and _IMAGE.match(p.name) and p.is_file():  # only this run's own file names
                 p.unlink()
-                dropped["orphan_images"] += int(p.suffix == ".png")
+                dropped["orphan_images"] += 1
     if any(dropped.values()) or len(files) > 1 or not (out / MANIFEST).exists():
         write_manifest(out / MANIFEST, rows)
         for f in files[1:]:
@@ -192,13 +245,8 @@ def _append_rows(path: Path, rows: Sequence[Mapping]) -> None:
 def _save_png(img, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sample_population(
@@ -235,6 +283,8 @@ def sample_population(
     if time_budget_s is not None and not (isinstance(time_budget_s, int | float) and time_budget_s > 0):
         raise ValueError(f"time_budget_s: expected None or a number > 0, got {time_budget_s!r}")
     jobs = [dict(j) for j in jobs]
+    if not jobs:
+        raise ValueError("jobs is empty: nothing to sample (no augmented rows and no neutral images requested)")
     keys = [(j["prompt"], int(j["index"])) for j in jobs]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -250,10 +300,17 @@ def sample_population(
         model_hash = _mh(adapter)
     settings = _run_settings(config, model_id, model_hash)
     if dist.main:
+        claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="out")
+        clean_temporaries(out)
         (out / IMAGES).mkdir(parents=True, exist_ok=True)
         run_file = out / RUN_FILE
         if run_file.is_file():
-            old = json.loads(run_file.read_text())
+            try:
+                old = json.loads(run_file.read_text(encoding="utf-8"))
+                old.get("sampler")
+            except (ValueError, AttributeError):
+                raise ValueError(f"{run_file} is damaged: it cannot tell which settings the images of {out} were "
+                                 "sampled with; use another output folder") from None  # fmt: skip
             diff = [k for k in ("model_hash",) if old.get(k) != settings[k]]
             diff += [f"sampler.{k}" for k in _RUN_KEYS if old.get("sampler", {}).get(k) != settings["sampler"][k]]
             if diff:

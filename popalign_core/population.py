@@ -8,7 +8,6 @@ reported and not augmented (`prompts.is_identity_specific`). The last line print
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,8 +15,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_replaceable, claim_output_dir
+from .pop_build import BUILD_OUTPUTS
+from .pop_filter import FILTER_OUTPUTS
+from .pop_sample import SAMPLE_OUTPUTS
 from .prompts import AUGMENT_KEYWORDS, DEFAULT_KEYWORDS, AugmentConfig, augment_prompts
+from .userinput import ArgumentParser, command, integer, number, parse_value, read_yaml
+
+#: What `popalign data pipeline` writes in its `out` folder (`fileio.claim_output_dir`).
+PIPELINE_OUTPUTS = {
+    "augmented.jsonl": None,
+    "samples": SAMPLE_OUTPUTS,
+    "filtered": FILTER_OUTPUTS,
+    "data": BUILD_OUTPUTS,
+    "pipeline_summary.json": None,
+}
 
 
 def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
@@ -26,8 +38,12 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts, seen, blank, dup = [], set(), [], []
-    for no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for no, line in enumerate(text.splitlines(), start=1):
         text = " ".join(line.split())
         if not text:
             blank.append(no)
@@ -48,6 +64,8 @@ def keyword_sets(spec: str) -> tuple[dict[str, dict[str, str]], dict[str, dict[s
     """(augmentation keywords, detector keywords, default axes) for --keywords: "default" (the paper's gender and
     race keywords; age optional), "toy" (the toy world's) or a JSON file {axis: {class: [keyword, ...]}} (the
     first keyword of each class is written by augmentation, all of them are detected)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"keywords must be 'default', 'toy' or a JSON file; got {spec!r}")
     if spec == "default":
         return {a: dict(v) for a, v in AUGMENT_KEYWORDS.items()}, DEFAULT_KEYWORDS, ("race", "gender")
     if spec == "toy":
@@ -87,14 +105,8 @@ def load_pipeline_config(path: str | Path | None = None, **overrides) -> dict:
     `overrides` replace top-level keys (e.g. out=...)."""
     data: dict = {}
     if path is not None:
-        import yaml
-
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(p)!r}: expected a mapping at the top level")
+        data = read_yaml(p, "config file")
         if isinstance(data.get("prompts"), str) and not Path(data["prompts"]).is_absolute():
             data["prompts"] = str((p.parent / data["prompts"]).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -175,7 +187,6 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
     from .pop_sample import population_jobs, sample_population
 
     out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
     # validate every section before any work
@@ -183,14 +194,15 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
     scfg = sampler_config(config["sample"])
     fcfg = filter_config(config["filter"])
     bcfg = build_config(config["build"])
+    clf = make_filter_classifier(config["filter"])
     prompts = config["prompts"]
     if isinstance(prompts, str):
         prompts, report = read_prompt_file(prompts)
     else:
         prompts, report = list(prompts), {"blank_lines": [], "duplicate_lines": []}
     res = augment_prompts(prompts, acfg)
-    if not res.rows:
-        raise ValueError("augmentation produced no row: every prompt is identity-specific or a duplicate")
+    check_augmented(res, len(prompts), "prompts")
+    claim_output_dir(out, "data pipeline", PIPELINE_OUTPUTS, arg="out")
     write_manifest(out / "augmented.jsonl", res.rows)
     timings["augment"] = time.time() - t0
     log(f"[pipeline] augment: {len(res.rows)} rows, {len(res.skipped)} identity-specific prompts skipped")
@@ -210,7 +222,7 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         log(f"[pipeline] sampling stopped at {ssum['done']}/{ssum['jobs']} images ({ssum['stopped_by']}); "
             "the next stages use the finished images; re-run to sample the rest")  # fmt: skip
     t = time.time()
-    frep = filter_population(out / "samples", make_filter_classifier(config["filter"]), out / "filtered", fcfg, log)
+    frep = filter_population(out / "samples", clf, out / "filtered", fcfg, log)
     timings["filter"] = time.time() - t
     t = time.time()
     bsum = build_preferences(out / "filtered", out / "data", bcfg, log)
@@ -219,7 +231,7 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         "out": str(out),
         "augment": {"rows": len(res.rows), "skipped": res.skipped, "duplicates": res.duplicates, **report},
         "sample": ssum,
-        "filter": {k: frep[k] for k in ("images", "kept", "reasons", "per_population")},
+        "filter": {k: frep[k] for k in ("images", "kept", "reasons", "per_population", "skipped_rows")},
         "build": {k: bsum[k] for k in ("sets", "pairs", "images_in_sets", "shortfalls", "ties_dropped", "files")},
         "seconds": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t0, 2)},
     }
@@ -227,26 +239,39 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
     return summary
 
 
+def check_augmented(res, n_prompts: int, arg: str = "--prompts") -> None:
+    """No silent success: augmentation that leaves no row (every prompt names an identity) is an error."""
+    if res.rows:
+        return
+    if res.skipped and len(res.skipped) >= n_prompts - len(res.duplicates or []):
+        shown = "; ".join(repr(s["prompt"]) for s in res.skipped[:3])
+        raise ValueError(
+            f"{arg}: no identity-neutral prompt left: all {len(res.skipped)} prompt(s) already name an identity "
+            f"(e.g. {shown}), and augmentation needs neutral prompts such as 'a photo of a doctor'"
+        )
+    raise ValueError(f"{arg}: augmentation produced no row (samples_per_prompt or the axes leave nothing to write)")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
-def _sampler_args(p: argparse.ArgumentParser) -> None:
+def _sampler_args(p: ArgumentParser) -> None:
     from .sampling import SCHEDULERS, SamplerConfig
 
     h = SamplerConfig.help()
-    p.add_argument("--steps", type=int, default=25, help=h["steps"])
-    p.add_argument("--guidance-scale", type=float, default=7.5, help=h["guidance_scale"])
+    p.add_argument("--steps", type=integer, default=25, help=h["steps"])
+    p.add_argument("--guidance-scale", type=number, default=7.5, help=h["guidance_scale"])
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help=h["scheduler"])
-    p.add_argument("--seed", type=int, default=0, help=h["seed"])
-    p.add_argument("--batch-size", type=int, default=8, help=h["batch_size"])
-    p.add_argument("--height", type=int, default=None, help=h["height"])
-    p.add_argument("--width", type=int, default=None, help=h["width"])
+    p.add_argument("--seed", type=integer, default=0, help=h["seed"])
+    p.add_argument("--batch-size", type=integer, default=8, help=h["batch_size"])
+    p.add_argument("--height", type=integer, default=None, help=h["height"])
+    p.add_argument("--width", type=integer, default=None, help=h["width"])
     p.add_argument("--negative-prompt", default="", help=h["negative_prompt"])
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> ArgumentParser:
     from .pop_build import BUILD_RULES, ON_SHORT, BuildConfig
     from .pop_filter import FilterConfig
 
-    ap = argparse.ArgumentParser(prog="popalign data", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="popalign data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     aug = sub.add_parser("augment", help="identity-neutral prompts -> identity-augmented prompts (JSONL)")
     aug.add_argument("--prompts", required=True, help="text file: one neutral prompt a line, # comments")
@@ -254,16 +279,16 @@ def _parser() -> argparse.ArgumentParser:
     aug.add_argument("--keywords", default="default", help="'default' (paper's gender/race), 'toy', or a JSON file")
     aug.add_argument("--axes", default=None, help="comma-separated axes to combine (default: race,gender; toy: form)")
     aug.add_argument("--template", default=None, help=f"augmentation template (default: {AugmentConfig.template!r})")
-    aug.add_argument("--samples-per-prompt", type=int, default=12, help="augmented samples per neutral prompt")
-    aug.add_argument("--seed", type=int, default=0, help="seed of the identity order")
+    aug.add_argument("--samples-per-prompt", type=integer, default=12, help="augmented samples per neutral prompt")
+    aug.add_argument("--seed", type=integer, default=0, help="seed of the identity order")
 
     smp = sub.add_parser("sample", help="sample the images of a population run (resumable, data-parallel)")
     smp.add_argument("--augmented", required=True, help="JSONL written by `popalign data augment`")
     smp.add_argument("--model", required=True, help="toyworld, a .safetensors checkpoint, a diffusers folder")
     smp.add_argument("--out", required=True, help="run folder (images/, manifest.jsonl, run.json); resumed if present")
-    smp.add_argument("--neutral-per-prompt", type=int, default=None,
+    smp.add_argument("--neutral-per-prompt", type=integer, default=None,
                      help="losing images per neutral prompt (default: as many as its augmented rows)")  # fmt: skip
-    smp.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    smp.add_argument("--time-budget", type=number, default=None, help="stop cleanly after this many seconds")
     smp.add_argument("--family", default="auto", help="model family: auto, sd15, sd2, sdxl")
     smp.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     smp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -276,19 +301,19 @@ def _parser() -> argparse.ArgumentParser:
     flt.add_argument("--classifier-option", action="append", default=[], metavar="KEY=VALUE",
                      help="classifier constructor option, e.g. which=train (repeatable)")  # fmt: skip
     fh = {f: FilterConfig.__dataclass_fields__[f].metadata["help"] for f in ("threshold", "axes")}
-    flt.add_argument("--threshold", type=float, default=FilterConfig.threshold, help=fh["threshold"])
+    flt.add_argument("--threshold", type=number, default=FilterConfig.threshold, help=fh["threshold"])
     flt.add_argument("--axes", default=None, help=fh["axes"] + " (comma-separated)")
 
     bld = sub.add_parser("build", help="population sets and pairs in the trainer's format")
     bld.add_argument("--filtered", required=True, help="folder (or filtered.jsonl) written by `popalign data filter`")
     bld.add_argument("--out", required=True, help="output folder (population.jsonl, pairwise.jsonl, report)")
     bh = {f.name: f.metadata["help"] for f in BuildConfig.__dataclass_fields__.values()}
-    bld.add_argument("--set-size", type=int, default=BuildConfig.set_size, help=bh["set_size"])
-    bld.add_argument("--set-count", type=int, default=None, help=bh["set_count"])
+    bld.add_argument("--set-size", type=integer, default=BuildConfig.set_size, help=bh["set_size"])
+    bld.add_argument("--set-count", type=integer, default=None, help=bh["set_count"])
     bld.add_argument("--rule", default="augmented", choices=list(BUILD_RULES), help=bh["rule"])
     bld.add_argument("--group-axes", default=None, help=bh["group_axes"] + " (comma-separated)")
     bld.add_argument("--no-pairs", action="store_true", help="do not write pairwise.jsonl")
-    bld.add_argument("--seed", type=int, default=0, help=bh["seed"])
+    bld.add_argument("--seed", type=integer, default=0, help=bh["seed"])
     bld.add_argument("--on-short", default="error", choices=list(ON_SHORT), help=bh["on_short"])
 
     pip = sub.add_parser("pipeline", help="augment -> sample -> filter -> build from one YAML config")
@@ -298,14 +323,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(items: list[str]) -> dict:
-    import yaml
-
     out = {}
     for it in items:
-        if "=" not in it:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
             raise ValueError(f"--classifier-option {it!r}: expected KEY=VALUE")
-        k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = parse_value(v)
     return out
 
 
@@ -313,6 +336,12 @@ def _axes(text: str | None):
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
 
 
+def _prog(argv: list[str]) -> str:
+    sub = next((x for x in argv if not x.startswith("-")), "")
+    return f"popalign data {sub}" if sub in ("augment", "sample", "filter", "build", "pipeline") else "popalign data"
+
+
+@command(_prog)
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     err = sys.stderr
@@ -320,30 +349,26 @@ def main(argv: list[str] | None = None) -> int:
     def log(m: str) -> None:
         print(m, file=err)
 
-    try:
-        if a.cmd == "augment":
-            summary = _augment_cmd(a)
-        elif a.cmd == "sample":
-            summary = _sample_cmd(a, log)
-        elif a.cmd == "filter":
-            from .pop_filter import FilterConfig, filter_population
+    if a.cmd == "augment":
+        summary = _augment_cmd(a)
+    elif a.cmd == "sample":
+        summary = _sample_cmd(a, log)
+    elif a.cmd == "filter":
+        from .pop_filter import FilterConfig, filter_population
 
-            cfg = FilterConfig(threshold=a.threshold, axes=_axes(a.axes))
-            cfg.check()
-            clf = make_filter_classifier({"classifier": a.classifier, "classifier_options": _options(
-                a.classifier_option)})  # fmt: skip
-            summary = filter_population(a.samples, clf, a.out, cfg, log)
-        elif a.cmd == "build":
-            from .pop_build import BuildConfig, build_preferences
+        cfg = FilterConfig(threshold=a.threshold, axes=_axes(a.axes))
+        cfg.check()
+        clf = make_filter_classifier({"classifier": a.classifier, "classifier_options": _options(
+            a.classifier_option)})  # fmt: skip
+        summary = filter_population(a.samples, clf, a.out, cfg, log)
+    elif a.cmd == "build":
+        from .pop_build import BuildConfig, build_preferences
 
-            cfg = BuildConfig(set_size=a.set_size, set_count=a.set_count, rule=a.rule, group_axes=_axes(a.group_axes),
-                              pairs=not a.no_pairs, seed=a.seed, on_short=a.on_short)  # fmt: skip
-            summary = build_preferences(a.filtered, a.out, cfg, log)
-        else:
-            summary = run_pipeline(load_pipeline_config(a.config, out=a.out), log=log)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"popalign data {a.cmd}: error: {e}", file=err)
-        return 2
+        cfg = BuildConfig(set_size=a.set_size, set_count=a.set_count, rule=a.rule, group_axes=_axes(a.group_axes),
+                          pairs=not a.no_pairs, seed=a.seed, on_short=a.on_short)  # fmt: skip
+        summary = build_preferences(a.filtered, a.out, cfg, log)
+    else:
+        summary = run_pipeline(load_pipeline_config(a.config, out=a.out), log=log)
     if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun / accelerate launch
         print(json.dumps(summary))
     return 0
@@ -363,10 +388,15 @@ def _augment_cmd(a) -> dict:
     res = augment_prompts(prompts, cfg)
     from .data import write_manifest
 
-    write_manifest(a.out, res.rows)
     for s in res.skipped:
         terms = ", ".join(f"{t['term']} ({t['axis']}={t['class']})" for t in s["terms"])
         print(f"skipped (identity-specific): {s['prompt']!r}: {terms}", file=sys.stderr)
+    check_augmented(res, len(prompts))
+    out = Path(a.out)
+    if out.exists() and out.resolve() == Path(a.prompts).resolve():
+        raise ValueError(f"--out {str(out)!r} is the --prompts file: augmentation would overwrite its own input")
+    check_replaceable(out, "popalign data augment", _is_augmented_file)
+    write_manifest(out, res.rows)
     return {
         "out": str(a.out),
         "neutral_prompts": len(prompts) - len(res.skipped),
@@ -375,6 +405,17 @@ def _augment_cmd(a) -> dict:
         "skipped": res.skipped,
         **report,
     }
+
+
+def _is_augmented_file(path: Path) -> bool:
+    """True when `path` holds rows of `popalign data augment` (so re-running may replace it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((ln for ln in f if ln.strip()), "")
+        row = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and {"neutral", "prompt", "index"} <= set(row)
 
 
 def _sample_cmd(a, log) -> dict:
@@ -386,12 +427,23 @@ def _sample_cmd(a, log) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"--augmented {str(p)!r} does not exist: write it with `popalign data augment`")
     rows = []
-    for no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--augmented {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for no, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--augmented {str(p)!r} line {no}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"--augmented {str(p)!r} line {no}: expected a JSON object, got "
+                                 f"{type(row).__name__}")  # fmt: skip
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"--augmented {str(p)!r} has no rows: nothing to sample (write it with `popalign data "
+                         "augment` from identity-neutral prompts)")  # fmt: skip
     cfg = SamplerConfig(steps=a.steps, guidance_scale=a.guidance_scale, scheduler=a.scheduler, seed=a.seed,
                         batch_size=a.batch_size, height=a.height, width=a.width,
                         negative_prompt=a.negative_prompt)  # fmt: skip

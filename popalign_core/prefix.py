@@ -330,18 +330,15 @@ class SoftPrefix(nn.Module):
     @staticmethod
     def read_file(path: str | os.PathLike, family: str) -> tuple[list[torch.Tensor], dict[str, str]]:
         """The vectors (text-encoder order) and metadata of a prefix file for `family`, validated."""
-        from safetensors import safe_open
+        from .fileio import read_safetensors, safetensors_keys
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path={path!r}: no such file")
         want = prefix_file_keys(family)
-        try:
-            with safe_open(path, framework="pt") as f:
-                keys, meta = list(f.keys()), dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in keys if k in want}
-        except Exception as e:  # not a safetensors file
-            raise ValueError(f"path={path!r}: not a readable safetensors file ({e})") from e
+        hint = "re-export it (re-running `popalign dal` writes it again from its last checkpoint)"
+        keys, meta = safetensors_keys(path, "soft-prefix embedding", hint)
+        tensors, _ = read_safetensors(path, "soft-prefix embedding", hint, keys=lambda k: k in want)
         if sorted(keys) != sorted(want):
             raise ValueError(
                 f"path={path!r}: keys {sorted(keys)} do not match a {family} prefix file; expected exactly "

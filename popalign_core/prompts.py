@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 
+from .userinput import coerce_numbers
+
 KeywordConfig = Mapping[str, Mapping[str, Sequence[str]]]
 
 # The paper's keywords (Sec. 6.1: "male"/"female"; "white", "Asian", "black", "Latino Hispanic", "Indian",
@@ -237,6 +239,7 @@ class AugmentConfig:
     )
 
     def check(self) -> None:
+        coerce_numbers(self)
         if not self.axes or len(set(self.axes)) != len(self.axes):
             raise ValueError(f"`axes` must name distinct axes; got {self.axes!r}")
         unknown = [a for a in self.axes if a not in self.keywords]

@@ -32,8 +32,16 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_path, atomic_write_text
+from .fileio import (
+    atomic_path,
+    atomic_write_text,
+    claim_output_dir,
+    clean_temporaries,
+    read_safetensors,
+    save_safetensors,
+)
 from .losses import LOSSES, loss_config
+from .userinput import ArgumentParser, check_name, coerce_numbers, command, parse_value, read_yaml, user_error
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -41,8 +49,24 @@ POPULATION_SAMPLING = ("balanced", "uniform")
 LORA_FORMAT_CHOICES = ("kohya", "diffusers")
 
 
+@user_error
 class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on (NaN loss, bad data, ...)."""
+
+
+#: What `popalign train` writes in its output folder (`fileio.claim_output_dir`): the LoRA in both layouts, the
+#: checkpoints, metrics, plots, the anchor cache, the demo's per-stage copies and the node pack's summary.
+TRAIN_OUTPUTS = {
+    "config.yaml": None,
+    "metrics.jsonl": None,
+    "metrics.csv": None,
+    "summary.json": None,
+    "node_summary.json": None,
+    "loss_curve.png": None,
+    "*.safetensors": None,
+    "*_diffusers": {"pytorch_lora_weights.safetensors": None},
+    "checkpoints": {"step_*": {"state.safetensors": None, "trainer_state.json": None}, ".tmp_step_*": "any"},
+}
 
 
 def _help(text: str, **kw):
@@ -137,6 +161,7 @@ class TrainConfig:
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
+        coerce_numbers(self)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
         if not isinstance(self.loss_params, dict):
@@ -186,8 +211,7 @@ class TrainConfig:
         fmts = list(self.lora_formats)
         if not fmts or any(f not in LORA_FORMAT_CHOICES for f in fmts):
             bad("lora_formats", f"a non-empty list of: {', '.join(LORA_FORMAT_CHOICES)}")
-        if not self.lora_name or any(c in self.lora_name for c in "/\\") or self.lora_name in (".", ".."):
-            bad("lora_name", "must be a plain file name stem (no path separators)")
+        check_name(self.lora_name, "lora_name")
         if float(self.loss_params.get("anchor_weight", 0.0)) > 0 and not self.anchor_prompts:
             raise ValueError(
                 "loss_params.anchor_weight > 0 needs anchor_prompts (prompts the reference generates from)"
@@ -220,14 +244,8 @@ def load_yaml_config(cls, path: str | os.PathLike | None, overrides: dict, relat
     relative to the file's folder."""
     data: dict = {}
     if path is not None:
-        import yaml
-
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p}: expected a mapping at the top level")
+        data = read_yaml(p, "config file")
         for key in relative_keys:
             v = data.get(key)
             if isinstance(v, str) and v != "toy" and not Path(v).is_absolute():
@@ -456,8 +474,6 @@ class Trainer:
         self.anchors = None
         if float(cfg.loss_params.get("anchor_weight", 0.0)) <= 0:
             return
-        from safetensors.torch import load_file, save_file
-
         from .sampling import SamplerConfig, sample
 
         key = hashlib.sha256(
@@ -474,9 +490,13 @@ class Trainer:
             ).encode()
         ).hexdigest()[:16]
         path = self.out / f"anchors_{key}.safetensors"
+        lat = None
         if path.is_file():
-            lat = load_file(str(path))["latents"]
-        else:
+            try:
+                lat = read_safetensors(path, "anchor cache", keys=["latents"])[0]["latents"]
+            except ValueError as e:  # a damaged cache is only a cache: rebuild it
+                self.log(f"[train] {e}; regenerating it")
+        if lat is None:
             reqs = [(p, i) for p in cfg.anchor_prompts for i in range(cfg.anchor_images_per_prompt)]
             sc = SamplerConfig(
                 steps=cfg.anchor_sampler_steps,
@@ -490,8 +510,7 @@ class Trainer:
             with self.adapter.reference():  # the frozen reference model generates the anchors
                 lat = sample(self.adapter, reqs, sc).float()
             if self.dist.main:
-                with atomic_path(path) as tmp:
-                    save_file({"latents": lat.contiguous()}, str(tmp))
+                save_safetensors({"latents": lat.contiguous()}, path)
         prompts = [p for p in cfg.anchor_prompts for _ in range(cfg.anchor_images_per_prompt)]
         with torch.no_grad(), self.adapter.reference():
             cond = self.adapter.encode_prompt(prompts, self.size, self.size)
@@ -602,8 +621,6 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self, step: int) -> None:
-        from safetensors.torch import save_file
-
         if not self.dist.main:
             return
         tensors = {f"param.{k}": v for k, v in self._trainable_state().items()}
@@ -618,28 +635,26 @@ class Trainer:
                 else:
                     sc[k] = float(v) if isinstance(v, torch.Tensor) else v
             scalars["state"][str(i)] = sc
-        final = self._ckpt_dir() / f"step_{step:08d}"
-        tmp = self._ckpt_dir() / f".tmp_step_{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
         meta = {
             "step": step,
             "fingerprint": self.cfg.fingerprint(),
             "optimizer": scalars,
             "config": self.cfg.to_dict(),
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_path(self._ckpt_dir() / f"step_{step:08d}") as tmp:  # the folder appears complete or not at all
+            tmp.mkdir()
+            save_safetensors(tensors, tmp / "state.safetensors")
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, default=str), fsync=True)
         ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if p.is_dir())
         for old in ckpts[: max(0, len(ckpts) - max(1, self.cfg.keep_checkpoints))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
+        ckpts = self._checkpoints()
         return ckpts[-1] if ckpts else None
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
 
     def _find_resume(self) -> Path | None:
         r = self.cfg.resume
@@ -652,16 +667,30 @@ class Trainer:
             raise FileNotFoundError(f"resume={r!r}: {p / 'trainer_state.json'} does not exist")
         return p
 
-    def _load_checkpoint(self, path: Path) -> int:
-        from safetensors.torch import load_file
+    def _resume_hint(self, path: Path) -> str:
+        older = [p for p in self._checkpoints() if p.name < path.name]
+        alt = (
+            f"resume from the older checkpoint with --resume {older[-1]}" if older else "start over with --resume none"
+        )
+        return f"{alt}, or delete {path} (resume=auto then takes the one before it)"
 
-        meta = json.loads((path / "trainer_state.json").read_text())
+    def _load_checkpoint(self, path: Path) -> int:
+        hint = self._resume_hint(path)
+        try:
+            meta = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            meta["fingerprint"], meta["optimizer"]["param_groups"], int(meta["step"])  # noqa: B018 - shape check
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"checkpoint file {path / 'trainer_state.json'} is damaged ({e}); {hint}") from None
         if meta["fingerprint"] != self.cfg.fingerprint():
             raise TrainingError(
                 f"checkpoint {path} was written by a run with a different configuration; use another output_dir "
                 "or resume=none to start over"
             )
-        tensors = load_file(str(path / "state.safetensors"))
+        tensors, _ = read_safetensors(path / "state.safetensors", "training checkpoint", hint)
+        missing = [n for n in self.param_names if f"param.{n}" not in tensors]
+        if missing:
+            raise TrainingError(f"training checkpoint {path} lacks {len(missing)} trained tensor(s), e.g. "
+                                f"{missing[0]!r}; {hint}")  # fmt: skip
         named = {n: p for rn, r in self._roots() for n, p in ((f"{rn}.{k}", v) for k, v in r.named_parameters())}
         with torch.no_grad():
             for n in self.param_names:
@@ -681,19 +710,15 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- outputs
     def _save_outputs(self, step: int) -> dict[str, str]:
-        from .lora_io import lora_metadata, save_lora
+        from .lora_io import lora_metadata, save_lora_formats
 
         if not self.dist.main:
             return {}
         cfg = self.cfg
-        written = {}
         if cfg.full_finetune:
-            from safetensors.torch import save_file
-
             path = self.out / f"{cfg.lora_name}_unet.safetensors"
             sd = {k: v.detach().cpu().contiguous() for k, v in self.adapter.unet.state_dict().items()}
-            with atomic_path(path) as tmp:
-                save_file(sd, str(tmp), metadata={"loss": cfg.loss, "step": str(step)})
+            save_safetensors(sd, path, metadata={"loss": cfg.loss, "step": str(step)})
             return {"unet": str(path)}
         meta = lora_metadata(
             loss=cfg.loss,
@@ -702,10 +727,11 @@ class Trainer:
             data_hash=self.data_hash,
             popalign_step=str(step),
         )
-        for fmt in cfg.lora_formats:
-            target = self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
-            written[fmt] = str(save_lora(self.adapter, target, format=fmt, metadata=meta))
-        return written
+        targets = {
+            fmt: self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
+            for fmt in cfg.lora_formats
+        }
+        return save_lora_formats(self.adapter, targets, metadata=meta)  # every layout from the same step, as one
 
     def _plot(self, rows: list[dict]) -> None:
         if not self.dist.main or not rows:
@@ -731,8 +757,7 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._clean_stale_temporaries()
+        self._claim_output()
         self._setup_model()
         self.base_hash = model_hash(self.adapter.unet) if not cfg.full_finetune else ""
         self._setup_data()
@@ -896,14 +921,20 @@ class Trainer:
             for r in rows:
                 w.writerow({k: r.get(k, "") for k in cols})
 
-    def _clean_stale_temporaries(self) -> None:
-        """Remove temporary files a killed run left behind (they never carry a final name)."""
-        if not self.dist.main:
-            return
-        for p in self.out.glob("*.tmp"):
-            p.unlink(missing_ok=True)
-        for p in self._ckpt_dir().glob(".tmp_step_*"):
-            shutil.rmtree(p, ignore_errors=True)
+    OUTPUTS = TRAIN_OUTPUTS
+    COMMAND = "train"
+
+    def _claim_output(self) -> None:
+        """The output folder is this command's (new, empty, or an earlier run's: `fileio.claim_output_dir`); then the
+        temporaries and half-finished publications a killed run left are cleaned up / completed."""
+        if self.dist.main:
+            claim_output_dir(self.out, self.COMMAND, self.OUTPUTS, arg="output_dir")
+            clean_temporaries(self.out)
+            clean_temporaries(self._ckpt_dir())
+            for p in self._ckpt_dir().glob(".tmp_step_*"):  # the temporaries of older versions
+                shutil.rmtree(p, ignore_errors=True)
+        self.dist.barrier()
+        self.out.mkdir(parents=True, exist_ok=True)
 
 
 def _to_yaml(d: dict) -> str:
@@ -922,16 +953,11 @@ def train(cfg: TrainConfig | None = None, log=None, adapter=None, on_step=None, 
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
+_parse_value = parse_value  # command-line values: YAML with YAML 1.2 floats (1e-4 is a number)
 
 
 def build_parser():
-    import argparse
-
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="popalign train",
         description="Train a LoRA (or the full UNet) with a loss of the zoo. Every config key is also a flag.",
     )
@@ -951,29 +977,26 @@ def build_parser():
     return ap
 
 
+@command("popalign train")
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     overrides = {k: v for k, v in vars(a).items() if k not in ("config", "loss_param") and v is not None}
-    try:
-        base = {}
-        if a.config:
-            base = load_config(a.config).to_dict()
-        lp = dict(base.get("loss_params", {}))
-        for item in a.loss_param:
-            if "=" not in item:
-                raise ValueError(f"--loss-param {item!r}: expected NAME=VALUE")
-            k, v = item.split("=", 1)
-            lp[k.strip()] = _parse_value(v)
-        if overrides.get("loss") and overrides["loss"] != base.get("loss") and not a.loss_param:
-            lp = {}  # switching the loss switches to its own defaults
-        base.update(overrides)
-        base["loss_params"] = lp
-        cfg = load_config(None, **base)
-        summary = Trainer(cfg).run()
-    except (ValueError, FileNotFoundError, TrainingError) as exc:
-        print(f"popalign train: error: {exc}", file=sys.stderr)
-        return 2
+    base = {}
+    if a.config:
+        base = load_config(a.config).to_dict()
+    lp = dict(base.get("loss_params", {}))
+    for item in a.loss_param:
+        if "=" not in item:
+            raise ValueError(f"--loss-param {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        lp[k.strip()] = _parse_value(v)
+    if overrides.get("loss") and overrides["loss"] != base.get("loss") and not a.loss_param:
+        lp = {}  # switching the loss switches to its own defaults
+    base.update(overrides)
+    base["loss_params"] = lp
+    cfg = load_config(None, **base)
+    summary = Trainer(cfg).run()
     print(json.dumps(summary))
     return 0
 

@@ -129,21 +129,23 @@ def test_zero_faces_and_corrupt_image(sampled, weights, tmp_path):
             (folder / f"prompt{i}" / f"{j}.png").write_bytes((out / "images" / f"p{i:03d}_{j:04d}.png").read_bytes())
     (folder / "prompt0" / "broken.png").write_bytes(b"not a png at all")
     clf = make_classifier("fairface", weights=weights, detector=NoFace())
-    res = run_audit(images_dir=folder, classifier=clf, out_dir=tmp_path / "o", n_boot=N_BOOT)
-    assert res["counts"]["corrupt"] == 1 and res["counts"]["readable"] == 4 and res["counts"]["faces"] == 0
-    assert any("no face" in w for w in res["warnings"])
-    for axis in ("gender", "race"):
-        d = res["axes"][axis]["discrepancy"]
-        assert d["mean_over_prompts"]["value"] is None and d["mean_over_prompts"]["reason"]
-        assert all(d["per_prompt"][p]["value"] is None for p in ("prompt0", "prompt1"))
-    assert res["face_rate"]["mean_over_prompts"]["value"] == 0.0
-    assert (tmp_path / "o" / "report.md").is_file() and "n/a" in (tmp_path / "o" / "report.md").read_text()
-    broken = [r for r in res["images"] if r["image"].endswith("broken.png")]
-    assert broken[0]["error"].startswith("unreadable")
-    # the same folder with a working classifier counts the corrupt file once and still measures
+    # no face anywhere: an error, not a report of None values (and nothing is written)
+    with pytest.raises(ValueError, match=r"no face was detected in any of the 4 readable images"):
+        run_audit(images_dir=folder, classifier=clf, out_dir=tmp_path / "o", n_boot=N_BOOT, max_unreadable=0.5)
+    assert not (tmp_path / "o").exists()
+    # 1 of 5 unreadable is more than the default 10 %: an error naming the file
+    with pytest.raises(ValueError, match=r"1 of 5 images \(20%\) could not be read.*broken\.png.*--max-unreadable"):
+        run_audit(images_dir=folder, classifier="fairface", classifier_options={"weights": weights},
+                  out_dir=tmp_path / "o2", n_boot=N_BOOT, report=False)  # fmt: skip
+    # allowed: counted once, warned about, and the rest measured
     res2 = run_audit(images_dir=folder, classifier="fairface", classifier_options={"weights": weights},
-                     out_dir=tmp_path / "o2", n_boot=N_BOOT, report=False)  # fmt: skip
+                     out_dir=tmp_path / "o2", n_boot=N_BOOT, report=False, max_unreadable=0.25)  # fmt: skip
     assert res2["counts"]["corrupt"] == 1 and res2["counts"]["faces"] == 4
+    assert any("1 of 5 image(s) could not be read" in w and "broken.png" in w for w in res2["warnings"])
+    broken = [r for r in res2["images"] if r["image"].endswith("broken.png")]
+    assert broken[0]["error"].startswith("unreadable")
+    on_disk = json.loads((tmp_path / "o2" / "audit.json").read_text())
+    assert on_disk["counts"]["corrupt"] == 1 and on_disk["warnings"] == res2["warnings"]
 
 
 def test_prompt_file_errors(tmp_path):
@@ -190,6 +192,11 @@ def test_compare_and_cli(sampled, weights, tmp_path):
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
     res3 = compare_audits(res, b, tmp_path / "cmp2", report=False)
     assert res3["warnings"] == []
+    from popalign_core.audit import AUDIT_OUTPUTS, COMPARE_OUTPUTS
+    from popalign_core.fileio import foreign_entries
+
+    # the declared layouts cover every output (what --out checks against)
+    assert foreign_entries(tmp_path / "cmp", COMPARE_OUTPUTS) == [] and foreign_entries(out, AUDIT_OUTPUTS) == []
 
 
 def test_recall_from_csv_manifest_identities(sampled, classifier, tmp_path):
@@ -272,15 +279,18 @@ def test_cli_targets_file_inline_and_named_detector(sampled, weights, tmp_path, 
     a = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert a["axes"]["gender"]["classes"] == ["female", "male"] and a["axes"]["gender"]["target"] == [0.3, 0.7]
     inline = '{"gender": {"female": 0.5, "male": 0.5}}'
-    assert main([*common, "--targets", inline, "--detector", "opencv_haar", "--out", str(tmp_path / "b")]) == 0
-    b = json.loads((tmp_path / "b" / "audit.json").read_text())
-    assert b["axes"]["gender"]["target"] == [0.5, 0.5] and b["settings"]["detector"] == "opencv_haar"
-    # the tiny model draws no faces: the Haar cascade finds none, and the audit says so instead of dividing by 0
-    assert b["counts"]["faces"] == 0 and "no face was detected" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"--targets: 'nope.json' is neither JSON text nor an existing"):
-        main([*common, "--targets", "nope.json", "--out", str(tmp_path / "c")])
-    with pytest.raises(ValueError, match=r"`targets\['gender'\]` must sum to 1"):
-        main([*common, "--targets", '{"gender": {"female": 0.3, "male": 0.3}}', "--out", str(tmp_path / "d")])
-    with pytest.raises(SystemExit):
-        main([*common, "--detector", "nope", "--out", str(tmp_path / "e")])
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    capsys.readouterr()
+    # the tiny model draws no faces: the Haar cascade finds none, and the audit fails saying so (no numbers from 0)
+    assert main([*common, "--targets", inline, "--detector", "opencv_haar", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("popalign audit: error: no face was detected in any of the") and "--detector" in err[-1]
+    assert not (tmp_path / "b").exists()
+    for bad, msg in (
+        (["--targets", "nope.json"], "--targets: 'nope.json' is neither JSON text nor an existing"),
+        (["--targets", '{"gender": {"female": 0.3, "male": 0.3}}'], "`targets['gender']` must sum to 1"),
+        (["--detector", "nope"], "argument --detector: invalid choice: 'nope'"),
+    ):
+        assert main([*common, *bad, "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("popalign audit: error: ") and msg in err
+    assert not (tmp_path / "c").exists()

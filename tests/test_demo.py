@@ -106,6 +106,22 @@ def test_demo_cli_refuses_a_non_empty_output_and_unknown_methods(demo_run, capsy
     assert "--methods: unknown method 'ppo'" in capsys.readouterr().err
 
 
+def test_overwrite_would_clear_exactly_an_earlier_demo_run(demo_run):
+    """--overwrite's rule on a real demo output: every entry is the demo's; one foreign file anywhere stops it."""
+    from popalign_core.demo import _outputs
+    from popalign_core.fileio import check_clearable, foreign_entries
+
+    out, _ = demo_run
+    assert foreign_entries(out, _outputs()) == [] and check_clearable(out, "demo", _outputs())
+    mine = out / "popalign" / "checkpoints" / "my_notes.txt"
+    mine.write_text("mine")
+    try:
+        with pytest.raises(FileExistsError, match=r"'popalign/checkpoints/my_notes.txt'.*nothing was deleted"):
+            check_clearable(out, "demo", _outputs())
+    finally:
+        mine.unlink()
+
+
 def test_demo_loras_load_with_the_stock_format(demo_run):
     from popalign_core.lora_io import read_lora
 

@@ -67,6 +67,18 @@ def test_safe_name_refuses_paths(pack, name):
         common.safe_name(name, "lora_name")
 
 
+def test_text_fields_take_numbers_as_users_write_them(pack):
+    """loss_params typed into a node: JSON, or YAML flow style, with 5e3 / 5e-1 read as numbers."""
+    common = sys.modules["popalign_nodes_unit._common"]
+    assert common.parse_json('{"beta": 5e3}', "loss_params") == {"beta": 5000.0}
+    assert common.parse_json("{beta: 5e3, alpha: 5e-1}", "loss_params") == {"beta": 5000.0, "alpha": 0.5}
+    assert common.parse_json("  ", "loss_params", {}) == {}
+    with pytest.raises(ValueError, match="loss_params: not valid JSON"):
+        common.parse_json("{beta: ", "loss_params")
+    with pytest.raises(ValueError, match="loss_params: not valid JSON"):
+        common.parse_json("beta", "loss_params")
+
+
 def test_safe_name_accepts_plain_names(pack):
     common = sys.modules["popalign_nodes_unit._common"]
     assert common.safe_name("my_lora-v1.2", "lora_name") == "my_lora-v1.2"

@@ -160,13 +160,16 @@ def test_start_repairs_torn_lines_missing_and_orphan_images(tmp_path, toy):
     sample_population(toy, jobs, out, CFG, "toyworld", model_hash="h")
     rows = _manifest(out)
     (out / rows[1]["image"]).unlink()  # row without image
-    (out / "images" / "stray.png").write_bytes(b"x")  # image without row
+    (out / "images" / image_name("a photo of a stray", 7)).write_bytes(b"x")  # an image of this run without row
+    (out / "images" / "stray.png").write_bytes(b"mine")  # a file the run never wrote: never deleted
     with open(out / MANIFEST, "a") as f:
         f.write('{"image": "images/half')  # torn last line
     logs = []
     s = sample_population(toy, jobs, out, CFG, "toyworld", model_hash="h", log=logs.append)
-    assert s["dropped"] == {"torn_lines": 1, "missing_images": 1, "duplicate_rows": 0, "orphan_images": 1}
-    assert s["sampled"] == 1 and len(_manifest(out)) == 6 == len(_disk(out))
+    assert s["dropped"] == {"torn_lines": 1, "missing_images": 1, "damaged_images": 0, "duplicate_rows": 0,
+                            "orphan_images": 1}  # fmt: skip
+    assert (out / "images" / "stray.png").read_bytes() == b"mine"
+    assert s["sampled"] == 1 and len(_manifest(out)) == 6 == len(_disk(out)) - 1
     assert any("made the folder consistent" in m for m in logs)
     assert len(read_samples(out)) == 6
 

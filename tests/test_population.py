@@ -87,6 +87,11 @@ def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
     assert s["augment"]["skipped"][0]["prompt"] == "a photo of a round pilot"  # names a toy identity
     data = load_preference_data(tmp_path / "p" / "data" / "population.jsonl")
     assert {x.caption for x in data.samples} <= {"a photo of a baker", "a photo of a pilot"}
+    from popalign_core.fileio import foreign_entries, read_marker
+    from popalign_core.population import PIPELINE_OUTPUTS
+
+    assert foreign_entries(tmp_path / "p", PIPELINE_OUTPUTS) == []  # the declared layout covers every output
+    assert read_marker(tmp_path / "p")["command"] == "data pipeline"
     # re-running resumes: nothing is sampled again
     assert cli_main(["data", "pipeline", "--config", str(small)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sample"]["sampled"] == 0

@@ -305,7 +305,7 @@ def test_load_and_save_reject_bad_files(tmp_path):
         SoftPrefix.load(bad_meta, sd15)
     not_st = tmp_path / "junk.safetensors"
     not_st.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"soft-prefix embedding .*junk.safetensors.* is damaged.*re-export"):
         SoftPrefix.load(not_st, sd15)
     with pytest.raises(FileNotFoundError, match="no such file"):
         SoftPrefix.load(tmp_path / "missing.safetensors", sd15)

@@ -34,6 +34,16 @@ def test_build_layout_and_refusals(built, tmp_path):
     assert any("vae step" in m for m in lines) and any("unet step" in m for m in lines)
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         build(out, BuildConfig(**PRESETS["ci"]))
+    from popalign_core.fileio import check_clearable
+    from popalign_core.toyworld.build import COMMAND, OUTPUTS
+
+    assert check_clearable(out, COMMAND, OUTPUTS)  # --overwrite may replace exactly this build
+    (out / "my_notes.txt").write_text("mine")
+    try:
+        with pytest.raises(FileExistsError, match="'my_notes.txt'.*nothing was deleted"):
+            build(out, BuildConfig(**PRESETS["ci"]), overwrite=True)  # refused before building
+    finally:
+        (out / "my_notes.txt").unlink()
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
@@ -45,6 +55,16 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build(out, BuildConfig(n_images=300, vae_steps=2, unet_steps=3, unet_batch=8), progress=boom)
     assert not out.exists()
+    partial = out.with_name("tw.partial")
+    assert partial.is_dir()
+    (partial / "stray.txt").write_text("not the build's")  # a killed build's folder is cleared only when all ours
+    with pytest.raises(FileExistsError, match="'stray.txt'"):
+        build(out, BuildConfig(n_images=300, vae_steps=2, unet_steps=3, unet_batch=8), classifiers=False)
+    (partial / "stray.txt").unlink()
+    from popalign_core.fileio import check_clearable
+    from popalign_core.toyworld.build import COMMAND, OUTPUTS
+
+    assert check_clearable(partial, COMMAND, OUTPUTS) is not None  # the next build may clear it: all of it is ours
 
 
 def test_model_loads_and_samples_through_the_sd15_path(built):

@@ -218,7 +218,7 @@ def test_config_errors_name_the_field(data, tmp_path):
         _cfg(data, tmp_path, lr=0)
     with pytest.raises(ValueError, match=r"caption_dropout=1.0 is invalid"):
         _cfg(data, tmp_path, caption_dropout=1.0)
-    with pytest.raises(ValueError, match=r"lora_name='\.\./x' is invalid"):
+    with pytest.raises(ValueError, match=r"lora_name='\.\./x' is not a plain name"):
         _cfg(data, tmp_path, lora_name="../x")
     with pytest.raises(ValueError, match=r"anchor_weight > 0 needs anchor_prompts"):
         _cfg(data, tmp_path, loss_params={"anchor_weight": 1.0})

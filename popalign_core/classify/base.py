@@ -7,7 +7,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..userinput import user_error
 
+
+@user_error
 class BackendUnavailable(RuntimeError):
     """A backend's package or weight file is missing; the message says what to install / where to put which file."""
 

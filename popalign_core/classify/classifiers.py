@@ -21,7 +21,7 @@ ComfyUI's ``models`` folder), else the environment variable ``POPALIGN_MODELS_DI
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +144,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(
+        from ..fileio import CorruptFileError
+
+        raise CorruptFileError(
             f"cannot read weight file {str(path)!r} as a safetensors file or a torch state dict "
-            f"(torch.load weights_only=True): {type(e).__name__}: {e}"
-        ) from e
+            f"(torch.load weights_only=True): {type(e).__name__}: {e}; the file is damaged, truncated or of another "
+            "format: copy it again from its source"
+        ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -551,6 +554,23 @@ CLASSIFIERS: dict[str, Callable[..., Any]] = {
 }
 
 
+def check_options(name: str, factory: Any, options: Mapping[str, Any], what: str = "classifier") -> None:
+    """ValueError naming an option that `factory` (a backend class or function) does not take, with the valid ones."""
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k != "self"]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"{what} {name!r} has no option {unknown[0]!r}; its options: {', '.join(valid)}")
+
+
 def make_classifier(
     name: str,
     *,
@@ -564,6 +584,7 @@ def make_classifier(
     `arch`, `prompts`). ``detector=None`` -> `FullImage` (the whole image is the face crop)."""
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {name!r}; valid: {sorted(CLASSIFIERS)}")
+    check_options(name, CLASSIFIERS[name], options)
     return CLASSIFIERS[name](
         weights=weights, detector=detector, device=device, allow_download=allow_download, **options
     )

@@ -18,14 +18,14 @@ Nothing is tuned on the held-out roles: training, and the checkpoint (the last o
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..userinput import ArgumentParser, command, read_yaml
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -58,11 +58,24 @@ QUICK = {"eval": {"n_per_role": 16, "n_per_identity": 1, "n_per_concept": 4, "st
          "dal": {"steps": 3, "images_per_prompt": 4, "prompts_per_step": 1, "sampler_steps": 6}}  # fmt: skip
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+    """`over` merged into `base`; an unknown key (outside the free-form `dal` section and targets) is an error."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "target" else v
+        if k not in base and where != "dal.":
+            raise ValueError(f"unknown dal-toy config key {where + k!r}; valid keys: {', '.join(sorted(base))}")
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "target":
+            out[k] = _merge(base[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
     return out
+
+
+#: What `popalign dal-toy` writes in its output folder (`fileio.claim_output_dir`).
+def _outputs() -> dict:
+    from ..train import TRAIN_OUTPUTS
+
+    return {"eval_base.json": None, "results.json": None, "dal": TRAIN_OUTPUTS}
 
 
 def tv_floor(target: np.ndarray, n: int, rng: np.random.Generator, draws: int = 20000) -> float:
@@ -103,26 +116,33 @@ def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, li
 def run(out: str | Path, config: dict | None = None, log=print) -> dict:
     from ..dal_train import load_dal_config, run_dal
     from ..demo import evaluate
+    from ..fileio import atomic_write_text, claim_output_dir
     from ..models import load_model
     from ..toyworld.classifier import ToyClassifier
     from ..toyworld.world import TRAIN_ROLES, caption
 
     cfg = config or DEFAULTS
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "dal-toy", _outputs())
     t0 = time.time()
     eval_clf = ToyClassifier(which="eval")
     times = {}
     base_eval = out / "eval_base.json"
     t = time.time()
-    if base_eval.is_file():
-        before = json.loads(base_eval.read_text())
-    else:
+    key = {"eval": cfg["eval"], "seed": cfg["seed"], "target": cfg["dal"]["target"]}
+    before = None
+    if base_eval.is_file():  # resume: the base audit of the same settings
+        try:
+            cached = json.loads(base_eval.read_text(encoding="utf-8"))
+            before = cached.get("result") if cached.get("settings") == json.loads(json.dumps(key)) else None
+        except ValueError:
+            before = None
+    if before is None:
         ev = evaluate(load_model("toyworld"), cfg, cfg["seed"], eval_clf)
         before = {"errors": target_errors(ev["labels"], cfg["dal"]["target"], cfg["seed"]),
                   "identity_recall": ev["identity_recall"], "recall_per_axis": ev["identity_recall_per_axis"],
                   "concept_accuracy": ev["concept_accuracy"]}  # fmt: skip
-        base_eval.write_text(json.dumps(before, indent=1))
+        atomic_write_text(base_eval, json.dumps({"settings": key, "result": before}, indent=1))
     times["audit_before"] = time.time() - t
     log(f"[dal-toy] base: {({a: round(v['mean'], 3) for a, v in before['errors'].items()})}, recall "
         f"{before['identity_recall']:.3f}, concepts {before['concept_accuracy']:.3f}")  # fmt: skip
@@ -187,7 +207,7 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
         acc[f"target_error_{a}<=0.05"] = bool(v <= 0.05)
     acc["identity_recall>=0.95"] = bool(results["identity_recall"] >= 0.95)
     acc["concept_accuracy_drop<=3"] = bool(results["concept_accuracy_drop"] <= 3.0)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     log(f"[dal-toy] after: {({a: round(v, 3) for a, v in results['target_error_mean'].items()})} (floor "
         f"{({a: round(v, 3) for a, v in results['target_error_floor'].items()})}), recall "
         f"{results['identity_recall']:.3f}, concept drop {results['concept_accuracy_drop']:.1f} points")  # fmt: skip
@@ -207,24 +227,19 @@ class _Prefixed:
         return getattr(self._a, name)
 
 
+@command("popalign dal-toy")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="popalign dal-toy", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="popalign dal-toy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/dal_toy", help="output folder (resumes: the base audit and training)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
     ap.add_argument("--config", help="YAML with the same shape as DEFAULTS, merged over them")
     a = ap.parse_args(argv)
     cfg = DEFAULTS
     if a.config:
-        import yaml
-
-        cfg = _merge(cfg, yaml.safe_load(Path(a.config).read_text()) or {})
+        cfg = _merge(cfg, read_yaml(a.config, "dal-toy config"))
     if a.quick:
         cfg = _merge(cfg, QUICK)
-    try:
-        res = run(a.out, cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"popalign dal-toy: error: {exc}", file=sys.stderr)
-        return 2
+    res = run(a.out, cfg)
     print(json.dumps({k: res[k] for k in ("target_error_mean", "target_error_floor", "identity_recall",
                                           "concept_accuracy_drop", "acceptance")}))  # fmt: skip
     return 0

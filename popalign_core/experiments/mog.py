@@ -39,7 +39,6 @@ See docs/mog.md for measured results and how they compare with the paper.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -47,6 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..fileio import atomic_write_text, check_replaceable, claim_output_dir, png_software
+from ..userinput import ArgumentParser, command, integer, number
+
+#: What `popalign mog` writes in its --out folder (`fileio.claim_output_dir`).
+MOG_OUTPUTS = {"result_*.json": None, "mog_*.png": None}
 
 SUPPORTED_LOSSES = ("popalign", "sft")
 
@@ -465,50 +470,51 @@ def plot_result(result: dict, data: MoGData, path: str | Path, title: str | None
     default_title = f"{cfg['loss']}{anchor} ({beta}lr {cfg['lr']:g}, seed {cfg['seed']}): final w = [{w}]"
     fig.suptitle(title or default_title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=72, format="png", metadata={"Software": "popalign mog"})
     plt.close(fig)
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m popalign_core.experiments.mog",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="popalign mog",
         description="PopAlign Section 5: align a skewed 1-D mixture of three Gaussians (Fig. 3).",
     )
     p.add_argument("--loss", required=True, choices=SUPPORTED_LOSSES, help="training loss")
-    p.add_argument("--anchor-weight", type=float, default=0.0, help="weight of the reference-sample anchor term")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Adam steps (default {DEFAULT_STEPS})")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR})")
-    p.add_argument("--batch-size", type=int, default=0, help="samples per population per step; 0 = full batch")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data (and minibatch) seed")
-    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"PopAlign beta (default {DEFAULT_BETA})")
+    p.add_argument("--anchor-weight", type=number, default=0.0, help="weight of the reference-sample anchor term")
+    p.add_argument("--steps", type=integer, default=DEFAULT_STEPS, help=f"Adam steps (default {DEFAULT_STEPS})")
+    p.add_argument("--lr", type=number, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR})")
+    p.add_argument("--batch-size", type=integer, default=0, help="samples per population per step; 0 = full batch")
+    p.add_argument("--seed", type=integer, default=DEFAULT_SEED, help="data (and minibatch) seed")
+    p.add_argument("--beta", type=number, default=DEFAULT_BETA, help=f"PopAlign beta (default {DEFAULT_BETA})")
     p.add_argument("--out", default="runs/mog", help="directory for result.json and the plot (default runs/mog)")
     p.add_argument("--plot", default=None, help="plot path (default OUT/mog_<loss>[_anchor<w>]_seed<S>.png)")
     return p
 
 
+@command("popalign mog")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     tag = f"{args.loss}{f'_anchor{args.anchor_weight:g}' if args.anchor_weight else ''}_seed{args.seed}"
     plot = Path(args.plot) if args.plot else out / f"mog_{tag}.png"
-    try:
-        result = run(
-            loss=args.loss,
-            anchor_weight=args.anchor_weight,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            beta=args.beta,
-            plot=plot,
-            verbose=True,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"result_{tag}.json").write_text(json.dumps(result, indent=1))
+    claim_output_dir(out, "mog", MOG_OUTPUTS)
+    check_replaceable(plot, "popalign mog", lambda p: png_software(p) == "popalign mog", arg="--plot")
+    result = run(
+        loss=args.loss,
+        anchor_weight=args.anchor_weight,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        beta=args.beta,
+        plot=plot,
+        verbose=True,
+    )
+    atomic_write_text(out / f"result_{tag}.json", json.dumps(result, indent=1))
     print(
         f"[mog] final w {result['weights']} (w1/w3 {result['final_ratio']:.3f}); balance {result['balance']}",
         file=sys.stderr,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -350,12 +349,12 @@ def train_unet(latents, captions: list[str], cfg: BuildConfig, progress=None):
 
 
 def save_pipeline(out: Path, vae, unet, text, scaling: float, meta: dict[str, Any]) -> None:
-    """Write a SD-1.x-layout diffusers folder into `out` (must not exist); UNet and text encoder in fp16."""
+    """Write a SD-1.x-layout diffusers folder into `out` (new or empty); UNet and text encoder in fp16."""
     from diffusers import DDIMScheduler
 
     from ..tokenizers import clip_tokenizer
 
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     vae.register_to_config(scaling_factor=float(scaling))
     vae.save_pretrained(out / "vae", safe_serialization=True)
     # UNet and text encoder are stored in fp16 (the repository budget is 20 MB; the full-vocabulary token
@@ -382,6 +381,12 @@ def save_pipeline(out: Path, vae, unet, text, scaling: float, meta: dict[str, An
     (out / "toyworld.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+COMMAND = "toyworld build"
+#: What a toy-world build holds (`fileio.claim_output_dir`): a diffusers folder plus the classifiers.
+OUTPUTS = {"model_index.json": None, "toyworld.json": None, **{d: "any" for d in ("unet", "vae", "text_encoder",
+           "tokenizer", "scheduler", "classifiers")}}  # fmt: skip
+
+
 def build(
     out_dir: str | os.PathLike,
     cfg: BuildConfig | None = None,
@@ -392,15 +397,20 @@ def build(
     """Build the toy world into `out_dir` (see the module docstring). Returns the folder."""
     import torch
 
+    from ..fileio import check_clearable, claim_output_dir, clear_output_dir, set_default_permissions
+
     cfg = cfg or BuildConfig()
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to rebuild it")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"--out {str(out)!r} exists; pass overwrite=True (--overwrite) to rebuild it")
+        check_clearable(out, COMMAND, OUTPUTS, signature="toyworld.json")  # before the build: nothing foreign lost
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
+    if partial.exists():  # a killed build's folder: only ever our own
+        clear_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build", signature="model_index.json")
+    claim_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build")
     t0 = time.time()
     _log(progress, f"rendering {cfg.n_images} training images")
     imgs, caps, truths = make_dataset(cfg.n_images, cfg.seed, cfg.mix)
@@ -417,7 +427,9 @@ def build(
     meta["seconds"] = round(time.time() - t0, 1)
     (partial / "toyworld.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if out.exists():
-        shutil.rmtree(out)
+        clear_output_dir(out, COMMAND, OUTPUTS, signature="toyworld.json")
+        out.rmdir()
+    set_default_permissions(partial)
     os.replace(partial, out)
     _log(progress, f"built {out} in {meta['seconds']}s")
     return out

@@ -21,7 +21,6 @@ images with the **evaluation** classifier. Prints progress, then as its last lin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..userinput import ArgumentParser, integer, number
 from .world import CONCEPTS, KEYWORDS, ROLE_BY_NAME, ROLE_NAMES, TOY_AXES, caption, concept_caption
 
 RECALL_ROLES = ("baker", "pilot", "farmer", "guard", "chef", "judge")
@@ -171,15 +171,15 @@ def run_check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="popalign toyworld check", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="popalign toyworld check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="toy-world folder (default: the shipped one)")
-    ap.add_argument("--n", type=int, default=400, help="images per role (neutral prompt)")
-    ap.add_argument("--n-identity", type=int, default=50, help="images per identity-specific prompt")
-    ap.add_argument("--n-concept", type=int, default=100, help="images per concept / cloaked prompt")
-    ap.add_argument("--steps", type=int, default=DEFAULT_SAMPLER["steps"])
-    ap.add_argument("--guidance", type=float, default=DEFAULT_SAMPLER["guidance_scale"])
+    ap.add_argument("--n", type=integer, default=400, help="images per role (neutral prompt)")
+    ap.add_argument("--n-identity", type=integer, default=50, help="images per identity-specific prompt")
+    ap.add_argument("--n-concept", type=integer, default=100, help="images per concept / cloaked prompt")
+    ap.add_argument("--steps", type=integer, default=DEFAULT_SAMPLER["steps"])
+    ap.add_argument("--guidance", type=number, default=DEFAULT_SAMPLER["guidance_scale"])
     ap.add_argument("--scheduler", default=DEFAULT_SAMPLER["scheduler"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=integer, default=0)
     a = ap.parse_args(argv)
     from .classifier import default_toyworld_dir
 

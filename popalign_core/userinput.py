@@ -1,0 +1,314 @@
+"""What users type: numbers, YAML, names, and how the command line answers a mistake (one line, no traceback).
+
+Numbers are read the way people write them. YAML 1.1 (PyYAML's default) reads ``1e-4``, ``5e-5`` and ``5e3`` as
+*strings* because its float rule wants a dot; `YAML_LOADER` adds the YAML 1.2 / JSON float rule, so every config
+file, ``--flag VALUE`` and ``--loss-param NAME=VALUE`` gets a float. `coerce_numbers` then turns numeric strings
+(``lr: "1e-4"``, a JSON API value) and integral floats (``steps: 1e3``) into the field's declared type before a
+config validates, so the only numbers refused are those that are really out of range.
+
+Every ``popalign`` command runs through `command`: a user mistake (a bad value, a missing or damaged file, a folder
+that is not ours, ...) ends the command with exit status 2 and one line ``popalign CMD: error: <what, naming the
+input>``; an unexpected failure (a bug) with exit status 1 and one line that says so. ``--debug`` (anywhere on the
+command line) or ``POPALIGN_DEBUG=1`` shows the traceback instead. Ctrl-C ends with 130, SIGTERM with 143, after the
+command's own clean-up (a trainer saves a resumable checkpoint first). docs/errors.md lists what each command
+refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import re
+import signal
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEBUG_ENV = "POPALIGN_DEBUG"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class UsageError(ValueError):
+    """A command-line mistake found by the argument parser (unknown flag, missing argument, bad choice)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM: raised in the main thread so that clean-up (checkpoints, temporary files) runs before exiting."""
+
+
+#: Exceptions that are the user's to fix: bad values, missing / damaged / foreign files, stopped runs. Anything else
+#: is reported as an internal error. (TrainingError, BackendUnavailable and SamplingStopped are RuntimeErrors that
+#: the modules register with `user_error`.)
+USER_ERRORS: list[type[BaseException]] = [
+    ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError, UsageError, CorruptFileError
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    yaml.YAMLError,
+]
+
+
+def user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Class decorator: exceptions of `cls` are user errors (one line, exit status 2) on the command line."""
+    if cls not in USER_ERRORS:
+        USER_ERRORS.append(cls)
+    return cls
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """`text` folded onto one line (whitespace runs, newlines included, become one space), cut at `limit`."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line message of an exception: OS errors as "reason: file", others their message (or type name)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return one_line(f"{exc.strerror}: {exc.filename}")
+    if isinstance(exc, KeyError):
+        return one_line(f"missing key {exc.args[0]!r}" if exc.args else "missing key")
+    msg = str(exc)
+    return one_line(msg) if msg.strip() else type(exc).__name__
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no") or (
+        argv is not None and "--debug" in argv
+    )
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001
+    raise Interrupted(f"stopped by signal {signum}")
+
+
+def command(prog: str | Callable[[list[str]], str]) -> Callable:
+    """Decorator of a command's ``main(argv) -> int``: the one-line error policy of the module docstring.
+
+    prog: the command's name for messages ("popalign train"), or a function of argv giving it (sub-commands)."""
+
+    def wrap(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            argv = [
+                os.fspath(a) if isinstance(a, os.PathLike) else a for a in (sys.argv[1:] if argv is None else argv)
+            ]
+            debug = debug_enabled(argv)
+            argv = [a for a in argv if a != "--debug"]
+            name = prog(argv) if callable(prog) else prog
+            old = None
+            try:
+                import threading
+
+                if threading.current_thread() is threading.main_thread():
+                    old = signal.signal(signal.SIGTERM, _raise_interrupted)
+            except (ValueError, OSError):  # not the main thread / not allowed: keep the default
+                old = None
+            try:
+                return int(main(argv) or 0)
+            except SystemExit:
+                raise
+            except Interrupted:
+                print(
+                    f"{name}: stopped by SIGTERM (outputs on disk are consistent; re-run to resume)", file=sys.stderr
+                )
+                return 143
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                print(f"{name}: interrupted (outputs on disk are consistent; re-run to resume)", file=sys.stderr)
+                return 130
+            except BaseException as exc:  # noqa: BLE001 - the one place where every failure becomes one line
+                if debug:
+                    raise
+                if isinstance(exc, tuple(USER_ERRORS)):
+                    print(f"{name}: error: {describe(exc)}", file=sys.stderr)
+                    return 2
+                if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                    print(f"{name}: error: out of memory ({describe(exc)}); lower the batch size or the resolution",
+                          file=sys.stderr)  # fmt: skip
+                    return 2
+                if isinstance(exc, OSError):  # disk full, I/O error, ...: the environment, not a bug
+                    print(f"{name}: error: {type(exc).__name__}: {describe(exc)}", file=sys.stderr)
+                    return 2
+                print(
+                    f"{name}: internal error ({type(exc).__name__}: {describe(exc)[:500]}); this is a bug: re-run "
+                    f"with --debug (or {DEBUG_ENV}=1) for the traceback and report it",
+                    file=sys.stderr,
+                )
+                return 1
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
+
+        return run
+
+    return wrap
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: a usage mistake raises `UsageError` (the `command` wrapper prints
+    ``prog: error: <message> (see prog --help)``) instead of printing the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ------------------------------------------------------------------------------------------------ numbers and YAML
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class YAML_LOADER(yaml.SafeLoader):  # noqa: N801 - a constant-like class name
+    """PyYAML's safe loader plus the YAML 1.2 float rule (``1e-4``, ``5e3`` are floats; ``1_000`` stays an int)."""
+
+
+YAML_LOADER.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+# the int rule must win for plain integers: move it before the float rule for each first character
+for _ch, _resolvers in YAML_LOADER.yaml_implicit_resolvers.items():
+    _resolvers.sort(key=lambda tr: 0 if tr[0] == "tag:yaml.org,2002:int" else 1)
+
+
+def parse_yaml(text: str, source: str = "<text>") -> Any:
+    """YAML text -> Python values with `YAML_LOADER`; a syntax error is one ValueError naming source, line, column."""
+    try:
+        return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{source} is not valid YAML{where}: {one_line(e.problem or e.context or str(e))}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source} is not valid YAML: {one_line(str(e))}") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config file", mapping: bool = True) -> Any:
+    """A YAML file (`parse_yaml`); missing / unreadable / not UTF-8 / not a mapping: one error naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {str(p)!r} is a folder, not a YAML file")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = parse_yaml(text, f"{what} {str(p)!r}")
+    if mapping:
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ValueError(f"{what} {str(p)!r}: expected a mapping (key: value lines) at the top level, got a "
+                             f"{type(data).__name__}")  # fmt: skip
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """One command-line value as YAML (numbers, booleans, lists, mappings); an empty text stays the empty string
+    (``--lora-name ''`` is a value to validate, not an absent flag)."""
+    if not text.strip():
+        return text
+    return parse_yaml(text, f"value {text!r}")
+
+
+def parse_number(value: Any) -> float | int | None:
+    """`value` as a number if it is one or a string that spells one (``"1e-4"``, ``" 5e3 "``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str) and _FLOAT_12.match(value.strip()):
+        s = value.strip().replace("_", "")
+        try:
+            return int(s) if re.fullmatch(r"[-+]?[0-9]+", s) else float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def integer(text: str) -> int:
+    """argparse type of integer flags: ``100``, ``1_000``, ``1e3`` (an integral number in any notation)."""
+    n = parse_number(text)
+    if isinstance(n, float) and math.isfinite(n) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return n
+
+
+def number(text: str) -> float:
+    """argparse type of float flags: ``1e-4``, ``5e-5``, ``2.0e-3``, ``5e3``, ``.5`` (finite numbers)."""
+    n = parse_number(text)
+    if n is None or not math.isfinite(float(n)):
+        raise argparse.ArgumentTypeError(f"expected a finite number such as 0.5 or 1e-4, got {text!r}")
+    return float(n)
+
+
+def _numeric_kind(tp: Any) -> type | None:
+    """int / float when a field's annotation is int, float or an Optional of them; else None."""
+    if tp in (int, float):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and args[0] in (int, float):
+            return args[0]
+    return None
+
+
+@functools.cache
+def _numeric_fields(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = _numeric_kind(hints.get(f.name))
+        if kind is not None:
+            out[f.name] = kind
+    return out
+
+
+def coerce_numbers(obj: Any) -> Any:
+    """In place: numeric fields of the dataclass instance `obj` given as numeric strings become numbers, and int
+    fields given an integral float (``1e3``, ``100.0``) become ints. Anything else is left for validation to refuse
+    with the field's name. Returns `obj`."""
+    for name, kind in _numeric_fields(type(obj)).items():
+        v = getattr(obj, name)
+        n = parse_number(v) if isinstance(v, str) else v
+        if n is None or isinstance(n, bool) or not isinstance(n, int | float):
+            continue
+        if kind is int and isinstance(n, float) and math.isfinite(n) and n.is_integer():
+            n = int(n)
+        if n is not v:
+            setattr(obj, name, n)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ names
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(value: Any, arg: str, strip_suffix: str | None = None) -> str:
+    """A plain file-name stem for outputs (LoRA names, run names): letters, digits, '.', '_' and '-', starting with a
+    letter or digit, at most 100 characters, no '..' (so no hidden files, no path separators, no empty name).
+    ValueError naming `arg` otherwise."""
+    v = str(value if value is not None else "").strip()
+    if strip_suffix and v.endswith(strip_suffix):
+        v = v[: -len(strip_suffix)]
+    if not _SAFE_NAME.match(v) or ".." in v:
+        raise ValueError(
+            f"{arg}={value!r} is not a plain name: use letters, digits, '.', '_' and '-' only, starting with a letter "
+            "or digit (no path separators, no leading dot, not empty, at most 100 characters)"
+        )
+    return v

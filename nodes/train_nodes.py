@@ -232,7 +232,9 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     if restart and run_dir.exists():
         from popalign_core.fileio import clear_output_dir
 
-        clear_output_dir(run_dir, trainer_cls.COMMAND, trainer_cls.OUTPUTS, arg="run folder")  # only the run's own
+        clear_output_dir(
+            run_dir, trainer_cls.COMMAND, trainer_cls.OUTPUTS, arg="run folder", signature=trainer_cls.SIGNATURE
+        )  # only the run's own files; else nothing is deleted
     t0 = time.time()
     start = _checkpoint_step(run_dir)
     with torch.inference_mode(False), torch.enable_grad():

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ from .fileio import atomic_write_bytes, atomic_write_text, claim_output_dir  # n
 from .userinput import ArgumentParser, command, integer, number  # noqa: E402
 
 #: What `popalign audit` / `audit compare` write in their output folders (`fileio.claim_output_dir`).
-AUDIT_OUTPUTS = {AUDIT_FILE: None, IMAGES_MANIFEST: None, "images": {"*.png": None}, "report.md": None,
-                 "report.html": None, "*.png": None}  # fmt: skip
-COMPARE_OUTPUTS = {"compare.json": None, "compare.md": None, "compare.html": None, "*.png": None}
+AUDIT_OUTPUTS = {AUDIT_FILE: None, IMAGES_MANIFEST: None, "images": {re.compile(r"p\d{3,}_\d{4,}\.png"): None},
+                 "report.md": None, "report.html": None, "shares_*.png": None, "discrepancy.png": None,
+                 "grid.png": None}  # fmt: skip
+COMPARE_OUTPUTS = {"compare.json": None, "compare.md": None, "compare.html": None, "compare.png": None}
 DEFAULT_MAX_UNREADABLE = 0.1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_AXES = ("gender", "race")
@@ -435,6 +437,7 @@ def run_audit(
         raise ValueError("`out_dir` is required")
     out = Path(out_dir)
     sampling_mode = model is not None
+    duplicates = 0
     if sampling_mode and (images_dir is not None or manifest is not None):
         raise ValueError("give either `model` (+ `prompts`) or `images_dir` / `manifest`, not both")
     if not sampling_mode and images_dir is None and manifest is None:
@@ -479,7 +482,7 @@ def run_audit(
 
         SamplerConfig(steps=steps, guidance_scale=guidance, seed=seed, scheduler=scheduler, height=height,
                       width=width, batch_size=batch_size)  # checked before any output is written  # fmt: skip
-        claim_output_dir(out, "audit", AUDIT_OUTPUTS)
+        claim_output_dir(out, "audit", AUDIT_OUTPUTS, signature=AUDIT_FILE)
         sampler = {
             "steps": steps,
             "guidance_scale": guidance,
@@ -494,7 +497,10 @@ def run_audit(
         settings["images_per_prompt"] = images_per_prompt
     else:
         rows = read_image_manifest(manifest, images_dir) if manifest is not None else scan_image_folder(images_dir)
-        claim_output_dir(out, "audit", AUDIT_OUTPUTS, create=False)  # checked now, created when there are results
+        unique = list({(r["path"], r["prompt"]): r for r in reversed(rows)}.values())[::-1]
+        duplicates = len(rows) - len(unique)  # the same image listed twice for a prompt would count twice
+        rows = unique
+        claim_output_dir(out, "audit", AUDIT_OUTPUTS, create=False, signature=AUDIT_FILE)  # created with results
         plist = list(dict.fromkeys(r["prompt"] for r in rows))
         settings.update({"model": None, "images_dir": str(images_dir) if images_dir else None})
         settings["manifest"] = str(manifest) if manifest else None
@@ -517,6 +523,9 @@ def run_audit(
         "no_face": n_read - n_faces,
     }
     warnings = _check_counts(records, plist, counts, max_unreadable)
+    if duplicates:
+        counts["duplicate_rows"] = duplicates
+        warnings.append(f"{duplicates} manifest row(s) repeat an image of the same prompt and were counted once")
     headline = {
         a: {
             "mean_over_prompts": metrics["axes"][a]["discrepancy"]["mean_over_prompts"],
@@ -535,7 +544,7 @@ def run_audit(
         **metrics,
         "images": records,
     }
-    claim_output_dir(out, "audit", AUDIT_OUTPUTS)
+    claim_output_dir(out, "audit", AUDIT_OUTPUTS, signature=AUDIT_FILE)
     write_json(out / AUDIT_FILE, result)
     if report:
         from .report import write_report
@@ -691,7 +700,9 @@ def load_audit(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"audit file {str(p)!r} does not exist")
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"audit file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"audit file {str(p)!r} is not valid JSON: {e}") from e
     if not isinstance(d, dict) or "axes" not in d or "prompts" not in d:
@@ -757,7 +768,7 @@ def compare_audits(before: Any, after: Any, out_dir: str | os.PathLike, report: 
         "warnings": warnings,
     }
     out = Path(out_dir)
-    claim_output_dir(out, "audit compare", COMPARE_OUTPUTS)
+    claim_output_dir(out, "audit compare", COMPARE_OUTPUTS, signature="compare.json")
     write_json(out / "compare.json", result)
     if report:
         from .report import write_compare_report
@@ -873,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         hard_labels=a.hard_labels,
         n_boot=a.n_boot,
         report=not a.no_report,
-        progress=lambda msg: print(msg, file=sys.stderr),
+        progress=lambda msg: print(f"[audit] {msg}", file=sys.stderr),
         clip_score=clip,
         max_unreadable=a.max_unreadable,
     )

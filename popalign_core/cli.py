@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--debug":  # popalign --debug CMD ...: tracebacks instead of one-line errors
         argv = [*argv[1:], "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: popalign COMMAND [options]\n\ncommands:")
+        out = sys.stdout if argv else sys.stderr
+        print("usage: popalign COMMAND [options]\n\ncommands:", file=out)
         for k, (_, h) in COMMANDS.items():
-            print(f"  {k:8s} {h}")
+            print(f"  {k:8s} {h}", file=out)
+        if not argv:
+            print("popalign: error: a command is required (see popalign --help)", file=sys.stderr)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

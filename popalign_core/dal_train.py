@@ -55,16 +55,14 @@ from .fileio import atomic_write_text
 from .ot import METHODS, MODES
 from .train import (
     LORA_FORMAT_CHOICES,
-    TRAIN_OUTPUTS,
     Trainer,
     TrainingError,
     _Dist,
-    _parse_value,
     config_fingerprint,
     load_training_model,
     load_yaml_config,
 )
-from .userinput import ArgumentParser, check_name, coerce_numbers, command
+from .userinput import ArgumentParser, check_name, coerce_numbers, coerce_strings, command, flag_type
 
 __all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
 
@@ -184,6 +182,7 @@ class DALConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
         coerce_numbers(self)
+        coerce_strings(self)
 
         def num(name, lo=None, hi=None, lo_open=False):
             v = getattr(self, name)
@@ -759,8 +758,7 @@ class DALTrainer(Trainer):
         plt.close(fig)
 
     # ---------------------------------------------------------------------------------------- run
-    OUTPUTS = TRAIN_OUTPUTS  # the same files as the LoRA trainer (the embedding of train=prefix is a .safetensors)
-    COMMAND = "dal"
+    COMMAND = "dal"  # the same files as the LoRA trainer (the embedding of train=prefix is <lora_name>.safetensors)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -821,6 +819,9 @@ def build_parser():
     )
     ap.add_argument("--config", help="YAML file with DALConfig keys (flags override it)")
     ap.add_argument("--targets", help="the target as inline JSON or a .json file (same as --target)")
+    import typing
+
+    hints = typing.get_type_hints(DALConfig)
     for f in dataclasses.fields(DALConfig):
         flag = "--" + f.name.replace("_", "-")
         choices = {"train": list(TRAIN_TARGETS), "gradient": list(GRADIENTS), "ot_method": list(METHODS),
@@ -828,7 +829,8 @@ def build_parser():
         if choices:
             ap.add_argument(flag, choices=choices, default=None, help=f.metadata.get("help", ""))
         else:
-            ap.add_argument(flag, type=_parse_value, default=None, metavar="VALUE", help=f.metadata.get("help", ""))
+            ap.add_argument(flag, type=flag_type(hints[f.name]), default=None, metavar="VALUE",
+                            help=f.metadata.get("help", ""))  # fmt: skip
     return ap
 
 

@@ -44,17 +44,19 @@ METHODS = ("popalign", "popalign_anchor", "sft", "dpo")
 
 
 def _outputs() -> dict:
+    """What the demo writes in --out (`fileio.claim_output_dir`): exact names, and per method the trainer's layout."""
     from .population import PIPELINE_OUTPUTS
-    from .train import TRAIN_OUTPUTS
+    from .train import train_outputs
 
     return {
         "demo_config.yaml": None,
         "results.json": None,
         "report.md": None,
-        "*.png": None,
-        "*_lora.safetensors": None,
+        "shares.png": None,
+        "training.png": None,
+        **{f"{m}_lora.safetensors": None for m in METHODS},
         "pipeline": {"pipeline.yaml": None, "run": PIPELINE_OUTPUTS},
-        **{m: TRAIN_OUTPUTS for m in METHODS},
+        **{m: train_outputs(m) for m in METHODS},
     }
 
 
@@ -76,14 +78,38 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     return out
 
 
+def _check_method(name: str, m: dict) -> None:
+    """A method's loss, learning rate, batch size and loss hyper-parameters, checked before any work."""
+    from .losses import LOSSES, loss_config
+    from .userinput import parse_number
+
+    if m["loss"] not in LOSSES:
+        raise ValueError(f"methods.{name}.loss={m['loss']!r} is not a known loss; valid values: {', '.join(LOSSES)}")
+    lr = parse_number(m["lr"]) if isinstance(m["lr"], str) else m["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+        raise ValueError(f"methods.{name}.lr={m['lr']!r} is invalid: must be a finite number > 0")
+    m["lr"] = float(lr)
+    bs = m.get("batch_size", 1)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"methods.{name}.batch_size={bs!r} is invalid: must be an integer >= 1")
+    params = m.get("loss_params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"methods.{name}.loss_params: expected a mapping of hyper-parameters, got {params!r}")
+    try:
+        loss_config(m["loss"], **params)
+    except ValueError as e:
+        raise ValueError(f"methods.{name}.loss_params: {e}") from None
+
+
 def load_demo_config(path: str | Path | None = None, quick: bool = False, **overrides) -> dict:
-    """The demo's settings: the packaged demo.yaml, then `path` (merged), then `quick`, then `overrides`."""
+    """The demo's settings: the packaged demo.yaml, then `quick`'s sizes, then `path` (merged: the user's values win
+    and are all validated), then `overrides`."""
     cfg = read_yaml(DEFAULT_CONFIG, "packaged demo config")
     quick_over = cfg.pop("quick")
-    if path is not None:
-        cfg = _merge(cfg, read_yaml(path, "demo config"))
     if quick:
         cfg = _merge(cfg, quick_over)
+    if path is not None:
+        cfg = _merge(cfg, read_yaml(path, "demo config"))
     cfg = _merge(cfg, overrides)
     for name, m in cfg["methods"].items():
         if name not in METHODS:
@@ -93,6 +119,7 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
                 raise ValueError(f"methods.{name}: {key!r} is required")
         if m["data"] not in ("population", "pairwise"):
             raise ValueError(f"methods.{name}.data must be 'population' or 'pairwise'; got {m['data']!r}")
+        _check_method(name, m)
     positive = {
         "eval": ("n_per_role", "n_per_identity", "n_per_concept", "steps"),
         "select": ("n_per_role", "stages", "n_per_identity", "n_per_concept"),
@@ -520,8 +547,9 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
         raise FileExistsError(f"--out {str(out)!r} is not empty; pass --overwrite (it replaces an earlier demo run, "
                               "nothing else) or choose another --out")  # fmt: skip
     if overwrite:
-        clear_output_dir(out, "demo", _outputs())  # only an earlier demo run's own files; else nothing is deleted
-    claim_output_dir(out, "demo", _outputs())
+        # only an earlier demo run's own files; otherwise nothing is deleted
+        clear_output_dir(out, "demo", _outputs(), signature="demo_config.yaml")
+    claim_output_dir(out, "demo", _outputs(), signature="demo_config.yaml")
     import yaml
 
     atomic_write_text(out / "demo_config.yaml", yaml.safe_dump(cfg, sort_keys=False))

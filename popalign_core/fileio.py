@@ -14,7 +14,8 @@ weight files with errors that name the file.
   So the folder never keeps a mix of two steps once the writer has started again, and nothing temporary stays.
 - **Output folders.** `claim_output_dir` lets a command write into a new or empty folder (it leaves a marker,
   ``.popalign-output.json``, naming the command), into a folder of its own (the marker), or into a folder of an older
-  version whose entries all match the command's output layout; anything else is refused before any work.
+  version (no marker yet) that holds the command's signature files and nothing outside its output layout; anything
+  else is refused before any work.
   `clear_output_dir` (``--overwrite``) deletes a folder's contents only when the marker names the command and every
   entry matches its layout; otherwise it stops with a message listing the foreign entries and deletes nothing.
 - **Reading weights.** `read_safetensors` / `safetensors_keys` turn a damaged, truncated or non-safetensors file into
@@ -242,9 +243,18 @@ def recover_publish(folder: str | os.PathLike) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ output folders
-#: A layout: {name pattern: None (a file) | layout (a folder, checked inside) | ANY (a folder, not looked into)}.
+#: A layout: {name: None (a file) | layout (a folder, checked inside) | ANY (a folder, not looked into)}, where a
+#: name is a glob pattern (`fnmatch`, case-sensitive) or a compiled regular expression (matched in full). Layouts are
+#: as precise as the writer's names allow: a user's file inside an output folder is foreign unless the command could
+#: have written that very name.
 ANY = "any"
-Layout = Mapping[str, Any]
+Layout = Mapping[Any, Any]
+
+
+def _name_matches(name: str, pattern: Any) -> bool:
+    if isinstance(pattern, re.Pattern):
+        return pattern.fullmatch(name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _matches(entry: Path, layout: Layout, rel: str, foreign: list[str]) -> None:
@@ -252,7 +262,7 @@ def _matches(entry: Path, layout: Layout, rel: str, foreign: list[str]) -> None:
     if name in (OUTPUT_MARKER, PUBLISH_JOURNAL) or _TMP.match(name):
         return
     for pattern, sub in layout.items():
-        if not fnmatch.fnmatchcase(name, pattern):
+        if not _name_matches(name, pattern):
             continue
         is_dir = entry.is_dir() and not entry.is_symlink()
         if sub is None and not is_dir:
@@ -295,12 +305,26 @@ def _listing(items: list[str], n: int = 4) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def _signed(d: Path, signature: str | tuple[str, ...] | None) -> bool:
+    names = (signature,) if isinstance(signature, str) else tuple(signature or ())
+    return bool(names) and all((d / n).exists() for n in names)
+
+
 def claim_output_dir(
-    path: str | os.PathLike, command: str, layout: Layout, arg: str = "--out", create: bool = True
+    path: str | os.PathLike,
+    command: str,
+    layout: Layout,
+    arg: str = "--out",
+    create: bool = True,
+    signature: str | tuple[str, ...] | None = None,
 ) -> Path:
     """Make `path` the output folder of `command` (see the module docstring), or refuse before any work with a
     FileExistsError naming the entries that are not the command's. Returns the folder. ``create=False`` only checks
-    (nothing is created), for commands that find out late whether they have anything to write."""
+    (nothing is created), for commands that find out late whether they have anything to write. `signature`: the
+    file(s) every run of `command` writes first; a folder without the marker is taken as an older version's run only
+    when it holds them and nothing outside `layout` (without a signature, never)."""
+    if not str(path).strip():
+        raise ValueError(f"{arg} is empty: give the output folder")
     d = Path(path)
     if d.exists() and not d.is_dir():
         raise NotADirectoryError(f"{arg} {str(d)!r} is a file; `{command}` writes a folder there")
@@ -317,19 +341,26 @@ def claim_output_dir(
             )
         return d
     entries = [e for e in d.iterdir() if not _TMP.match(e.name)]
-    foreign = foreign_entries(d, layout) if entries else []
-    if foreign:
-        raise FileExistsError(
-            f"{arg} {str(d)!r} already holds files that `{command}` did not write ({_listing(foreign)}); choose a new "
-            "or empty folder (nothing was changed)"
-        )
+    if entries:
+        foreign = foreign_entries(d, layout)
+        if not _signed(d, signature):  # not an earlier run of this command: every entry is someone else's
+            foreign = sorted({e.name + ("/" if e.is_dir() else "") for e in entries} - {OUTPUT_MARKER})
+        if foreign:
+            raise FileExistsError(
+                f"{arg} {str(d)!r} already holds files that `{command}` did not write ({_listing(foreign)}); choose "
+                "a new or empty folder (nothing was changed)"
+            )
     if create:
         _write_marker(d, command)  # empty, or a run of an older version (no marker yet)
     return d
 
 
 def check_clearable(
-    path: str | os.PathLike, command: str, layout: Layout, arg: str = "--out", signature: str | None = None
+    path: str | os.PathLike,
+    command: str,
+    layout: Layout,
+    arg: str = "--out",
+    signature: str | tuple[str, ...] | None = None,
 ) -> list[Path]:
     """The entries `clear_output_dir` would delete, or FileExistsError naming why it must not (nothing is deleted).
     A folder is clearable when its marker names `command` (or, for folders of older versions without a marker, when
@@ -344,13 +375,17 @@ def check_clearable(
         return []
     marker = read_marker(d)
     ours = marker is not None and marker["command"] == command
-    if marker is None and signature is not None and (d / signature).is_file():
+    if marker is None and _signed(d, signature):
         ours = True  # written by an older version of `command`, before markers
     if not ours:
-        who = f"by `{marker['command']}`" if marker else f"by `{command}` (it has no {OUTPUT_MARKER} marker)"
+        who = (
+            f"holds the output of `{marker['command']}`, not of `{command}`"
+            if marker
+            else f"was not written by `{command}` (it has no {OUTPUT_MARKER} marker)"
+        )
         raise FileExistsError(
-            f"{arg} {str(d)!r} was not written {who}: --overwrite deletes only a folder this command made; delete it "
-            "yourself or choose another folder (nothing was deleted)"
+            f"{arg} {str(d)!r} {who}: --overwrite deletes only a folder this command made; delete it yourself or "
+            "choose another folder (nothing was deleted)"
         )
     foreign = foreign_entries(d, layout)
     if foreign:
@@ -362,7 +397,11 @@ def check_clearable(
 
 
 def clear_output_dir(
-    path: str | os.PathLike, command: str, layout: Layout, arg: str = "--out", signature: str | None = None
+    path: str | os.PathLike,
+    command: str,
+    layout: Layout,
+    arg: str = "--out",
+    signature: str | tuple[str, ...] | None = None,
 ) -> None:
     """``--overwrite``: delete the contents of `path` if and only if `command` wrote all of it (`check_clearable`);
     otherwise FileExistsError naming the entries, and nothing is deleted. A missing folder is fine."""
@@ -373,10 +412,12 @@ def clear_output_dir(
 def check_replaceable(path: str | os.PathLike, command: str, is_ours, arg: str = "--out") -> Path:
     """A single output file may replace only an earlier output of `command`: FileExistsError when `path` exists and
     `is_ours(path)` says it is something else (nothing is changed); IsADirectoryError for a folder."""
+    if not str(path).strip():
+        raise ValueError(f"{arg} is empty: give the path of the file to write")
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"{arg} {str(p)!r} is a folder; give the path of the file to write")
-    if p.exists() and p.stat().st_size > 0 and not is_ours(p):
+    if (p.exists() or p.is_symlink()) and not is_ours(p):
         raise FileExistsError(
             f"{arg} {str(p)!r} exists and was not written by `{command}`; choose another file name or delete it "
             "yourself (nothing was changed)"

@@ -242,6 +242,23 @@ def _short_name(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
+def _check_rank(rank: int, comps: Mapping[str, torch.nn.Module], plan: Mapping[str, list]) -> None:
+    """A rank above the largest one any targeted layer can use (min of its input and output width) only allocates
+    memory: refuse it before any weight is created, naming the layer."""
+    widest = 0
+    for prefix, targets in plan.items():
+        for name, m in comps[prefix].named_modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(_target_matches(name, t) for t in targets):
+                n_in = m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels
+                n_out = m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+                widest = max(widest, min(n_in, n_out))
+    if widest and rank > widest:
+        raise ValueError(
+            f"lora_rank={rank} is invalid: the targeted layers are at most {widest} wide (a rank above that adds "
+            f"nothing but memory); use a rank <= {widest}"
+        )
+
+
 def _match_targets(modules: Mapping[str, torch.nn.Module], targets: tuple[str, ...], what: str) -> dict[str, list]:
     """{component: the targets that match one of its Linear/Conv2d modules}; components matching none are left out.
 
@@ -319,6 +336,7 @@ def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str
     for prefix in plan:
         if _has_adapter(comps[prefix], adapter_name):
             raise ValueError(f"adapter_name={adapter_name!r}: {prefix} already has a LoRA of that name")
+    _check_rank(spec.rank, comps, plan)
 
     peft_init = True if spec.init_lora_weights == "gaussian" else spec.init_lora_weights
     counts = {}

@@ -90,8 +90,17 @@ def detect_family(keys: Iterable[str] | Mapping) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON config file of a model folder; a damaged one is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"config file {str(path)!r} is damaged ({e}); copy the model folder again from its source"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r} is not a JSON object; copy the model folder again")
+    return d
 
 
 def _require_files(root: Path, rel_paths: Iterable[str], what: str) -> None:

@@ -104,10 +104,23 @@ def _read_filtered(manifest: Path) -> list[dict]:
             raise ValueError(
                 f"{manifest}, line {no}: not valid JSON ({e.msg}); run `popalign data filter` again"
             ) from None
-        missing = [k for k in ("image", "prompt", "neutral", "population") if not isinstance(r, dict) or k not in r]
-        if missing or r["population"] not in ("winning", "losing"):
-            raise ValueError(f"{manifest}, line {no}: not a row of `popalign data filter` (needs image, prompt, "
-                             "neutral and population winning|losing)")  # fmt: skip
+        need = ("image", "prompt", "neutral", "population")
+        missing = [k for k in need if not isinstance(r, dict) or k not in r]
+        if (
+            missing
+            or r["population"] not in ("winning", "losing")
+            or not isinstance(r.get("attributes") or {}, dict)
+            or not isinstance(r.get("identity") or {}, dict)
+        ):
+            raise ValueError(
+                f"{manifest}, line {no}: not a row of `popalign data filter` (needs image, prompt, neutral, "
+                "population winning|losing, and mappings for identity and attributes)"
+            )
+        if r.get("reason", "kept") != "kept":
+            raise ValueError(
+                f"{manifest}, line {no}: an image the filter dropped (reason {r['reason']!r}): this is a decisions "
+                "file listing every image; give filtered.jsonl or its folder"
+            )
         rows.append(r)
     return rows
 
@@ -144,8 +157,14 @@ def build_preferences(
             raise ValueError(f"group_axes: unknown axis {unknown[0]!r}; the filtered images have the axes "
                              f"{', '.join(known) or '(none)'}")  # fmt: skip
     base = manifest.parent
+    missing = [r["image"] for r in rows if not (base / r["image"]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{manifest}: {len(missing)} of {len(rows)} listed images do not exist (first: {base / missing[0]}); "
+            "re-run `popalign data sample` and `popalign data filter` on that run"
+        )
     out = Path(out)
-    claim_output_dir(out, "data build", BUILD_OUTPUTS, arg="out")
+    claim_output_dir(out, "data build", BUILD_OUTPUTS, arg="--out", signature="build_report.json")
     by_prompt: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
         r = {**r, "image": os.path.relpath(base / r["image"], out)}

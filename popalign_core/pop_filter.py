@@ -117,8 +117,26 @@ def filter_population(
         log(f"[filter] warning: skipped {n_skipped} manifest row(s) of {samples}: {_skipped_text(skipped)}; re-run "
             "`popalign data sample` on that folder to repair and complete it")  # fmt: skip
     caxes = {a: tuple(c) for a, c in classifier.axes.items()}
-    # check the keyword classes against the classifier before classifying anything
+    unknown = [a for a in (cfg.axes or ()) if a not in caxes]
+    if unknown:
+        raise ValueError(f"axes: the classifier {getattr(classifier, 'name', type(classifier).__name__)!r} has no "
+                         f"axis {unknown[0]!r}; its axes: {', '.join(caxes)}")  # fmt: skip
+    if cfg.axes:
+        named = {a for r in rows for a in (r.get("identity") or {})}
+        if named and not named & set(cfg.axes):
+            raise ValueError(
+                f"axes: no prompt of {samples} names {', '.join(cfg.axes)} (they name {', '.join(sorted(named))}), so "
+                "nothing would be checked against the keywords; leave --axes out or name those axes"
+            )
+    # check the rows and the keyword classes against the classifier before classifying anything
     for r in rows:
+        pop, ident = r.get("population"), r.get("identity")
+        if pop not in ("winning", "losing") or not isinstance(ident or {}, dict) or (pop == "winning" and not ident):
+            raise ValueError(
+                f"{samples}: the row of {r['image']!r} is not a population row (population winning with its identity "
+                f"keywords, or losing): population={pop!r}, identity={ident!r}; sample the run with `popalign data "
+                "sample`"
+            )
         for axis, cls in (r.get("identity") or {}).items():
             if cfg.axes is not None and axis not in cfg.axes:
                 continue
@@ -133,7 +151,7 @@ def filter_population(
                     f"class {cls!r} of axis {axis!r} (prompt {r['prompt']!r}) is not a class of the classifier; "
                     f"its {axis} classes: {list(caxes[axis])}"
                 )
-    claim_output_dir(out, "data filter", FILTER_OUTPUTS, arg="out")
+    claim_output_dir(out, "data filter", FILTER_OUTPUTS, arg="--out", signature="filter_report.json")
     kept, decisions = [], []
     counts: Counter = Counter()
     per_pop: dict[str, Counter] = {}

@@ -55,7 +55,7 @@ _IMAGE = re.compile(r"^[a-z0-9-]+-\d{5,}-[0-9a-f]{8}\.png$")  # `image_name`
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 #: What `popalign data sample` writes in its output folder (`fileio.claim_output_dir`).
-SAMPLE_OUTPUTS = {RUN_FILE: None, MANIFEST: None, "manifest.rank*.jsonl": None, IMAGES: {"*.png": None}}
+SAMPLE_OUTPUTS = {RUN_FILE: None, MANIFEST: None, _SHARD: None, IMAGES: {_IMAGE: None}}
 _RUN_KEYS = ("steps", "guidance_scale", "scheduler", "height", "width", "negative_prompt", "seed", "eta")
 
 
@@ -75,6 +75,12 @@ def population_jobs(rows: Sequence[Mapping[str, Any]], neutral_per_prompt: int |
         for key in ("neutral", "prompt", "index"):
             if key not in r:
                 raise ValueError(f"augmented row {k + 1} has no {key!r}: expected rows of `popalign data augment`")
+        if not _is_index(r["index"]):
+            raise ValueError(f"augmented row {k + 1}: index={r['index']!r} is not an integer >= 0")
+        if not isinstance(r["prompt"], str) or not r["prompt"].strip() or not isinstance(r["neutral"], str):
+            raise ValueError(f"augmented row {k + 1}: 'prompt' and 'neutral' must be non-empty strings")
+        if not isinstance(r.get("identity") or {}, dict):
+            raise ValueError(f"augmented row {k + 1}: identity={r['identity']!r} is not a mapping axis -> class")
         by_neutral.setdefault(str(r["neutral"]), []).append(r)
     jobs, seen = [], set()
     for neutral, rs in by_neutral.items():
@@ -189,8 +195,10 @@ def read_samples(out: str | os.PathLike) -> list[dict]:
     return read_samples_report(out)[0]
 
 
-def _reconcile(out: Path, log: Callable[[str], None]) -> dict:
-    """Make the folder consistent (see module docstring); returns {"rows": [...], "dropped": {...}}."""
+def _reconcile(out: Path, log: Callable[[str], None], own: set[str] | None = None) -> dict:
+    """Make the folder consistent (see module docstring); returns {"rows": [...], "dropped": {...}}. `own`: the image
+    names of this run's jobs; an image without a row is deleted only when it has one of them (any other file in
+    images/ is not this run's: it is left alone and counted)."""
     files = _manifests(out)
     rows, seen = [], set()
     dropped = {"torn_lines": 0, "missing_images": 0, "damaged_images": 0, "duplicate_rows": 0, "orphan_images": 0}
@@ -212,10 +220,18 @@ def _reconcile(out: Path, log: Callable[[str], None]) -> dict:
     img_dir = out / IMAGES
     if img_dir.is_dir():
         clean_temporaries(img_dir)
+        foreign = []
         for p in img_dir.iterdir():
-            if p.name not in listed and _IMAGE.match(p.name) and p.is_file():  # only this run's own file names
-                p.unlink()
+            if p.name in listed:
+                continue
+            if p.is_file() and not p.is_symlink() and _IMAGE.match(p.name) and (own is None or p.name in own):
+                p.unlink()  # an image of this run's jobs without its row: sampled again
                 dropped["orphan_images"] += 1
+            else:
+                foreign.append(p.name)
+        if foreign:
+            log(f"[sample] warning: {len(foreign)} file(s) in {img_dir} are not images of this run and were left "
+                f"alone (e.g. {foreign[0]!r})")  # fmt: skip
     if any(dropped.values()) or len(files) > 1 or not (out / MANIFEST).exists():
         write_manifest(out / MANIFEST, rows)
         for f in files[1:]:
@@ -299,8 +315,9 @@ def sample_population(
 
         model_hash = _mh(adapter)
     settings = _run_settings(config, model_id, model_hash)
+    own = {image_name(p, i) for p, i in keys}
     if dist.main:
-        claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="out")
+        claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="--out", signature=RUN_FILE)
         clean_temporaries(out)
         (out / IMAGES).mkdir(parents=True, exist_ok=True)
         run_file = out / RUN_FILE
@@ -320,7 +337,7 @@ def sample_population(
                 )
         else:
             atomic_write_text(run_file, json.dumps(settings, indent=2))
-        state = _reconcile(out, log)
+        state = _reconcile(out, log, own)
     dist.barrier()
     if not dist.main:
         state = {"rows": _read_rows(out / MANIFEST)[0], "dropped": {}}
@@ -375,7 +392,7 @@ def sample_population(
     dist.barrier()
     rows = state["rows"]
     if dist.main:
-        merged = _reconcile(out, log)["rows"]
+        merged = _reconcile(out, log, own)["rows"]
         order = {k: i for i, k in enumerate(keys)}
         merged.sort(key=lambda r: order.get((r["prompt"], int(r["index"])), len(order)))
         write_manifest(out / MANIFEST, merged)

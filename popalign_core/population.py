@@ -109,6 +109,10 @@ def load_pipeline_config(path: str | Path | None = None, **overrides) -> dict:
         data = read_yaml(p, "config file")
         if isinstance(data.get("prompts"), str) and not Path(data["prompts"]).is_absolute():
             data["prompts"] = str((p.parent / data["prompts"]).resolve())
+        aug = data.get("augment")
+        kw = aug.get("keywords") if isinstance(aug, dict) else None
+        if isinstance(kw, str) and kw not in ("default", "toy") and not Path(kw).is_absolute():
+            aug["keywords"] = str((p.parent / kw).resolve())  # a keywords file beside the config, like `prompts`
     data.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(data) - set(PIPELINE_TOP))
     if unknown:
@@ -202,7 +206,17 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         prompts, report = list(prompts), {"blank_lines": [], "duplicate_lines": []}
     res = augment_prompts(prompts, acfg)
     check_augmented(res, len(prompts), "prompts")
-    claim_output_dir(out, "data pipeline", PIPELINE_OUTPUTS, arg="out")
+    jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
+    budget = config["sample"].get("time_budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
+        raise ValueError(f"sample.time_budget_s: expected a number > 0 (seconds) or none, got {budget!r}")
+    if adapter is None:
+        from .models import resolve_model_path
+
+        if not Path(resolve_model_path(config["model"])).exists():
+            raise FileNotFoundError(f"model {config['model']!r} does not exist (a checkpoint file, a diffusers "
+                                    "folder or 'toyworld')")  # fmt: skip
+    claim_output_dir(out, "data pipeline", PIPELINE_OUTPUTS, arg="out", signature="augmented.jsonl")
     write_manifest(out / "augmented.jsonl", res.rows)
     timings["augment"] = time.time() - t0
     log(f"[pipeline] augment: {len(res.rows)} rows, {len(res.skipped)} identity-specific prompts skipped")
@@ -212,7 +226,6 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         kw = {k: config[k] for k in ("family", "dtype", "device") if config.get(k)}
         adapter = load_model(config["model"], **kw)
     t = time.time()
-    jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
     ssum = sample_population(
         adapter, jobs, out / "samples", scfg, str(config["model"]),
         time_budget_s=config["sample"].get("time_budget_s"), progress=progress, log=log,
@@ -332,8 +345,14 @@ def _options(items: list[str]) -> dict:
     return out
 
 
-def _axes(text: str | None):
-    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+def _axes(text: str | None, arg: str = "--axes"):
+    """Comma-separated axis names; None when the flag is absent. An explicitly empty list is an error."""
+    if text is None:
+        return None
+    axes = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not axes:
+        raise ValueError(f"{arg} {text!r} names no axis: give comma-separated axis names, or leave the flag out")
+    return axes
 
 
 def _prog(argv: list[str]) -> str:
@@ -364,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "build":
         from .pop_build import BuildConfig, build_preferences
 
-        cfg = BuildConfig(set_size=a.set_size, set_count=a.set_count, rule=a.rule, group_axes=_axes(a.group_axes),
+        cfg = BuildConfig(set_size=a.set_size, set_count=a.set_count, rule=a.rule,
+                          group_axes=_axes(a.group_axes, "--group-axes"),
                           pairs=not a.no_pairs, seed=a.seed, on_short=a.on_short)  # fmt: skip
         summary = build_preferences(a.filtered, a.out, cfg, log)
     else:
@@ -388,10 +408,10 @@ def _augment_cmd(a) -> dict:
     res = augment_prompts(prompts, cfg)
     from .data import write_manifest
 
+    check_augmented(res, len(prompts))
     for s in res.skipped:
         terms = ", ".join(f"{t['term']} ({t['axis']}={t['class']})" for t in s["terms"])
         print(f"skipped (identity-specific): {s['prompt']!r}: {terms}", file=sys.stderr)
-    check_augmented(res, len(prompts))
     out = Path(a.out)
     if out.exists() and out.resolve() == Path(a.prompts).resolve():
         raise ValueError(f"--out {str(out)!r} is the --prompts file: augmentation would overwrite its own input")
@@ -408,14 +428,14 @@ def _augment_cmd(a) -> dict:
 
 
 def _is_augmented_file(path: Path) -> bool:
-    """True when `path` holds rows of `popalign data augment` (so re-running may replace it)."""
+    """True when every line of `path` is a row of `popalign data augment` (so re-running may replace it)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = next((ln for ln in f if ln.strip()), "")
-        row = json.loads(first)
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        rows = [json.loads(ln) for ln in lines]
     except (OSError, ValueError):
         return False
-    return isinstance(row, dict) and {"neutral", "prompt", "index"} <= set(row)
+    keys = {"neutral", "prompt", "identity", "index"}
+    return bool(rows) and all(isinstance(r, dict) and set(r) == keys for r in rows)
 
 
 def _sample_cmd(a, log) -> dict:

@@ -213,6 +213,9 @@ _LEAD = re.compile(
 )
 
 
+MAX_SAMPLES_PER_PROMPT = 1_000_000  # one image each: far beyond any population run, and refused before any work
+
+
 @dataclass
 class AugmentConfig:
     """How neutral prompts become identity-specific ones (PopAlign Sec. 4.1)."""
@@ -261,8 +264,13 @@ class AugmentConfig:
             self.template.format(identity="x", subject="y", prompt="y", article="a")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"`template` {self.template!r} has an unknown field: {e}") from e
-        if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 1:
-            raise ValueError(f"`samples_per_prompt` must be an integer >= 1; got {self.samples_per_prompt!r}")
+        if not isinstance(self.samples_per_prompt, int) or not 1 <= self.samples_per_prompt <= MAX_SAMPLES_PER_PROMPT:
+            raise ValueError(
+                f"`samples_per_prompt` must be an integer in [1, {MAX_SAMPLES_PER_PROMPT:,}]; got "
+                f"{self.samples_per_prompt!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be an integer >= 0; got {self.seed!r}")
 
     def identities(self) -> list[dict[str, str]]:
         """Every combination of the classes of `axes` ({axis: class}), in config order."""

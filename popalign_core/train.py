@@ -24,9 +24,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +41,20 @@ from .fileio import (
     clean_temporaries,
     read_safetensors,
     save_safetensors,
+    temporary_name,
 )
 from .losses import LOSSES, loss_config
-from .userinput import ArgumentParser, check_name, coerce_numbers, command, parse_value, read_yaml, user_error
+from .userinput import (
+    ArgumentParser,
+    check_name,
+    coerce_numbers,
+    coerce_strings,
+    command,
+    flag_type,
+    parse_value,
+    read_yaml,
+    user_error,
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -54,19 +67,29 @@ class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on (NaN loss, bad data, ...)."""
 
 
-#: What `popalign train` writes in its output folder (`fileio.claim_output_dir`): the LoRA in both layouts, the
-#: checkpoints, metrics, plots, the anchor cache, the demo's per-stage copies and the node pack's summary.
-TRAIN_OUTPUTS = {
-    "config.yaml": None,
-    "metrics.jsonl": None,
-    "metrics.csv": None,
-    "summary.json": None,
-    "node_summary.json": None,
-    "loss_curve.png": None,
-    "*.safetensors": None,
-    "*_diffusers": {"pytorch_lora_weights.safetensors": None},
-    "checkpoints": {"step_*": {"state.safetensors": None, "trainer_state.json": None}, ".tmp_step_*": "any"},
-}
+def train_outputs(lora_name: str) -> dict:
+    """What `popalign train` / `popalign dal` write in their output folder (`fileio.claim_output_dir`) for a run
+    named `lora_name`: the LoRA in both layouts (or the full UNet, or a prefix embedding), checkpoints, metrics, the
+    loss plot, the anchor cache, the demo's per-stage copies and the node pack's summary."""
+    n = re.escape(lora_name)
+    return {
+        "config.yaml": None,
+        "metrics.jsonl": None,
+        "metrics.csv": None,
+        "summary.json": None,
+        "node_summary.json": None,
+        "loss_curve.png": None,
+        re.compile(rf"{n}(_unet|_step\d+)?\.safetensors"): None,
+        re.compile(r"anchors_[0-9a-f]{16}\.safetensors"): None,
+        f"{lora_name}_diffusers": {"pytorch_lora_weights.safetensors": None},
+        "checkpoints": {
+            re.compile(r"step_\d{8}"): {"state.safetensors": None, "trainer_state.json": None},
+            re.compile(r"\.tmp_step_\d{8}"): "any",  # an older version's unfinished checkpoint
+        },
+    }
+
+
+TRAIN_OUTPUTS = train_outputs("popalign_lora")  # the default run name's layout
 
 
 def _help(text: str, **kw):
@@ -162,6 +185,7 @@ class TrainConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
         coerce_numbers(self)
+        coerce_strings(self)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
         if not isinstance(self.loss_params, dict):
@@ -188,6 +212,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(name, "must be an integer >= 0")
+        r = self.resolution
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 8 <= r <= 8192):
+            bad("resolution", "must be None (the model's native size) or an integer in [8, 8192] pixels")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             bad("lr", "must be a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
@@ -230,11 +257,17 @@ class TrainConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def config_fingerprint(d: dict) -> str:
-    """Hash of a run config's fields that must not change across a resume (not output/progress/steps)."""
+def config_fingerprint(d: dict, paths_as_given: bool = False) -> str:
+    """Hash of a run config's fields that must not change across a resume (not output/progress/steps). Paths of
+    existing files count by their real location, so `data/x.jsonl` and `/abs/data/x.jsonl` are the same run
+    (`paths_as_given`: the fingerprint of versions before that, still accepted on resume)."""
     d = dict(d)
     for k in ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints"):
         d.pop(k, None)
+    for k in ("model", "data", "model_config_dir", "prompts_file", "face_bank"):
+        v = d.get(k)
+        if not paths_as_given and isinstance(v, str) and v and os.path.exists(v):
+            d[k] = os.path.realpath(v)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -647,7 +680,9 @@ class Trainer:
             atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, default=str), fsync=True)
         ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if p.is_dir())
         for old in ckpts[: max(0, len(ckpts) - max(1, self.cfg.keep_checkpoints))]:
-            shutil.rmtree(old, ignore_errors=True)
+            gone = temporary_name(old, ".old")  # renamed first: a kill mid-delete leaves no half checkpoint
+            os.replace(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
         ckpts = self._checkpoints()
@@ -661,7 +696,13 @@ class Trainer:
         if r in (None, "", "none", False):
             return None
         if r == "auto":
-            return self._latest_checkpoint()
+            latest = self._latest_checkpoint()
+            broken = [p for p in self._ckpt_dir().glob("step_*") if p.is_dir() and p not in self._checkpoints()]
+            broken = [p for p in broken if latest is None or p.name > latest.name]
+            if broken:
+                self.log(f"[{self.COMMAND}] warning: checkpoint folder {max(broken)} is incomplete (no "
+                         f"trainer_state.json); resuming from {latest or 'the start'}")  # fmt: skip
+            return latest
         p = Path(r)
         if not (p / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume={r!r}: {p / 'trainer_state.json'} does not exist")
@@ -681,7 +722,8 @@ class Trainer:
             meta["fingerprint"], meta["optimizer"]["param_groups"], int(meta["step"])  # noqa: B018 - shape check
         except (ValueError, KeyError, TypeError) as e:
             raise TrainingError(f"checkpoint file {path / 'trainer_state.json'} is damaged ({e}); {hint}") from None
-        if meta["fingerprint"] != self.cfg.fingerprint():
+        legacy = config_fingerprint(self.cfg.to_dict(), paths_as_given=True)
+        if meta["fingerprint"] not in (self.cfg.fingerprint(), legacy):
             raise TrainingError(
                 f"checkpoint {path} was written by a run with a different configuration; use another output_dir "
                 "or resume=none to start over"
@@ -921,14 +963,19 @@ class Trainer:
             for r in rows:
                 w.writerow({k: r.get(k, "") for k in cols})
 
-    OUTPUTS = TRAIN_OUTPUTS
     COMMAND = "train"
+
+    @property
+    def OUTPUTS(self) -> dict:  # noqa: N802 - the layout of this run (its lora_name)
+        return train_outputs(self.cfg.lora_name)
+
+    SIGNATURE = ("config.yaml", "metrics.jsonl")  # what every run writes first (a run of an older version has them)
 
     def _claim_output(self) -> None:
         """The output folder is this command's (new, empty, or an earlier run's: `fileio.claim_output_dir`); then the
         temporaries and half-finished publications a killed run left are cleaned up / completed."""
         if self.dist.main:
-            claim_output_dir(self.out, self.COMMAND, self.OUTPUTS, arg="output_dir")
+            claim_output_dir(self.out, self.COMMAND, self.OUTPUTS, arg="output_dir", signature=self.SIGNATURE)
             clean_temporaries(self.out)
             clean_temporaries(self._ckpt_dir())
             for p in self._ckpt_dir().glob(".tmp_step_*"):  # the temporaries of older versions
@@ -965,6 +1012,7 @@ def build_parser():
     ap.add_argument(
         "--loss-param", action="append", default=[], metavar="NAME=VALUE", help="set one loss hyper-parameter"
     )
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "loss_params":
             continue
@@ -973,7 +1021,7 @@ def build_parser():
         if f.name == "loss":
             ap.add_argument(flag, choices=list(LOSSES), default=None, help=helptext)
         else:
-            ap.add_argument(flag, type=_parse_value, default=None, metavar="VALUE", help=helptext)
+            ap.add_argument(flag, type=flag_type(hints[f.name]), default=None, metavar="VALUE", help=helptext)
     return ap
 
 
@@ -990,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item:
             raise ValueError(f"--loss-param {item!r}: expected NAME=VALUE")
         k, v = item.split("=", 1)
+        if not k.strip():
+            raise ValueError(f"--loss-param {item!r}: expected NAME=VALUE")
         lp[k.strip()] = _parse_value(v)
     if overrides.get("loss") and overrides["loss"] != base.get("loss") and not a.loss_param:
         lp = {}  # switching the loss switches to its own defaults

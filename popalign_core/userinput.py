@@ -133,7 +133,7 @@ def command(prog: str | Callable[[list[str]], str]) -> Callable:
                 if isinstance(exc, tuple(USER_ERRORS)):
                     print(f"{name}: error: {describe(exc)}", file=sys.stderr)
                     return 2
-                if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                if _out_of_memory(exc):
                     print(f"{name}: error: out of memory ({describe(exc)}); lower the batch size or the resolution",
                           file=sys.stderr)  # fmt: skip
                     return 2
@@ -155,12 +155,42 @@ def command(prog: str | Callable[[list[str]], str]) -> Callable:
     return wrap
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch's CUDA OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    msg = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in msg or "can't allocate memory" in msg
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: a usage mistake raises `UsageError` (the `command` wrapper prints
-    ``prog: error: <message> (see prog --help)``) instead of printing the whole usage block."""
+    ``prog: error: <message> (see prog --help)``) instead of printing the whole usage block. A negative number in any
+    notation (``--lr -1e-4``) is a value, not an option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$")
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def yaml_value(text: str) -> Any:
+    """argparse type of flags that take a YAML value (numbers, booleans, lists, mappings): `parse_value`."""
+    try:
+        return parse_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def text_value(text: str) -> str:
+    """argparse type of text flags (names, paths): the text as typed, never reinterpreted as YAML."""
+    return text
+
+
+def flag_type(annotation: Any) -> Callable[[str], Any]:
+    """The argparse type of a config field's flag: text fields (`str`, `str | None`) take the text as typed (so
+    ``--lora-name 007`` or ``--output-dir '#run1'`` stay what they are), every other field a YAML value."""
+    return text_value if _scalar_kind(annotation) is str else yaml_value
 
 
 # ------------------------------------------------------------------------------------------------ numbers and YAML
@@ -174,13 +204,33 @@ _FLOAT_12 = re.compile(
 
 
 class YAML_LOADER(yaml.SafeLoader):  # noqa: N801 - a constant-like class name
-    """PyYAML's safe loader plus the YAML 1.2 float rule (``1e-4``, ``5e3`` are floats; ``1_000`` stays an int)."""
+    """PyYAML's safe loader with YAML 1.2's number rules: ``1e-4`` and ``5e3`` are floats (YAML 1.1 wants a dot),
+    ``010`` is ten (not octal eight) and ``1:5`` is text (not the base-60 number 65); ``1_000``, ``0x10`` and
+    ``0o17`` are ints."""
 
 
-YAML_LOADER.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
-# the int rule must win for plain integers: move it before the float rule for each first character
-for _ch, _resolvers in YAML_LOADER.yaml_implicit_resolvers.items():
-    _resolvers.sort(key=lambda tr: 0 if tr[0] == "tag:yaml.org,2002:int" else 1)
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+YAML_LOADER.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YAML_LOADER.add_implicit_resolver(_INT, _INT_12, list("-+0123456789"))  # ints first: "12" is an int, not a float
+YAML_LOADER.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    if text.startswith("0x"):
+        return sign * int(text[2:], 16)
+    if text.startswith("0o"):
+        return sign * int(text[2:], 8)
+    return sign * int(text, 10)
+
+
+YAML_LOADER.add_constructor(_INT, _construct_int)
 
 
 def parse_yaml(text: str, source: str = "<text>") -> Any:
@@ -256,27 +306,48 @@ def number(text: str) -> float:
     return float(n)
 
 
-def _numeric_kind(tp: Any) -> type | None:
-    """int / float when a field's annotation is int, float or an Optional of them; else None."""
-    if tp in (int, float):
+def _scalar_kind(tp: Any) -> type | None:
+    """int / float / str when a field's annotation is one of them or an Optional of one; else None."""
+    if tp in (int, float, str):
         return tp
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and args[0] in (int, float):
+        if len(args) == 1 and args[0] in (int, float, str):
             return args[0]
     return None
 
 
 @functools.cache
-def _numeric_fields(cls: type) -> dict[str, type]:
+def _scalar_fields(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        kind = _numeric_kind(hints.get(f.name))
+        kind = _scalar_kind(hints.get(f.name))
         if kind is not None:
             out[f.name] = kind
     return out
+
+
+def _numeric_fields(cls: type) -> dict[str, type]:
+    return {k: v for k, v in _scalar_fields(cls).items() if v is not str}
+
+
+def coerce_strings(obj: Any) -> Any:
+    """In place: text fields (``str`` / ``str | None``) of the dataclass instance `obj` given a number (YAML reads
+    ``output_dir: 2024`` or ``--lora-name 7`` as one) become that text; a list, mapping or boolean there is a
+    ValueError naming the field. Returns `obj`."""
+    for name, kind in _scalar_fields(type(obj)).items():
+        if kind is not str:
+            continue
+        v = getattr(obj, name)
+        if v is None or isinstance(v, str):
+            continue
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            setattr(obj, name, str(v))
+            continue
+        raise ValueError(f"{name}={v!r} is invalid: expected text (a {type(v).__name__} was given)")
+    return obj
 
 
 def coerce_numbers(obj: Any) -> Any:

@@ -274,6 +274,24 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
     f["empty"].write_text("")
     f["specific"].write_text("a photo of a round baker\na photo of an angular baker\n")
     f["notjson"].write_text("{not json")
+    f["neutral"] = tmp / "neutral.txt"
+    f["neutral"].write_text("a photo of a baker\n")
+    f["badindex"] = tmp / "badindex.jsonl"
+    f["badindex"].write_text('{"neutral": "a photo of a baker", "prompt": "a photo of a round baker", "index": "x"}\n')
+    f["brokenmodel"] = tmp / "tw"
+    f["brokenmodel"].mkdir()
+    (f["brokenmodel"] / "model_index.json").write_text("{broken")
+    f["latin1"] = tmp / "latin1.json"
+    f["latin1"].write_bytes(b"\xff\xfe caf\xe9")
+    f["badlr"] = tmp / "badlr.yaml"
+    f["badlr"].write_text("methods: {sft: {loss: sft, data: population, lr: fast}}\n")
+    f["pipe_nomodel"] = tmp / "pipe.yaml"
+    f["pipe_nomodel"].write_text(f"model: nope.safetensors\nprompts: [a photo of a baker]\nout: {tmp / 'pipe_out'}\n"
+                                 "augment: {keywords: toy, axes: [form], samples_per_prompt: 2}\n")  # fmt: skip
+    f["loras"] = tmp / "loras"  # a ComfyUI loras folder: files whose names fit the trainer's outputs, no marker
+    f["loras"].mkdir()
+    (f["loras"] / "my_style.safetensors").write_bytes(b"a LoRA of the user")
+    (f["loras"] / "popalign_lora.safetensors").write_bytes(b"another LoRA of the user")
     return f
 
 
@@ -308,6 +326,19 @@ CATALOGUE = [
     ("data augment --prompts {o}/nope.txt --out {o}/a.jsonl", "popalign data augment", "nope.txt"),
     ("data augment --prompts {specific} --keywords toy --out {o}/a.jsonl", "popalign data augment", "identity"),
     ("data augment --prompts {specific} --keywords {notjson} --out {o}/a.jsonl", "popalign data augment", "not.json"),
+    ("data augment --prompts {neutral} --keywords toy --axes , --out {o}/a.jsonl", "popalign data augment",
+     "--axes ',' names no axis"),
+    ("data augment --prompts {neutral} --keywords toy --samples-per-prompt 1e12 --out {o}/a.jsonl",
+     "popalign data augment", "samples_per_prompt"),
+    ("data augment --prompts {neutral} --keywords toy --seed -1 --out {o}/a.jsonl", "popalign data augment",
+     "`seed` must be an integer >= 0"),
+    ("data sample --augmented {badindex} --model toyworld --out {o}/s", "popalign data sample", "index='x'"),
+    ("data filter --samples {samples} --axes colour --out {o}/f", "popalign data filter", "no axis 'colour'"),
+    ("data build --filtered {decisions} --out {o}/b", "popalign data build", "an image the filter dropped"),
+    ("train --model tiny:sd15 --data {pop} --lora-rank 1e9 --output-dir {o}/t", "popalign train",
+     "lora_rank=1000000000"),
+    ("train --model tiny:sd15 --data [{pop}] --output-dir {o}/t", "popalign train", "unknown manifest suffix"),
+    ("train --model tiny:sd15 --data {pop} --output-dir {loras}", "popalign train", "my_style.safetensors"),
     ("data sample --augmented {empty} --model toyworld --out {o}/s", "popalign data sample", "empty.jsonl"),
     ("data sample --augmented {aug} --model {garbage} --out {o}/s", "popalign data sample", "garbage.safetensors"),
     ("data filter --samples {samples} --classifier-option bogus=1 --out {o}/f", "popalign data filter", "'bogus'"),
@@ -318,6 +349,17 @@ CATALOGUE = [
     ("toyworld render --prompt xyzzy --out {o}/r.png", "popalign toyworld render", "xyzzy"),
     ("toyworld build --out {garbage} --preset ci", "popalign toyworld build", "garbage"),
     ("toyworld foo", "popalign toyworld", "'foo'"),
+    ("toyworld check --n 0", "popalign toyworld check", "--n 0"),
+    ("toyworld check --model {brokenmodel}", "popalign toyworld check", "model_index.json"),
+    ("toyworld render --prompt a_photo --n 1 --out {o}/r.jpg", "popalign toyworld render", ".png"),
+    ("audit compare {latin1} {latin1} --out {o}/c", "popalign audit compare", "latin1.json' is not UTF-8"),
+    ("demo --config {badlr} --quick --out {o}/d", "popalign demo", "methods.sft.lr='fast'"),
+    ("train --model tiny:sd15 --data {pop} --lora-name * --output-dir {o}/t", "popalign train", "lora_name='*'"),
+    ("train --model tiny:sd15 --data {pop} --resolution -64 --output-dir {o}/t", "popalign train", "resolution=-64"),
+    ("train --model tiny:sd15 --data {pop} --lr -1e-4 --output-dir {o}/t", "popalign train", "lr=-0.0001 is invalid"),
+    ("mog --loss sft --plot {o}/x.jpg --out {o}/m", "popalign mog", "x.jpg"),
+    ("data filter --samples {samples} --axes hue --out {o}/f", "popalign data filter", "no prompt of"),
+    ("data pipeline --config {pipe_nomodel}", "popalign data pipeline", "nope.safetensors' does not exist"),
     ("mog --steps 3", "popalign mog", "--loss"),
     ("losses --bogus", "popalign losses", "--bogus"),
 ]  # fmt: skip
@@ -339,12 +381,16 @@ def test_every_user_mistake_is_one_line_naming_the_input(tmp_path, capsys, pop_d
     f = _bad_files(tmp_path)
     subs = {**{k: str(v) for k, v in f.items()}, "o": str(tmp_path), "pop": str(pop_data),
             "aug": str(toy_run / "aug.jsonl"), "samples": str(toy_run / "samples"),
-            "filtered": str(filtered)}  # fmt: skip
+            "filtered": str(filtered), "decisions": str(tmp_path / "decisions.jsonl")}  # fmt: skip
+    rows = [json.loads(x) for x in (filtered / "decisions.jsonl").read_text().splitlines()]
+    rows[1]["reason"] = "no_face"  # a decisions file lists the dropped images too
+    (tmp_path / "decisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = [w.format(**subs) for w in cmd.split(" ")]
     argv = [a for w in argv for a in ([w.split("=", 1)[0], ""] if w == "--lora-name=" else [w])]
     assert cli(argv) == 2
     line = error_line(capsys.readouterr().err, prog)
     assert names in line
+    assert not (tmp_path / "pipe_out").exists()  # the pipeline validates everything before writing anything
 
 
 def test_the_entry_point_prints_one_line_where_it_printed_tracebacks(tmp_path):
@@ -357,6 +403,33 @@ def test_the_entry_point_prints_one_line_where_it_printed_tracebacks(tmp_path):
         assert p.returncode == 2 and [ln for ln in p.stderr.splitlines() if ln.strip()] == [error_line(p.stderr, prog)]
     p = popalign("--debug", "train", "--config", f["bad_yaml"])
     assert p.returncode == 1 and "Traceback" in p.stderr  # --debug shows it
+
+
+def test_overwrite_of_another_commands_folder_says_whose_it_is(pop_data, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert cli(["train", *TRAIN, "--data", str(pop_data), "--output-dir", str(out)]) == 0
+    before = tree(out)
+    assert cli(["demo", "--quick", "--overwrite", "--out", str(out)]) == 2
+    line = error_line(capsys.readouterr().err, "popalign demo")
+    assert "holds the output of `train`, not of `demo`" in line and "nothing was deleted" in line
+    assert tree(out) == before
+
+
+def test_resume_accepts_the_same_data_file_written_differently(pop_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "t"
+    argv = ["train", *TRAIN, "--checkpoint-every", "1", "--output-dir", str(out)]
+    assert cli([*argv, "--data", str(pop_data)]) == 0
+    monkeypatch.chdir(pop_data.parent.parent)
+    relative = os.path.relpath(pop_data)
+    assert cli([*argv, "--data", relative, "--steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
+
+
+def test_no_command_is_an_error_line():
+    p = popalign()
+    assert p.returncode == 2 and error_line(p.stderr, "popalign").endswith(
+        "a command is required (see popalign --help)"
+    )
 
 
 def test_every_command_is_listed_in_docs_errors():
@@ -398,6 +471,26 @@ def _images(folder: Path, good: int, bad: int, source: Path) -> None:
         (d / f"g{i}.png").write_bytes(pngs[i % len(pngs)].read_bytes())
     for i in range(bad):
         (d / f"b{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut")
+
+
+def test_empty_inputs_fail_from_the_command_line(tmp_path):
+    """The entry point users call: prompts that all name an identity, then sampling an empty file, then an audit of
+    unreadable images: each exits 2 with one line, and nothing reports success."""
+    (tmp_path / "p.txt").write_text("a photo of a round baker\na photo of a tall farmer\n")
+    p = popalign(
+        "data", "augment", "--prompts", tmp_path / "p.txt", "--keywords", "toy", "--out", tmp_path / "a.jsonl"
+    )
+    assert p.returncode == 2 and "no identity-neutral prompt left" in error_line(p.stderr, "popalign data augment")
+    assert not (tmp_path / "a.jsonl").exists()
+    (tmp_path / "a.jsonl").write_text("\n")
+    p = popalign("data", "sample", "--augmented", tmp_path / "a.jsonl", "--model", "toyworld", "--out", tmp_path / "s")
+    assert p.returncode == 2 and "has no rows: nothing to sample" in error_line(p.stderr, "popalign data sample")
+    (tmp_path / "imgs" / "a baker").mkdir(parents=True)
+    (tmp_path / "imgs" / "a baker" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    p = popalign(
+        "audit", "--images", tmp_path / "imgs", "--classifier", "toy", "--axes", "form", "--out", tmp_path / "o"
+    )
+    assert p.returncode == 2 and "none of the 1 images could be read" in error_line(p.stderr, "popalign audit")
 
 
 @pytest.mark.parametrize(("good", "bad", "expect"), [(0, 4, "none of the 4 images"), (1, 9, "9 of 10 images (90%)")])
@@ -476,6 +569,32 @@ def test_filter_that_keeps_nothing_is_an_error(toy_run, tmp_path, capsys):
     assert f"no image of {run} was kept ({n} classified: no_face {n})" in line and "decisions.jsonl" in line
 
 
+def test_build_from_a_run_whose_images_are_gone_is_an_error(toy_run, filtered, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(toy_run / "samples", tmp_path / "samples")
+    shutil.copytree(filtered, tmp_path / "filtered")
+    for img in (tmp_path / "samples" / "images").glob("*.png"):
+        img.unlink()
+    assert cli(["data", "build", "--filtered", str(tmp_path / "filtered"), "--set-size", "2", "--on-short", "skip",
+                "--out", str(tmp_path / "d")]) == 2  # fmt: skip
+    line = error_line(capsys.readouterr().err, "popalign data build")
+    assert "16 of 16 listed images do not exist" in line and not (tmp_path / "d").exists()
+
+
+def test_audit_counts_a_repeated_manifest_row_once_and_says_so(toy_run, tmp_path, capsys):
+    rows = [json.loads(x) for x in (toy_run / "samples" / "manifest.jsonl").read_text().splitlines()]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))
+    assert cli(["audit", "--manifest", str(m), "--images", str(toy_run / "samples"), "--classifier", "toy",
+                "--axes", "form", "--out", str(tmp_path / "o"), "--no-report"]) == 0  # fmt: skip
+    assert "warning: 3 manifest row(s) repeat an image of the same prompt and were counted once" in (
+        capsys.readouterr().err
+    )
+    a = json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert a["counts"]["images"] == len(rows) and a["counts"]["duplicate_rows"] == 3
+
+
 def test_compare_of_audits_without_a_shared_prompt_is_an_error(tmp_path, capsys):
     for name, prompt in (("a", "x"), ("b", "y")):
         (tmp_path / name).mkdir()
@@ -520,6 +639,33 @@ def test_lora_formats_stay_one_step_after_a_kill_between_them(pop_data, tmp_path
     assert _step_of(kohya) == _step_of(diffusers / "pytorch_lora_weights.safetensors") == "3" == str(summary["steps"])
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == fileio.PUBLISH_JOURNAL]
     assert leftovers == []
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint(pop_data, tmp_path, monkeypatch):
+    import shutil
+
+    from popalign_core import train as T
+
+    def cfg(steps):
+        return T.TrainConfig(model="tiny:sd15", data=str(pop_data), output_dir=str(tmp_path), steps=steps,
+                             batch_size=2, lora_rank=2, checkpoint_every=1, keep_checkpoints=1,
+                             progress=False)  # fmt: skip
+
+    real = shutil.rmtree
+
+    def killed_mid_delete(path, *a, **k):
+        p = Path(path)
+        next(p.iterdir()).unlink()  # one file of the old checkpoint is gone, then the process dies
+        raise KeyboardInterrupt("SIGKILL while deleting an old checkpoint")
+
+    monkeypatch.setattr(T.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(cfg(3)).run()
+    monkeypatch.setattr(T.shutil, "rmtree", real)
+    for ck in (tmp_path / "checkpoints").glob("step_*"):  # whatever carries a checkpoint's name is whole
+        assert {p.name for p in ck.iterdir()} == {"state.safetensors", "trainer_state.json"}, ck
+    assert T.Trainer(cfg(3)).run()["steps"] == 3
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
 
 
 def test_sigterm_saves_a_checkpoint_leaves_no_temporaries_and_resumes(pop_data, tmp_path):

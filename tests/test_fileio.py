@@ -147,17 +147,23 @@ def test_claim_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path)
     (tmp_path / "result.json").write_text("{}")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(FileExistsError, match=r"did not write \('images/holiday.jpg'\).*nothing was changed"):
-        F.claim_output_dir(tmp_path, "cmd", LAYOUT)
+        F.claim_output_dir(tmp_path, "cmd", LAYOUT, signature="result.json")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-def test_claim_adopts_a_run_of_an_older_version(tmp_path):
+def test_claim_adopts_a_run_of_an_older_version_only_by_its_signature(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "0.png").write_text("x")
-    (tmp_path / "result.json").write_text("{}")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "anything.bin").write_text("x")
-    F.claim_output_dir(tmp_path, "cmd", LAYOUT)
+    # names that merely fit the layout (a folder of the user's PNGs) are not a run: refused, unchanged
+    with pytest.raises(FileExistsError, match=r"did not write \('images/', 'model/'\)"):
+        F.claim_output_dir(tmp_path, "cmd", LAYOUT, signature="result.json")
+    assert F.read_marker(tmp_path) is None
+    (tmp_path / "result.json").write_text("{}")  # what every run of the command writes first
+    with pytest.raises(FileExistsError):
+        F.claim_output_dir(tmp_path, "cmd", LAYOUT)  # no signature given: never adopted
+    F.claim_output_dir(tmp_path, "cmd", LAYOUT, signature="result.json")
     assert F.read_marker(tmp_path)["command"] == "cmd"
 
 

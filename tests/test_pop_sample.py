@@ -160,16 +160,20 @@ def test_start_repairs_torn_lines_missing_and_orphan_images(tmp_path, toy):
     sample_population(toy, jobs, out, CFG, "toyworld", model_hash="h")
     rows = _manifest(out)
     (out / rows[1]["image"]).unlink()  # row without image
-    (out / "images" / image_name("a photo of a stray", 7)).write_bytes(b"x")  # an image of this run without row
-    (out / "images" / "stray.png").write_bytes(b"mine")  # a file the run never wrote: never deleted
+    lines = (out / MANIFEST).read_text().splitlines(keepends=True)
+    (out / MANIFEST).write_text("".join(lines[:2] + lines[3:]))  # image of a job of this run without its row
+    (out / "images" / image_name("a photo of a stray", 7)).write_bytes(b"x")  # named like ours, not this run's job
+    (out / "images" / "stray.png").write_bytes(b"mine")  # a file the run never wrote
     with open(out / MANIFEST, "a") as f:
         f.write('{"image": "images/half')  # torn last line
     logs = []
     s = sample_population(toy, jobs, out, CFG, "toyworld", model_hash="h", log=logs.append)
     assert s["dropped"] == {"torn_lines": 1, "missing_images": 1, "damaged_images": 0, "duplicate_rows": 0,
                             "orphan_images": 1}  # fmt: skip
-    assert (out / "images" / "stray.png").read_bytes() == b"mine"
-    assert s["sampled"] == 1 and len(_manifest(out)) == 6 == len(_disk(out)) - 1
+    assert (out / "images" / "stray.png").read_bytes() == b"mine"  # files that are not this run's: never deleted
+    assert (out / "images" / image_name("a photo of a stray", 7)).read_bytes() == b"x"
+    assert any("2 file(s)" in m and "left alone" in m for m in logs)
+    assert s["sampled"] == 2 and len(_manifest(out)) == 6 == len(_disk(out)) - 2
     assert any("made the folder consistent" in m for m in logs)
     assert len(read_samples(out)) == 6
 

@@ -169,7 +169,7 @@ def test_augment_prompts_toy_world_axes():
         ({"keywords": {"gender": {"female": ""}}, "axes": ("gender",)}, r"`keywords\['gender'\]` must map"),
         ({"template": "a photo of a {subject}"}, "`template` must contain {identity}"),
         ({"template": "{identity} {subject} {mood}"}, "has an unknown field"),
-        ({"samples_per_prompt": 0}, "`samples_per_prompt` must be an integer >= 1"),
+        ({"samples_per_prompt": 0}, r"`samples_per_prompt` must be an integer in \[1, 1,000,000\]"),
     ],
 )
 def test_augment_config_errors(kwargs, match):

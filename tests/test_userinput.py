@@ -28,6 +28,9 @@ def test_yaml_values_read_scientific_notation_as_floats(text):
 
 def test_yaml_keeps_ints_bools_strings_and_structures():
     assert U.parse_value("12") == 12 and isinstance(U.parse_value("12"), int)
+    assert U.parse_value("010") == 10 and U.parse_value("0o17") == 15  # YAML 1.1 would read 010 as octal 8
+    assert U.parse_value("1:5") == "1:5"  # YAML 1.1 would read base-60 65
+    assert U.parse_yaml("steps: 010\nlr: -1e-4") == {"steps": 10, "lr": -1e-4}
     assert U.parse_value("1_000") == 1000 and U.parse_value("0x10") == 16
     assert U.parse_value("true") is True and U.parse_value("~") is None
     assert U.parse_value("1e") == "1e" and U.parse_value("abc") == "abc" and U.parse_value("v1.5") == "v1.5"
@@ -125,6 +128,9 @@ def test_coercion_leaves_bad_values_for_validation_to_name():
         TrainConfig(model="tiny:sd15", data="x.jsonl", lr="fast")
     with pytest.raises(ValueError, match=r"lr=-0.0001 is invalid"):
         TrainConfig(model="tiny:sd15", data="x.jsonl", lr="-1e-4")
+    with pytest.raises(ValueError, match=r"data=\['a', 'b'\] is invalid: expected text \(a list was given\)"):
+        TrainConfig(model="tiny:sd15", data=["a", "b"])  # `data: [a, b]` in a YAML file
+    assert TrainConfig(model="tiny:sd15", data="x.jsonl", output_dir=2024).output_dir == "2024"
 
 
 @pytest.mark.parametrize("name", ["", " ", ".hidden", "..", "a/b", "a\\b", "x" * 101, "a..b", "-x", "a b", "ü"])
@@ -188,6 +194,17 @@ def test_ctrl_c_and_disk_full(capsys):
     assert "interrupted" in capsys.readouterr().err
     assert _cmd(OSError(28, "No space left on device", "/data/x"))([]) == 2
     assert capsys.readouterr().err == "popalign thing: error: OSError: No space left on device: /data/x\n"
+
+
+def test_flags_of_text_fields_keep_the_text_and_negative_numbers_are_values():
+    from popalign_core.train import build_parser
+
+    a = build_parser().parse_args(["--lora-name", "007", "--output-dir", "#run1", "--steps", "010", "--lr", "-1e-4",
+                                   "--unet-targets", "[to_q, to_k]", "--progress", "false"])  # fmt: skip
+    assert (a.lora_name, a.output_dir, a.steps, a.lr) == ("007", "#run1", 10, -1e-4)
+    assert a.unet_targets == ["to_q", "to_k"] and a.progress is False
+    with pytest.raises(U.UsageError, match=r"argument --steps: value '\[1' is not valid YAML"):
+        build_parser().parse_args(["--steps", "[1"])
 
 
 def test_argument_parser_errors_are_one_line(capsys):

@@ -73,9 +73,11 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 #: What `popalign dal-toy` writes in its output folder (`fileio.claim_output_dir`).
 def _outputs() -> dict:
-    from ..train import TRAIN_OUTPUTS
+    from ..dal_train import DALConfig
+    from ..train import train_outputs
 
-    return {"eval_base.json": None, "results.json": None, "dal": TRAIN_OUTPUTS}
+    name = DALConfig.__dataclass_fields__["lora_name"].default
+    return {"eval_base.json": None, "results.json": None, "dal": train_outputs(name)}
 
 
 def tv_floor(target: np.ndarray, n: int, rng: np.random.Generator, draws: int = 20000) -> float:
@@ -123,7 +125,33 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
 
     cfg = config or DEFAULTS
     out = Path(out)
-    claim_output_dir(out, "dal-toy", _outputs())
+    from ..toyworld.world import TOY_AXES
+
+    # everything is validated before any work: the eval sizes, the identity prompts and the DAL config
+    for k in ("n_per_role", "n_per_identity", "n_per_concept", "steps"):
+        v = cfg["eval"].get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"eval.{k}: expected an integer >= 1, got {v!r}")
+    for k in ("guidance", "recall_guidance"):
+        v = cfg["eval"].get(k)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf"):
+            raise ValueError(f"eval.{k}: expected a finite number >= 0, got {v!r}")
+    target = cfg["dal"].get("target")
+    if not isinstance(target, dict) or not target or any(a not in TOY_AXES for a in target):
+        raise ValueError(f"dal.target={target!r}: expected a mapping over the toy axes {', '.join(TOY_AXES)}")
+    pt = {}
+    if cfg.get("identity_prompts", "none") == "all":
+        for r in TRAIN_ROLES:
+            for a in target:
+                for j, c in enumerate(TOY_AXES[a]):
+                    pt[caption(r, {a: c})] = {a: [1.0 if k == j else 0.0 for k in range(len(TOY_AXES[a]))]}
+    elif cfg.get("identity_prompts", "none") != "none":
+        raise ValueError(f"identity_prompts={cfg['identity_prompts']!r}: valid values: none, all")
+    dcfg = load_dal_config(None, model="toyworld", prompts=[caption(r) for r in TRAIN_ROLES], seed=cfg["seed"],
+                           prompt_targets=pt,
+                           output_dir=str(out / "dal"), progress=False, lora_formats=["kohya"],
+                           **cfg["dal"])  # fmt: skip
+    claim_output_dir(out, "dal-toy", _outputs(), signature="eval_base.json")
     t0 = time.time()
     eval_clf = ToyClassifier(which="eval")
     times = {}
@@ -147,20 +175,6 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
     log(f"[dal-toy] base: {({a: round(v['mean'], 3) for a, v in before['errors'].items()})}, recall "
         f"{before['identity_recall']:.3f}, concepts {before['concept_accuracy']:.3f}")  # fmt: skip
     t = time.time()
-    from ..toyworld.world import TOY_AXES
-
-    pt = {}
-    if cfg.get("identity_prompts", "none") == "all":
-        for r in TRAIN_ROLES:
-            for a in cfg["dal"]["target"]:
-                for j, c in enumerate(TOY_AXES[a]):
-                    pt[caption(r, {a: c})] = {a: [1.0 if k == j else 0.0 for k in range(len(TOY_AXES[a]))]}
-    elif cfg.get("identity_prompts", "none") != "none":
-        raise ValueError(f"identity_prompts={cfg['identity_prompts']!r}: valid values: none, all")
-    dcfg = load_dal_config(None, model="toyworld", prompts=[caption(r) for r in TRAIN_ROLES], seed=cfg["seed"],
-                           prompt_targets=pt,
-                           output_dir=str(out / "dal"), progress=False, lora_formats=["kohya"],
-                           **cfg["dal"])  # fmt: skip
     summary = run_dal(dcfg, log=log)
     times["train"] = time.time() - t
     t = time.time()

@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     tag = f"{args.loss}{f'_anchor{args.anchor_weight:g}' if args.anchor_weight else ''}_seed{args.seed}"
     plot = Path(args.plot) if args.plot else out / f"mog_{tag}.png"
+    if not str(plot).lower().endswith(".png"):
+        raise ValueError(f"--plot {str(plot)!r}: the plot is written as PNG; give a file name ending in .png")
     claim_output_dir(out, "mog", MOG_OUTPUTS)
     check_replaceable(plot, "popalign mog", lambda p: png_software(p) == "popalign mog", arg="--plot")
     result = run(

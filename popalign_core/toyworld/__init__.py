@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         a = ap.parse_args(argv[1:])
         if not a.out.lower().endswith(".png"):
             raise ValueError(f"--out {a.out!r}: the grid is written as PNG; give a file name ending in .png")
-        if a.n < 1:
-            raise ValueError(f"--n {a.n}: expected an integer >= 1")
+        if not 1 <= a.n <= 1000:
+            raise ValueError(f"--n {a.n}: expected an integer in [1, 1000] (images per prompt, one grid row)")
         from PIL.PngImagePlugin import PngInfo
 
         from ..fileio import PNG_SOFTWARE_KEY, atomic_path, check_replaceable, png_software

@@ -383,8 +383,16 @@ def save_pipeline(out: Path, vae, unet, text, scaling: float, meta: dict[str, An
 
 COMMAND = "toyworld build"
 #: What a toy-world build holds (`fileio.claim_output_dir`): a diffusers folder plus the classifiers.
-OUTPUTS = {"model_index.json": None, "toyworld.json": None, **{d: "any" for d in ("unet", "vae", "text_encoder",
-           "tokenizer", "scheduler", "classifiers")}}  # fmt: skip
+OUTPUTS = {
+    "model_index.json": None,
+    "toyworld.json": None,
+    "unet": {"config.json": None, "diffusion_pytorch_model.safetensors": None},
+    "vae": {"config.json": None, "diffusion_pytorch_model.safetensors": None},
+    "text_encoder": {"config.json": None, "model.safetensors": None},
+    "tokenizer": {"*.json": None, "*.txt": None},
+    "scheduler": {"scheduler_config.json": None},
+    "classifiers": {"toy_classifiers.json": None, "toy_*.safetensors": None},
+}
 
 
 def build(
@@ -400,6 +408,8 @@ def build(
     from ..fileio import check_clearable, claim_output_dir, clear_output_dir, set_default_permissions
 
     cfg = cfg or BuildConfig()
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
+        raise ValueError(f"threads={cfg.threads!r} is invalid: an integer >= 0 (0 keeps torch's default)")
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not overwrite:
@@ -409,7 +419,7 @@ def build(
         torch.set_num_threads(cfg.threads)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():  # a killed build's folder: only ever our own
-        clear_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build", signature="model_index.json")
+        clear_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build")  # needs our marker
     claim_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build")
     t0 = time.time()
     _log(progress, f"rendering {cfg.n_images} training images")

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", default=DEFAULT_SAMPLER["scheduler"])
     ap.add_argument("--seed", type=integer, default=0)
     a = ap.parse_args(argv)
+    for name in ("n", "n_identity", "n_concept", "steps"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected an integer >= 1")
     from .classifier import default_toyworld_dir
 
     model = a.model or default_toyworld_dir()

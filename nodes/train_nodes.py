@@ -231,10 +231,10 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
     if restart and run_dir.exists():
         from popalign_core.fileio import clear_output_dir
+        from popalign_core.train import train_outputs
 
-        clear_output_dir(
-            run_dir, trainer_cls.COMMAND, trainer_cls.OUTPUTS, arg="run folder", signature=trainer_cls.SIGNATURE
-        )  # only the run's own files; else nothing is deleted
+        layout = train_outputs(cfg.lora_name)  # only the run's own files; else nothing is deleted
+        clear_output_dir(run_dir, trainer_cls.COMMAND, layout, arg="run folder", signature=trainer_cls.SIGNATURE)
     t0 = time.time()
     start = _checkpoint_step(run_dir)
     with torch.inference_mode(False), torch.enable_grad():

@@ -305,7 +305,10 @@ def _listing(items: list[str], n: int = 4) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _signed(d: Path, signature: str | tuple[str, ...] | None) -> bool:
+def _signed(d: Path, signature) -> bool:
+    """Does folder `d` carry `signature`: file name(s) that must all exist, or a predicate of the folder."""
+    if callable(signature):
+        return bool(signature(d))
     names = (signature,) if isinstance(signature, str) else tuple(signature or ())
     return bool(names) and all((d / n).exists() for n in names)
 
@@ -316,7 +319,7 @@ def claim_output_dir(
     layout: Layout,
     arg: str = "--out",
     create: bool = True,
-    signature: str | tuple[str, ...] | None = None,
+    signature=None,
 ) -> Path:
     """Make `path` the output folder of `command` (see the module docstring), or refuse before any work with a
     FileExistsError naming the entries that are not the command's. Returns the folder. ``create=False`` only checks
@@ -360,7 +363,7 @@ def check_clearable(
     command: str,
     layout: Layout,
     arg: str = "--out",
-    signature: str | tuple[str, ...] | None = None,
+    signature=None,
 ) -> list[Path]:
     """The entries `clear_output_dir` would delete, or FileExistsError naming why it must not (nothing is deleted).
     A folder is clearable when its marker names `command` (or, for folders of older versions without a marker, when
@@ -401,7 +404,7 @@ def clear_output_dir(
     command: str,
     layout: Layout,
     arg: str = "--out",
-    signature: str | tuple[str, ...] | None = None,
+    signature=None,
 ) -> None:
     """``--overwrite``: delete the contents of `path` if and only if `command` wrote all of it (`check_clearable`);
     otherwise FileExistsError naming the entries, and nothing is deleted. A missing folder is fine."""

@@ -68,7 +68,11 @@ def population_jobs(rows: Sequence[Mapping[str, Any]], neutral_per_prompt: int |
     """Jobs of a population run from augmentation rows ({"neutral", "prompt", "identity", "index"}): every row is a
     *winning* job; each neutral prompt adds `neutral_per_prompt` *losing* jobs (the neutral prompt itself, indices
     0..n-1; default: as many as its augmented rows). Order: per neutral prompt, its winning then its losing jobs."""
-    if neutral_per_prompt is not None and (not isinstance(neutral_per_prompt, int) or neutral_per_prompt < 0):
+    if isinstance(neutral_per_prompt, float) and neutral_per_prompt.is_integer():
+        neutral_per_prompt = int(neutral_per_prompt)  # `neutral_per_prompt: 2e0` in a YAML config
+    if neutral_per_prompt is not None and (
+        isinstance(neutral_per_prompt, bool) or not isinstance(neutral_per_prompt, int) or neutral_per_prompt < 0
+    ):
         raise ValueError(f"neutral_per_prompt: expected None or an int >= 0, got {neutral_per_prompt!r}")
     by_neutral: dict[str, list[dict]] = {}
     for k, r in enumerate(rows):

@@ -20,7 +20,7 @@ from .pop_build import BUILD_OUTPUTS
 from .pop_filter import FILTER_OUTPUTS
 from .pop_sample import SAMPLE_OUTPUTS
 from .prompts import AUGMENT_KEYWORDS, DEFAULT_KEYWORDS, AugmentConfig, augment_prompts
-from .userinput import ArgumentParser, command, integer, number, parse_value, read_yaml
+from .userinput import ArgumentParser, command, integer, number, parse_number, parse_value, read_yaml
 
 #: What `popalign data pipeline` writes in its `out` folder (`fileio.claim_output_dir`).
 PIPELINE_OUTPUTS = {
@@ -206,6 +206,10 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         prompts, report = list(prompts), {"blank_lines": [], "duplicate_lines": []}
     res = augment_prompts(prompts, acfg)
     check_augmented(res, len(prompts), "prompts")
+    for key in ("neutral_per_prompt", "time_budget_s"):  # numbers written as text ("6e2") are numbers
+        v = config["sample"].get(key)
+        if isinstance(v, str) and parse_number(v) is not None:
+            config["sample"][key] = parse_number(v)
     jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
     budget = config["sample"].get("time_budget_s")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):

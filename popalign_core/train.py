@@ -217,7 +217,7 @@ class TrainConfig:
             bad("resolution", "must be None (the model's native size) or an integer in [8, 8192] pixels")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             bad("lr", "must be a finite number > 0")
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm", "anchor_guidance"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
                 bad(name, "must be a finite number >= 0")
@@ -678,7 +678,7 @@ class Trainer:
             tmp.mkdir()
             save_safetensors(tensors, tmp / "state.safetensors")
             atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, default=str), fsync=True)
-        ckpts = sorted(p for p in self._ckpt_dir().glob("step_*") if p.is_dir())
+        ckpts = [p for p in self._checkpoints() if self._only_checkpoint(p)]
         for old in ckpts[: max(0, len(ckpts) - max(1, self.cfg.keep_checkpoints))]:
             gone = temporary_name(old, ".old")  # renamed first: a kill mid-delete leaves no half checkpoint
             os.replace(old, gone)
@@ -689,7 +689,18 @@ class Trainer:
         return ckpts[-1] if ckpts else None
 
     def _checkpoints(self) -> list[Path]:
-        return sorted(p for p in self._ckpt_dir().glob("step_*") if (p / "trainer_state.json").is_file())
+        """The checkpoint folders (`step_<8 digits>` holding trainer_state.json), oldest first; never a symlink."""
+        return sorted(
+            p
+            for p in self._ckpt_dir().glob("step_*")
+            if re.fullmatch(r"step_\d{8}", p.name) and not p.is_symlink() and (p / "trainer_state.json").is_file()
+        )
+
+    @staticmethod
+    def _only_checkpoint(p: Path) -> bool:
+        """A checkpoint folder holding nothing but what `_save_checkpoint` writes (only such a folder is rotated out;
+        one with anything else in it is kept)."""
+        return {c.name for c in p.iterdir()} <= {"state.safetensors", "trainer_state.json"}
 
     def _find_resume(self) -> Path | None:
         r = self.cfg.resume
@@ -969,13 +980,25 @@ class Trainer:
     def OUTPUTS(self) -> dict:  # noqa: N802 - the layout of this run (its lora_name)
         return train_outputs(self.cfg.lora_name)
 
-    SIGNATURE = ("config.yaml", "metrics.jsonl")  # what every run writes first (a run of an older version has them)
+    @staticmethod
+    def SIGNATURE(folder: Path) -> bool:  # noqa: N802 - how a run of an older version (no marker yet) is recognised
+        """The run's config.yaml (a mapping with the model, data or prompts, and the run name) and metrics.jsonl:
+        what every run writes first."""
+        try:
+            cfg = read_yaml(folder / "config.yaml", "config file")
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and {"model", "lora_name"} <= set(cfg) and (folder / "metrics.jsonl").is_file()
 
     def _claim_output(self) -> None:
         """The output folder is this command's (new, empty, or an earlier run's: `fileio.claim_output_dir`); then the
         temporaries and half-finished publications a killed run left are cleaned up / completed."""
         if self.dist.main:
             claim_output_dir(self.out, self.COMMAND, self.OUTPUTS, arg="output_dir", signature=self.SIGNATURE)
+            for p in (self._ckpt_dir(), self._ckpt_dir().parent):
+                if p.is_symlink():
+                    raise ValueError(f"output_dir: {p} is a symbolic link; the trainer writes and deletes "
+                                     "checkpoints there: use a real folder")  # fmt: skip
             clean_temporaries(self.out)
             clean_temporaries(self._ckpt_dir())
             for p in self._ckpt_dir().glob(".tmp_step_*"):  # the temporaries of older versions

@@ -309,6 +309,15 @@ def test_interrupt_during_training_keeps_a_resumable_checkpoint(server, env):
     assert summary["resumed_from"] == step
     assert (env["loras"] / "popalign" / "interrupted.safetensors").is_file()
     assert entry["outputs"]["8"]["popalign_loss"][0]["rows"][-1]["step"] == step
+    # restart: a file the run did not write stops it (nothing deleted); without it, the run starts over
+    (run_dir / "my_notes.txt").write_text("mine")
+    wf["8"]["inputs"].update(restart=True, steps=2)
+    with pytest.raises(RuntimeError, match=r"holds files that `train` did not write \('my_notes.txt'\)"):
+        server.run_prompt(wf, timeout=300)
+    assert (run_dir / "my_notes.txt").read_text() == "mine" and list((run_dir / "checkpoints").glob("step_*"))
+    (run_dir / "my_notes.txt").unlink()
+    server.run_prompt(wf, timeout=300)
+    assert json.loads((run_dir / "node_summary.json").read_text())["resumed_from"] == 0
 
 
 # --------------------------------------------------------------------------------------------- bad input

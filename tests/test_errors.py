@@ -190,6 +190,38 @@ def test_single_file_outputs_never_replace_a_file_of_the_user(toy_run, tmp_path,
         assert cli(["toyworld", "render", "--prompt", "a photo of a baker", "--n", "1", "--out", str(ours)]) == 0
 
 
+def test_checkpoint_rotation_keeps_what_it_did_not_write(pop_data, tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["train", *TRAIN, "--data", str(pop_data), "--checkpoint-every", "1", "--keep-checkpoints", "1",
+            "--output-dir", str(out)]  # fmt: skip
+    assert cli([*argv, "--steps", "1"]) == 0
+    (out / "checkpoints" / "step_00000001" / "my_notes.txt").write_text("mine")  # inside an old checkpoint
+    (out / "checkpoints" / "step_00000000").mkdir()  # a folder merely named like one
+    (out / "checkpoints" / "step_00000000" / "keep.txt").write_text("mine")
+    assert cli([*argv, "--steps", "3"]) == 0
+    assert (out / "checkpoints" / "step_00000001" / "my_notes.txt").read_text() == "mine"
+    assert (out / "checkpoints" / "step_00000000" / "keep.txt").read_text() == "mine"
+    assert not (out / "checkpoints" / "step_00000002").exists() and (out / "checkpoints" / "step_00000003").is_dir()
+    # a checkpoints folder that is a link to elsewhere is refused (the trainer deletes old checkpoints there)
+    elsewhere = tmp_path / "elsewhere"
+    (out / "checkpoints").rename(elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    capsys.readouterr()
+    assert cli([*argv, "--steps", "4"]) == 2
+    assert "is a symbolic link" in error_line(capsys.readouterr().err, "popalign train")
+
+
+def test_an_unmarked_folder_is_a_runs_only_with_its_real_signature(pop_data, tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "config.yaml").write_text("lr: 1\n")  # not a run's config
+    (out / "metrics.jsonl").write_text("")
+    (out / "popalign_lora.safetensors").write_bytes(b"the user's LoRA")
+    assert cli(["train", *TRAIN, "--data", str(pop_data), "--output-dir", str(out)]) == 2
+    assert "did not write" in error_line(capsys.readouterr().err, "popalign train")
+    assert (out / "popalign_lora.safetensors").read_bytes() == b"the user's LoRA"
+
+
 def test_sampling_resume_never_deletes_files_it_did_not_write(toy_run, tmp_path):
     run = tmp_path / "samples"
     assert cli(["data", "sample", "--augmented", str(toy_run / "aug.jsonl"), "--model", "toyworld", "--out", str(run),
@@ -358,6 +390,8 @@ CATALOGUE = [
     ("train --model tiny:sd15 --data {pop} --resolution -64 --output-dir {o}/t", "popalign train", "resolution=-64"),
     ("train --model tiny:sd15 --data {pop} --lr -1e-4 --output-dir {o}/t", "popalign train", "lr=-0.0001 is invalid"),
     ("mog --loss sft --plot {o}/x.jpg --out {o}/m", "popalign mog", "x.jpg"),
+    ("train --model tiny:sd15 --data {pop} --anchor-guidance -5e0 --output-dir {o}/t", "popalign train",
+     "anchor_guidance=-5.0"),
     ("data filter --samples {samples} --axes hue --out {o}/f", "popalign data filter", "no prompt of"),
     ("data pipeline --config {pipe_nomodel}", "popalign data pipeline", "nope.safetensors' does not exist"),
     ("mog --steps 3", "popalign mog", "--loss"),

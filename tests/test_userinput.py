@@ -131,6 +131,10 @@ def test_coercion_leaves_bad_values_for_validation_to_name():
     with pytest.raises(ValueError, match=r"data=\['a', 'b'\] is invalid: expected text \(a list was given\)"):
         TrainConfig(model="tiny:sd15", data=["a", "b"])  # `data: [a, b]` in a YAML file
     assert TrainConfig(model="tiny:sd15", data="x.jsonl", output_dir=2024).output_dir == "2024"
+    from popalign_core.pop_sample import population_jobs
+
+    rows = [{"neutral": "a photo of a baker", "prompt": "a photo of a round baker", "index": 0}]
+    assert len(population_jobs(rows, neutral_per_prompt=2e0)) == 3  # `neutral_per_prompt: 2e0` in a pipeline YAML
 
 
 @pytest.mark.parametrize("name", ["", " ", ".hidden", "..", "a/b", "a\\b", "x" * 101, "a..b", "-x", "a b", "ü"])

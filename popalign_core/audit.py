@@ -86,6 +86,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     Raises FileNotFoundError for a missing file, ValueError for a file without prompts or with duplicate prompts
     (the message names the line numbers of each duplicate)."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"prompts file {str(p)!r} is a folder; give a text file with one prompt per line")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
     try:
@@ -147,6 +149,9 @@ def read_image_manifest(manifest: str | os.PathLike, images_dir: str | os.PathLi
     from .data import _read_csv, _read_jsonl
 
     m = Path(manifest)
+    if m.is_dir():
+        raise IsADirectoryError(f"manifest {str(m)!r} is a folder; give its manifest file (.jsonl or .csv), or the "
+                                "folder as --images")  # fmt: skip
     if not m.is_file():
         raise FileNotFoundError(f"manifest {str(m)!r} does not exist")
     suffix = m.suffix.lower()
@@ -185,6 +190,9 @@ def read_image_manifest(manifest: str | os.PathLike, images_dir: str | os.PathLi
 def scan_image_folder(images_dir: str | os.PathLike) -> list[dict]:
     """Rows of a folder without a manifest: each sub-folder is a prompt (its name), its image files the images."""
     d = Path(images_dir)
+    if d.is_file():
+        raise NotADirectoryError(f"images folder {str(d)!r} is a file; give the folder holding one sub-folder of "
+                                 "images per prompt (or a manifest with --manifest)")  # fmt: skip
     if not d.is_dir():
         raise FileNotFoundError(f"images folder {str(d)!r} does not exist")
     rows = []
@@ -905,13 +913,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse_targets(text: str) -> Any:
     """--targets: inline JSON, or the path of a JSON file (ValueError naming the option otherwise)."""
-    src = text
+    src, where = text, "text"
     if not text.lstrip().startswith("{"):
         path = Path(text)
         if not path.is_file():
             raise ValueError(f"--targets: {text!r} is neither JSON text nor an existing .json file")
-        src = path.read_text(encoding="utf-8")
+        src, where = path.read_text(encoding="utf-8"), f"file {text!r}"
     try:
         return json.loads(src)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--targets: invalid JSON ({e})") from e
+        raise ValueError(f"--targets: the {where} is not valid JSON ({e})") from e

@@ -62,7 +62,7 @@ from .train import (
     load_training_model,
     load_yaml_config,
 )
-from .userinput import ArgumentParser, check_name, coerce_numbers, coerce_strings, command, flag_type
+from .userinput import ArgumentParser, check_containers, check_name, coerce_numbers, coerce_strings, command, flag_type
 
 __all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
 
@@ -182,6 +182,7 @@ class DALConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
         coerce_numbers(self)
+        check_containers(self)
         coerce_strings(self)
 
         def num(name, lo=None, hi=None, lo_open=False):
@@ -371,6 +372,8 @@ class DALTrainer(Trainer):
     def __init__(self, cfg: DALConfig, log=None, on_step=None, adapter=None):
         self.cfg = cfg.validate()
         self._given_adapter = adapter  # an already loaded model (ComfyUI's); it stays on its own device
+        if not str(cfg.output_dir).strip():
+            raise ValueError("output_dir is empty: name the run's folder (an empty path would mean the current one)")
         self.out = Path(cfg.output_dir)
         self.dist = _Dist("no")
         self.log = log or (lambda m: print(m, file=sys.stderr))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, recover_publish
 
 if TYPE_CHECKING:
     import torch
@@ -457,6 +457,7 @@ def load_preference_data(
         raise ValueError(
             f"{manifest}: unknown manifest suffix {manifest.suffix!r}; valid: {', '.join(MANIFEST_SUFFIXES)}"
         )
+    recover_publish(manifest.parent)  # a `data build` killed mid-publication: its committed files, all of them
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest}: manifest file not found")
     if not manifest.is_file():

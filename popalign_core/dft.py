@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters.base import Conditioning
 from .sampling import SCHEDULERS, build_scheduler
-from .userinput import coerce_numbers
+from .userinput import check_containers, coerce_numbers
 
 __all__ = ["GRADIENTS", "DFTConfig", "a1_coefficients", "generate", "grad_coefficients", "solver_coefficients"]
 
@@ -92,6 +92,7 @@ class DFTConfig:
 
     def validate(self) -> None:
         coerce_numbers(self)
+        check_containers(self)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {self.steps!r}")
         gs = self.guidance_scale
@@ -103,8 +104,6 @@ class DFTConfig:
                              f"{', '.join(ok)}")  # fmt: skip
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient={self.gradient!r} is not known; valid values: {', '.join(GRADIENTS)}")
-        if not isinstance(self.checkpointing, bool):
-            raise ValueError(f"checkpointing: expected a bool, got {self.checkpointing!r}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a str, got {type(self.negative_prompt).__name__}")
         for name in ("height", "width"):

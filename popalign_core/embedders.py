@@ -44,6 +44,7 @@ from popalign_core.classify.classifiers import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
 )
+from popalign_core.userinput import check_device
 
 __all__ = [
     "EMBEDDERS",
@@ -216,7 +217,7 @@ class Embedder:
     def __init__(self, device: str = "cpu"):
         import torch
 
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.dtype = torch.float32
         self.dim = 0
         self.model: Any = None

@@ -190,7 +190,7 @@ class Staging:
 
     def stage(self, final: str | os.PathLike) -> Path:
         final = Path(final)
-        if final.resolve().parent != self.folder.resolve():
+        if final.parent.resolve() != self.folder.resolve():
             raise ValueError(f"publish_together: {final} is not directly inside {self.folder}")
         tmp = temporary_name(final)
         self.items.append((tmp, final))
@@ -342,6 +342,8 @@ def claim_output_dir(
             raise FileExistsError(
                 f"{arg} {str(d)!r} holds the output of `{marker['command']}`; give `{command}` a folder of its own"
             )
+        if create:
+            clean_temporaries(d)  # what a killed run left: its publication completed, its temporaries removed
         return d
     entries = [e for e in d.iterdir() if not _TMP.match(e.name)]
     if entries:
@@ -354,6 +356,7 @@ def claim_output_dir(
                 "a new or empty folder (nothing was changed)"
             )
     if create:
+        clean_temporaries(d)
         _write_marker(d, command)  # empty, or a run of an older version (no marker yet)
     return d
 

@@ -750,7 +750,7 @@ def save_lora(
     tensors, meta = lora_file_contents(adapter, format, metadata, adapter_name)
     if format == "kohya":
         target = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     else:
         os.makedirs(path, exist_ok=True)
         target = os.path.join(path, DIFFUSERS_WEIGHT_NAME)
@@ -776,7 +776,7 @@ def save_lora_formats(
     for fmt, p in paths.items():
         _check_format(fmt)
         _check_target(p, fmt)
-    folders = {os.path.dirname(os.path.abspath(p)) for p in paths.values()}
+    folders = {os.path.realpath(os.path.dirname(p) or ".") for p in paths.values()}  # as the system finds it
     if len(folders) != 1:
         raise ValueError(f"save_lora_formats: every target must be in one folder, got {sorted(folders)}")
     written = {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .userinput import coerce_numbers
+from .userinput import check_containers, coerce_numbers
 
 __all__ = [
     "LOSSES",
@@ -100,7 +100,8 @@ class _Base:
     anchor_target: str = _help(f"target of the prior-preservation term: {', '.join(ANCHOR_TARGETS)}", default="data")
 
     def __post_init__(self):
-        coerce_numbers(self)  # "5e3" from a YAML 1.1 reader or a UI text field is the number 5000
+        coerce_numbers(self)
+        check_containers(self)  # "5e3" from a YAML 1.1 reader or a UI text field is the number 5000
         _nonneg(self, "anchor_weight")
         if self.anchor_target not in ANCHOR_TARGETS:
             raise ValueError(

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .adapters.base import FAMILIES, PREDICTION_TYPES
+from .userinput import check_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -161,24 +162,36 @@ def _check_materialised(modules: Mapping[str, torch.nn.Module], source: str) -> 
         if missing:
             shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
             raise ValueError(
-                f"{source}: no weights for {name} parameter(s) {shown}; the checkpoint and config disagree"
+                f"{source}: no weights for {name} parameter(s) {shown}; the weight file and config disagree (a "
+                "file of another model, a LoRA, or a damaged copy): copy the model again"
             )
 
 
-class _EmptyFp32ListFilter(logging.Filter):
-    """Drops diffusers' "modules that should be kept in float32: []" warning (logged on every dtype cast even
-    when the list is empty; nothing to act on)."""
+class _LoadLogFilter(logging.Filter):
+    """Drops diffusers' "modules that should be kept in float32: []" warning (logged on every dtype cast even when the
+    list is empty; nothing to act on) and keeps its "Some weights of X were not initialized from the model checkpoint"
+    warnings (a multi-line list of names) in `missing`: `_quiet_loading` turns them into one error."""
+
+    def __init__(self):
+        super().__init__()
+        self.missing: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
+        msg = record.getMessage()
+        if "were not initialized from the model checkpoint" in msg:
+            self.missing.append(msg.split(" were not")[0].removeprefix("Some weights of ").strip())
+            return False
+        return "should be kept in float32: []" not in msg
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
+def _quiet_loading(source: object) -> Iterator[None]:
+    """Loading without diffusers' noise; a component whose weights were missing from its file (diffusers fills them
+    in at random with a warning) is a ValueError naming `source`."""
     import warnings
 
     log = logging.getLogger("diffusers.models.modeling_utils")
-    flt = _EmptyFp32ListFilter()
+    flt = _LoadLogFilter()
     log.addFilter(flt)
     try:
         with warnings.catch_warnings():
@@ -187,6 +200,11 @@ def _quiet_loading() -> Iterator[None]:
             yield
     finally:
         log.removeFilter(flt)
+    if flt.missing:
+        raise ValueError(
+            f"{source}: weights of {', '.join(flt.missing)} are missing from its weight file; the file does not "
+            "belong to this model (or is damaged): copy the model again"
+        )
 
 
 _DAMAGED_HINT = (
@@ -313,6 +331,8 @@ def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, 
     pipe = _pipeline_class(family).from_pretrained(
         str(root), local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype, variant=variant, **extras
     )
+    modules = {n: m for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
+    _check_materialised(modules, f"diffusers folder {root}")  # e.g. a weight file replaced by a LoRA
     pipe.scheduler = _override_prediction_type(pipe.scheduler, prediction_type)
     return pipe, family
 
@@ -353,10 +373,7 @@ def load_pipeline(
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("prediction_type", prediction_type, (None, *PREDICTION_TYPES))
     torch_dtype = DTYPES[dtype]
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps'): {e}") from e
+    check_device(device)
     p = resolve_model_path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path {str(p)!r} does not exist: {_WHERE}")
@@ -372,7 +389,7 @@ def load_pipeline(
             raise FileNotFoundError(
                 f"{p} is a folder but has no model_index.json, so it is no diffusers model{hint}; {_WHERE}"
             )
-        with _quiet_loading():
+        with _quiet_loading(f"diffusers folder {p}"):
             pipe, family = _load_folder_pipeline(p, family, prediction_type, torch_dtype)
     else:
         suffix = p.suffix.lower()
@@ -397,7 +414,7 @@ def load_pipeline(
                 f"config_dir {str(cfg)!r} is not a folder (it needs {', '.join(_config_files(family))})"
             )
         _require_files(cfg, _config_files(family), "config folder")
-        with _quiet_loading():
+        with _quiet_loading(f"checkpoint {p}"):
             pipe = _load_single_file_pipeline(p, family, prediction_type, torch_dtype, cfg)
 
     if family == "sdxl" and torch_dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):

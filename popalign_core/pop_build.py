@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import claim_output_dir, publish_together
-from .userinput import coerce_numbers
+from .fileio import claim_output_dir, publish_together, recover_publish
+from .userinput import check_containers, coerce_numbers
 
 __all__ = ["BUILD_RULES", "BuildConfig", "build_preferences"]
 
@@ -64,6 +64,7 @@ class BuildConfig:
 
     def check(self) -> None:
         coerce_numbers(self)
+        check_containers(self)
         if not isinstance(self.set_size, int) or isinstance(self.set_size, bool) or self.set_size < 1:
             raise ValueError(f"set_size: expected an int >= 1, got {self.set_size!r}")
         if self.set_count is not None and (not isinstance(self.set_count, int) or self.set_count < 1):
@@ -145,6 +146,7 @@ def build_preferences(
     log = log or (lambda m: None)
     filtered = Path(filtered)
     manifest = filtered / FILTERED if filtered.is_dir() else filtered
+    recover_publish(manifest.parent)  # a `data filter` killed mid-publication: its committed files, all of them
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: run `popalign data filter` first")
     rows = _read_filtered(manifest)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import claim_output_dir, publish_together
-from .userinput import coerce_numbers
+from .userinput import check_containers, coerce_numbers
 
-__all__ = ["FILTERED", "FilterConfig", "filter_population"]
+__all__ = ["FILTERED", "FilterConfig", "check_rows", "filter_population"]
 
 FILTERED = "filtered.jsonl"
 REASONS = ("kept", "unreadable", "no_face", "ambiguous", "mismatch")
@@ -54,6 +54,7 @@ class FilterConfig:
 
     def check(self) -> None:
         coerce_numbers(self)
+        check_containers(self)
         t = self.threshold
         if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t <= 1:
             raise ValueError(f"threshold: expected a number in (0, 1], got {t!r}")
@@ -90,32 +91,10 @@ def decide(row: dict, result: Any, classifier_axes: dict, cfg: FilterConfig) -> 
     return "kept"
 
 
-def filter_population(
-    samples: str | os.PathLike,
-    classifier,
-    out: str | os.PathLike,
-    config: FilterConfig | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
-    from .data import format_manifest
-    from .pop_sample import read_samples_report
-
-    cfg = config or FilterConfig()
-    cfg.check()
-    log = log or (lambda m: None)
-    samples, out = Path(samples), Path(out)
-    if not samples.is_dir():
-        raise FileNotFoundError(f"samples folder {str(samples)!r} does not exist: run `popalign data sample` first")
-    rows, skipped = read_samples_report(samples)
-    n_skipped = len(skipped["bad_lines"]) + len(skipped["missing_images"]) + skipped["duplicate_rows"]
-    if not rows:
-        why = f" ({n_skipped} manifest row(s) unusable: {_skipped_text(skipped)})" if n_skipped else ""
-        raise ValueError(f"{samples} holds no sampled images (no usable rows in its manifest.jsonl{why}): run "
-                         "`popalign data sample` first, or again to repair the folder")  # fmt: skip
-    if n_skipped:
-        log(f"[filter] warning: skipped {n_skipped} manifest row(s) of {samples}: {_skipped_text(skipped)}; re-run "
-            "`popalign data sample` on that folder to repair and complete it")  # fmt: skip
+def check_rows(rows: list[dict], classifier: Any, cfg: FilterConfig, source: str) -> None:
+    """Before classifying anything: every row is a population row (winning with its identity keywords, or losing),
+    and the axes and keyword classes to check are the classifier's. ValueError naming `source` and the row otherwise
+    (`data pipeline` runs this on its jobs before sampling)."""
     caxes = {a: tuple(c) for a, c in classifier.axes.items()}
     unknown = [a for a in (cfg.axes or ()) if a not in caxes]
     if unknown:
@@ -125,7 +104,7 @@ def filter_population(
         named = {a for r in rows for a in (r.get("identity") or {})}
         if named and not named & set(cfg.axes):
             raise ValueError(
-                f"axes: no prompt of {samples} names {', '.join(cfg.axes)} (they name {', '.join(sorted(named))}), so "
+                f"axes: no prompt of {source} names {', '.join(cfg.axes)} (they name {', '.join(sorted(named))}), so "
                 "nothing would be checked against the keywords; leave --axes out or name those axes"
             )
     # check the rows and the keyword classes against the classifier before classifying anything
@@ -133,9 +112,9 @@ def filter_population(
         pop, ident = r.get("population"), r.get("identity")
         if pop not in ("winning", "losing") or not isinstance(ident or {}, dict) or (pop == "winning" and not ident):
             raise ValueError(
-                f"{samples}: the row of {r['image']!r} is not a population row (population winning with its identity "
-                f"keywords, or losing): population={pop!r}, identity={ident!r}; sample the run with `popalign data "
-                "sample`"
+                f"{source}: the row of {r.get('image', r['prompt'])!r} is not a population row (population winning "
+                f"with its identity keywords, or losing): population={pop!r}, identity={ident!r}; sample the run with "
+                "`popalign data sample`"
             )
         for axis, cls in (r.get("identity") or {}).items():
             if cfg.axes is not None and axis not in cfg.axes:
@@ -151,6 +130,39 @@ def filter_population(
                     f"class {cls!r} of axis {axis!r} (prompt {r['prompt']!r}) is not a class of the classifier; "
                     f"its {axis} classes: {list(caxes[axis])}"
                 )
+
+
+def filter_population(
+    samples: str | os.PathLike,
+    classifier,
+    out: str | os.PathLike,
+    config: FilterConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
+    from .data import format_manifest
+    from .pop_sample import read_samples_report
+
+    cfg = config or FilterConfig()
+    cfg.check()
+    log = log or (lambda m: None)
+    samples, out = Path(samples), Path(out)
+    if samples.is_file():
+        raise NotADirectoryError(f"samples {str(samples)!r} is a file; give the run folder of `popalign data sample` "
+                                 "(the folder holding manifest.jsonl and images/)")  # fmt: skip
+    if not samples.is_dir():
+        raise FileNotFoundError(f"samples folder {str(samples)!r} does not exist: run `popalign data sample` first")
+    rows, skipped = read_samples_report(samples)
+    n_skipped = len(skipped["bad_lines"]) + len(skipped["missing_images"]) + skipped["duplicate_rows"]
+    if not rows:
+        why = f" ({n_skipped} manifest row(s) unusable: {_skipped_text(skipped)})" if n_skipped else ""
+        raise ValueError(f"{samples} holds no sampled images (no usable rows in its manifest.jsonl{why}): run "
+                         "`popalign data sample` first, or again to repair the folder")  # fmt: skip
+    if n_skipped:
+        log(f"[filter] warning: skipped {n_skipped} manifest row(s) of {samples}: {_skipped_text(skipped)}; re-run "
+            "`popalign data sample` on that folder to repair and complete it")  # fmt: skip
+    check_rows(rows, classifier, cfg, str(samples))
+    caxes = {a: tuple(c) for a, c in classifier.axes.items()}
     claim_output_dir(out, "data filter", FILTER_OUTPUTS, arg="--out", signature="filter_report.json")
     kept, decisions = [], []
     counts: Counter = Counter()

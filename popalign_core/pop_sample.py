@@ -345,7 +345,14 @@ def sample_population(
     dist.barrier()
     if not dist.main:
         state = {"rows": _read_rows(out / MANIFEST)[0], "dropped": {}}
-    done_keys = {(r["prompt"], int(r["index"])) for r in state["rows"]}
+    on_disk = {(r["prompt"], int(r["index"])) for r in state["rows"]}
+    done_keys = on_disk & set(keys)
+    if (
+        on_disk - done_keys
+    ):  # images of earlier runs with other prompts: kept (a pool), but never counted as this run's
+        log(f"[sample] warning: {out} also holds {len(on_disk - done_keys)} image(s) of jobs this run does not have "
+            "(other prompts or indices of an earlier run); they stay in the manifest, and `data filter` / `data "
+            "build` will use them: sample into a new folder to keep them out")  # fmt: skip
     pending = [j for j, k in zip(jobs, keys) if k not in done_keys]
     mine = pending[dist.rank :: dist.world]
     shard = out / (MANIFEST if dist.world == 1 else f"manifest.rank{dist.rank}.jsonl")
@@ -403,13 +410,14 @@ def sample_population(
         rows = merged
     dist.barrier()
     seconds = time.time() - t0
-    done = len(rows) if dist.main else finished
+    done = len({(r["prompt"], int(r["index"])) for r in rows} & set(keys)) if dist.main else finished
     return {
         "out": str(out),
         "jobs": total,
         "done": done,
         "sampled": sampled,
         "skipped_existing": len(done_keys),
+        "other_images": len(rows) - done if dist.main else 0,
         "complete": done >= total,
         "seconds": round(seconds, 2),
         "images_per_s": round(sampled / seconds, 3) if seconds > 0 else None,

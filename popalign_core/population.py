@@ -36,6 +36,8 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     """Prompts of a text file (one per line; ``#`` starts a comment line; blank lines skipped) and a report
     {"blank_lines": [line numbers], "duplicate_lines": [line numbers]} (duplicates: later copies, dropped)."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"prompts file {str(p)!r} is a folder; give a text file with one prompt per line")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
     try:
@@ -50,6 +52,10 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
             continue
         if text.startswith("#"):
             continue
+        bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ValueError(f"prompts file {str(p)!r}, line {no}: control character {bad!r} in a prompt (a binary "
+                             "file?); prompts are plain text, one per line")  # fmt: skip
         if text in seen:
             dup.append(no)
             continue
@@ -126,8 +132,8 @@ def load_pipeline_config(path: str | Path | None = None, **overrides) -> dict:
             raise ValueError(f"unknown key {bad[0]!r} in section {sec!r}; valid keys: {', '.join(keys)}")
         data[sec] = val
     for key in ("model", "prompts", "out"):
-        if not data.get(key):
-            raise ValueError(f"config key {key!r} is required")
+        if not str(data.get(key) or "").strip():
+            raise ValueError(f"config key {key!r} is required (and not empty)")
     return data
 
 
@@ -187,7 +193,7 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
     written to out/pipeline_summary.json). `adapter`: an already loaded model adapter (else config["model"])."""
     from .data import write_manifest
     from .pop_build import build_preferences
-    from .pop_filter import filter_population
+    from .pop_filter import check_rows, filter_population
     from .pop_sample import population_jobs, sample_population
 
     out = Path(config["out"])
@@ -211,6 +217,8 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         if isinstance(v, str) and parse_number(v) is not None:
             config["sample"][key] = parse_number(v)
     jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
+    pop_rows = [{**j, "population": j.get("population", "winning" if j.get("identity") else "losing")} for j in jobs]
+    check_rows(pop_rows, clf, fcfg, "the augmented prompts")  # the filter's axes and classes, before any sampling
     budget = config["sample"].get("time_budget_s")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
         raise ValueError(f"sample.time_budget_s: expected a number > 0 (seconds) or none, got {budget!r}")

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 
-from .userinput import coerce_numbers
+from .userinput import check_containers, coerce_numbers
 
 KeywordConfig = Mapping[str, Mapping[str, Sequence[str]]]
 
@@ -243,6 +243,7 @@ class AugmentConfig:
 
     def check(self) -> None:
         coerce_numbers(self)
+        check_containers(self)
         if not self.axes or len(set(self.axes)) != len(self.axes):
             raise ValueError(f"`axes` must name distinct axes; got {self.axes!r}")
         unknown = [a for a in self.axes if a not in self.keywords]

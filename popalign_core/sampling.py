@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .adapters.base import Conditioning
-from .userinput import coerce_numbers
+from .userinput import check_containers, coerce_numbers
 
 __all__ = [
     "OUTPUTS",
@@ -204,6 +204,7 @@ class SamplerConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field (model-independent checks; see also `resolve_size`)."""
         coerce_numbers(self)
+        check_containers(self)
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {self.steps!r}")
         gs = self.guidance_scale

@@ -46,6 +46,7 @@ from .fileio import (
 from .losses import LOSSES, loss_config
 from .userinput import (
     ArgumentParser,
+    check_containers,
     check_name,
     coerce_numbers,
     coerce_strings,
@@ -185,6 +186,7 @@ class TrainConfig:
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 
         coerce_numbers(self)
+        check_containers(self)
         coerce_strings(self)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not a known loss; valid values: {', '.join(LOSSES)}")
@@ -307,9 +309,14 @@ def load_training_model(cfg: TrainConfig):
     if cfg.model.startswith("tiny:"):
         from .testing import get_dummy_adapter
 
+        if cfg.model_config_dir is not None:
+            raise ValueError("model_config_dir: only used for single-file checkpoints; a tiny model is built from the "
+                             "package's own configs")  # fmt: skip
         parts = cfg.model.split(":")
         fam = parts[1]
-        seed = int(parts[2]) if len(parts) > 2 else 0
+        seed = parse_value(parts[2]) if len(parts) > 2 else 0
+        if len(parts) > 3 or isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"model={cfg.model!r}: a tiny model is 'tiny:<sd15|sd2|sdxl>[:<integer seed>]'")
         adapter = get_dummy_adapter(fam, seed=seed)
         if cfg.prediction_type is not None and cfg.prediction_type != adapter.prediction_type:
             from diffusers import DDPMScheduler
@@ -397,6 +404,8 @@ class Trainer:
         after every step; an exception it raises (a cancel) stops the run after saving a resumable checkpoint of
         the last finished step, then propagates."""
         self.cfg = cfg.validate()
+        if not str(cfg.output_dir).strip():
+            raise ValueError("output_dir is empty: name the run's folder (an empty path would mean the current one)")
         self.out = Path(cfg.output_dir)
         self.dist = _Dist(cfg.mixed_precision)
         self.log = log or (lambda m: print(m, file=sys.stderr))

@@ -164,7 +164,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: a usage mistake raises `UsageError` (the `command` wrapper prints
     ``prog: error: <message> (see prog --help)``) instead of printing the whole usage block. A negative number in any
-    notation (``--lr -1e-4``) is a value, not an option."""
+    notation (``--lr -1e-4``) is a value, not an option; an empty text is no value."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -172,6 +172,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse, and an empty text (``--out ''``) is refused for every option whose default is not itself ''
+        (an empty path would silently mean the current folder)."""
+        ns, extras = super().parse_known_args(args, namespace)
+        for a in self._actions:
+            v = getattr(ns, a.dest, None)
+            if isinstance(v, str) and not v.strip() and a.default != "" and a.dest != argparse.SUPPRESS:
+                name = a.option_strings[-1] if a.option_strings else a.dest
+                self.error(f"argument {name}: empty text; give a value")
+        return ns, extras
 
 
 def yaml_value(text: str) -> Any:
@@ -206,7 +217,25 @@ _FLOAT_12 = re.compile(
 class YAML_LOADER(yaml.SafeLoader):  # noqa: N801 - a constant-like class name
     """PyYAML's safe loader with YAML 1.2's number rules: ``1e-4`` and ``5e3`` are floats (YAML 1.1 wants a dot),
     ``010`` is ten (not octal eight) and ``1:5`` is text (not the base-60 number 65); ``1_000``, ``0x10`` and
-    ``0o17`` are ints."""
+    ``0o17`` are ints. A key repeated in one mapping is an error (YAML 1.2; YAML 1.1 readers keep the last value
+    silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden: that is what merging is for
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if seen:
+                    problem = f"the key {key!r} is repeated (first at line {first[key]}); keep one"
+                    raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
@@ -350,10 +379,56 @@ def coerce_strings(obj: Any) -> Any:
     return obj
 
 
+def _container_kind(tp: Any) -> type | None:
+    """list / tuple / dict when a field's annotation is one of them (bare or parametrised) or an Optional of one."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _container_kind(args[0]) if len(args) == 1 else None
+    kind = origin or tp
+    return kind if kind in (list, tuple, dict) else None
+
+
+def check_containers(obj: Any) -> Any:
+    """List, tuple and mapping fields of the dataclass instance `obj` must hold one: a text given where a list goes
+    (``--unet-targets to_q`` or ``anchor_prompts: a portrait``) would otherwise be read character by character. A
+    ValueError names the field and shows the YAML list syntax. Returns `obj`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        kind = _container_kind(hints.get(f.name))
+        v = getattr(obj, f.name)
+        if kind is None or v is None:
+            continue
+        if kind is dict and not isinstance(v, dict):
+            raise ValueError(f"{f.name}={v!r} is invalid: expected a mapping, e.g. {{name: value}} in YAML")
+        if kind is not dict and not isinstance(v, list | tuple):
+            example = f"[{v}]" if isinstance(v, str) and "," not in v else "[first, second]"
+            raise ValueError(f"{f.name}={v!r} is invalid: expected a list, written in YAML as {example}")
+    return obj
+
+
+_BOOL_TEXT = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+@functools.cache
+def _bool_fields(cls: type) -> tuple[str, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if hints.get(f.name) is bool)
+
+
 def coerce_numbers(obj: Any) -> Any:
     """In place: numeric fields of the dataclass instance `obj` given as numeric strings become numbers, and int
-    fields given an integral float (``1e3``, ``100.0``) become ints. Anything else is left for validation to refuse
-    with the field's name. Returns `obj`."""
+    fields given an integral float (``1e3``, ``100.0``) become ints. Boolean fields take true/false (yes/no, on/off,
+    1/0, any case, as text or 0/1); anything else there is a ValueError naming the field (a non-empty text such as
+    "false" would otherwise count as true). Other values are left for validation to refuse. Returns `obj`."""
+    for name in _bool_fields(type(obj)):
+        v = getattr(obj, name)
+        if isinstance(v, bool):
+            continue
+        key = v.strip().lower() if isinstance(v, str) else str(v) if isinstance(v, int) else None
+        if key not in _BOOL_TEXT:
+            raise ValueError(f"{name}={v!r} is invalid: expected true or false")
+        setattr(obj, name, _BOOL_TEXT[key])
     for name, kind in _numeric_fields(type(obj)).items():
         v = getattr(obj, name)
         n = parse_number(v) if isinstance(v, str) else v
@@ -364,6 +439,33 @@ def coerce_numbers(obj: Any) -> Any:
         if n is not v:
             setattr(obj, name, n)
     return obj
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def check_device(device: Any, arg: str = "device"):
+    """`device` as a `torch.device` that exists on this machine: a valid name (cpu, cuda, cuda:1, mps, ...) whose
+    backend is available and, for an index, within the device count. ValueError naming `arg` otherwise (torch's own
+    error for ``cuda`` without a driver is a RuntimeError deep inside the first `.to()`)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"{arg}={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps'): {e}"
+        ) from None
+    if d.type in ("cpu", "meta"):
+        return d
+    backend = torch.backends.mps if d.type == "mps" else getattr(torch, d.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{arg}={device!r}: torch {torch.__version__} finds no {d.type} device on this machine; "
+                         "use 'cpu' (or install a torch build for your GPU)")  # fmt: skip
+    count = getattr(backend, "device_count", None)
+    n = count() if count else 1
+    if d.index is not None and d.index >= n:
+        raise ValueError(f"{arg}={device!r}: this machine has {n} {d.type} device(s), {d.type}:0 to {d.type}:{n - 1}")
+    return d
 
 
 # ------------------------------------------------------------------------------------------------ names

@@ -169,7 +169,7 @@ def test_exact_gradient_is_the_true_derivative(adapter):
         ({"scheduler": "euler_ancestral"}, "DFT needs a deterministic scheduler"),
         ({"scheduler": "nope"}, "DFT needs a deterministic scheduler"),
         ({"gradient": "adjusted"}, "gradient='adjusted' is not known; valid values: a1, solver, exact"),
-        ({"checkpointing": 1}, "checkpointing: expected a bool"),
+        ({"checkpointing": 2}, "checkpointing=2 is invalid: expected true or false"),
         ({"height": 0}, "height: expected None or an int >= 1"),
     ],
 )

@@ -320,6 +320,12 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
     f["pipe_nomodel"] = tmp / "pipe.yaml"
     f["pipe_nomodel"].write_text(f"model: nope.safetensors\nprompts: [a photo of a baker]\nout: {tmp / 'pipe_out'}\n"
                                  "augment: {keywords: toy, axes: [form], samples_per_prompt: 2}\n")  # fmt: skip
+    f["pipe_race"] = tmp / "pipe_race.yaml"  # the default (race, gender) keywords with the toy filter classifier
+    f["pipe_race"].write_text(f"model: toyworld\nprompts: [a photo of a baker]\nout: {tmp / 'pipe_out'}\n")
+    f["nul"] = tmp / "nul.txt"
+    f["nul"].write_bytes(b"a photo of\x00 a baker\n")
+    f["dup_keys"] = tmp / "dup.yaml"
+    f["dup_keys"].write_text("steps: 2\nlr: 1e-4\nsteps: 3\n")
     f["loras"] = tmp / "loras"  # a ComfyUI loras folder: files whose names fit the trainer's outputs, no marker
     f["loras"].mkdir()
     (f["loras"] / "my_style.safetensors").write_bytes(b"a LoRA of the user")
@@ -334,7 +340,24 @@ CATALOGUE = [
     ("train --config {o}/nope.yaml", "popalign train", "nope.yaml' does not exist"),
     ("train --model tiny:sd15 --data {pop} --lora-name .hidden --output-dir {o}/t", "popalign train",
      "lora_name='.hidden'"),
-    ("train --model tiny:sd15 --data {pop} --lora-name= --output-dir {o}/t", "popalign train", "lora_name=''"),
+    ("train --model tiny:sd15 --data {pop} --lora-name {none} --output-dir {o}/t", "popalign train",
+     "argument --lora-name: empty text"),
+    ("train --model tiny:sd15 --data {pop} --output-dir {none}", "popalign train", "--output-dir: empty text"),
+    ("data sample --augmented {aug} --model toyworld --out {none}", "popalign data sample", "--out: empty text"),
+    ("mog --loss sft --out {none}", "popalign mog", "argument --out: empty text"),
+    ("audit compare {none} {notjson} --out {o}/c", "popalign audit compare", "argument before: empty text"),
+    ("train --model tiny:sd15 --data {pop} --unet-targets to_q --output-dir {o}/t", "popalign train",
+     "unet_targets='to_q' is invalid: expected a list, written in YAML as [to_q]"),
+    ("train --model tiny:sd15 --data {pop} --loss-param anchor_weight=1 --anchor-prompts a_doctor --output-dir {o}/t",
+     "popalign train", "anchor_prompts='a_doctor' is invalid: expected a list"),
+    ("train --model tiny:sd15 --data {pop} --model-config-dir {o} --output-dir {o}/t", "popalign train",
+     "model_config_dir: only used for single-file checkpoints"),
+    ("data sample --augmented {aug} --model toyworld --device cuda:7 --out {o}/s", "popalign data sample",
+     "device='cuda:7'"),
+    ("audit --images {o} --classifier toy --axes form --device cuda:7 --out {o}/a", "popalign audit",
+     "device='cuda:7'"),
+    ("audit --images {o} --classifier toy --axes form --device gpu --out {o}/a", "popalign audit",
+     "device='gpu' is not a torch device"),
     ("train --model {garbage} --data {pop} --output-dir {o}/t", "popalign train", "garbage.safetensors"),
     ("train --model tiny:sd15 --data {empty} --output-dir {o}/t", "popalign train", "empty.jsonl"),
     ("train --model tiny:sd15 --data {pop} --steps 0 --output-dir {o}/t", "popalign train", "steps=0"),
@@ -394,6 +417,15 @@ CATALOGUE = [
      "anchor_guidance=-5.0"),
     ("data filter --samples {samples} --axes hue --out {o}/f", "popalign data filter", "no prompt of"),
     ("data pipeline --config {pipe_nomodel}", "popalign data pipeline", "nope.safetensors' does not exist"),
+    ("data pipeline --config {pipe_race}", "popalign data pipeline", "the classifier 'toy' has no axis 'race'"),
+    ("train --config {dup_keys}", "popalign train", "line 3, column 1: the key 'steps' is repeated (first at line 1)"),
+    ("train --model tiny:sd15 --data {pop} --train-unet maybe --output-dir {o}/t", "popalign train",
+     "train_unet='maybe' is invalid: expected true or false"),
+    ("data augment --prompts {nul} --keywords toy --out {o}/a.jsonl", "popalign data augment",
+     "line 1: control character '\\x00'"),
+    ("data augment --prompts {o} --keywords toy --out {o}/a.jsonl", "popalign data augment", "is a folder"),
+    ("data filter --samples {aug} --out {o}/f", "popalign data filter", "aug.jsonl' is a file; give the run folder"),
+    ("audit --images {aug} --classifier toy --axes form --out {o}/a", "popalign audit", "aug.jsonl' is a file"),
     ("mog --steps 3", "popalign mog", "--loss"),
     ("losses --bogus", "popalign losses", "--bogus"),
 ]  # fmt: skip
@@ -415,12 +447,12 @@ def test_every_user_mistake_is_one_line_naming_the_input(tmp_path, capsys, pop_d
     f = _bad_files(tmp_path)
     subs = {**{k: str(v) for k, v in f.items()}, "o": str(tmp_path), "pop": str(pop_data),
             "aug": str(toy_run / "aug.jsonl"), "samples": str(toy_run / "samples"),
-            "filtered": str(filtered), "decisions": str(tmp_path / "decisions.jsonl")}  # fmt: skip
+            "filtered": str(filtered), "decisions": str(tmp_path / "decisions.jsonl"), "none": ""}  # fmt: skip
     rows = [json.loads(x) for x in (filtered / "decisions.jsonl").read_text().splitlines()]
     rows[1]["reason"] = "no_face"  # a decisions file lists the dropped images too
     (tmp_path / "decisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = [w.format(**subs) for w in cmd.split(" ")]
-    argv = [a for w in argv for a in ([w.split("=", 1)[0], ""] if w == "--lora-name=" else [w])]
+
     assert cli(argv) == 2
     line = error_line(capsys.readouterr().err, prog)
     assert names in line
@@ -673,6 +705,64 @@ def test_lora_formats_stay_one_step_after_a_kill_between_them(pop_data, tmp_path
     assert _step_of(kohya) == _step_of(diffusers / "pytorch_lora_weights.safetensors") == "3" == str(summary["steps"])
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == fileio.PUBLISH_JOURNAL]
     assert leftovers == []
+
+
+def test_an_output_dir_through_a_symlink_and_dotdot_is_where_the_system_puts_it(pop_data, tmp_path, capsys):
+    """`link/../o` is `<link target's parent>/o` for the operating system, not `./o`: every file (the LoRA files too)
+    lands there, and the user's `./o` is left alone."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    out = f"{tmp_path}/link/../o"
+    assert cli(["train", *TRAIN, "--data", str(pop_data), "--output-dir", out]) == 0, capsys.readouterr().err
+    assert (tmp_path / "real" / "o" / "popalign_lora.safetensors").is_file()
+    assert (tmp_path / "real" / "o" / "popalign_lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["notes.txt"]
+
+
+_KILL_AT_NTH_RENAME = """
+import os, signal, sys
+n, count, real = int(sys.argv[1]), [0], os.replace
+def replace(a, b, *args, **kwargs):
+    count[0] += 1
+    if count[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs: what a power cut or the OOM killer leaves
+    return real(a, b, *args, **kwargs)
+os.replace = replace
+from popalign_core.cli import main
+sys.argv = ["popalign", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+def killed_at_rename(n: int, *args) -> int:
+    """Run `popalign ARGS`, SIGKILLed at its n-th `os.replace` (each final file appears by one); its exit status."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", _KILL_AT_NTH_RENAME, str(n), *map(str, args)], env=env,
+                          capture_output=True, timeout=300, check=False).returncode  # fmt: skip
+
+
+def test_a_kill_at_every_rename_of_filter_leaves_one_run_for_build_and_nothing_behind(toy_run, tmp_path):
+    """`data filter` over an earlier filter run, SIGKILLed at each of its renames in turn: `data build` (the next
+    reader) sees the files of one run, and the next `data filter` leaves no temporary behind."""
+    out = tmp_path / "f"
+    base = ["data", "filter", "--samples", toy_run / "samples", "--classifier-option", "which=train", "--out", out]
+    assert popalign(*base).returncode == 0
+    for n in range(1, 12):
+        rc = killed_at_rename(n, *base, "--threshold", "0.999")
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL
+        b = popalign("data", "build", "--filtered", out, "--set-size", "2", "--on-short", "skip", "--out",
+                     tmp_path / f"b{n}")  # fmt: skip
+        assert b.returncode in (0, 2), b.stderr
+        report = json.loads((out / "filter_report.json").read_text())
+        rows = (out / "filtered.jsonl").read_text().splitlines()
+        assert report["kept"] == len(rows), f"kill at rename {n}: filtered.jsonl and its report from two runs"
+        assert popalign(*base).returncode == 0
+        assert [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".popalign-pub")] == []
+    assert n > 3  # the publication has several renames, and each was a kill point
 
 
 def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint(pop_data, tmp_path, monkeypatch):

@@ -201,6 +201,19 @@ def test_missing_component_file_is_named(tmp_path):
         load_model(tmp_path / "model")
 
 
+@pytest.mark.parametrize("keep", [0, 10], ids=["a-lora-file", "half-the-weights"])
+def test_weight_file_of_another_model_is_named_not_filled_in(tmp_path, keep):
+    from safetensors.torch import load_file, save_file
+
+    get_dummy_pipeline("sd15").save_pretrained(tmp_path / "model")
+    f = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    kept = {k: sd[k] for k in sorted(sd)[:keep]} or {"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}
+    save_file(kept, f)
+    with pytest.raises(ValueError, match=r"diffusers folder .*model: no weights for unet parameter\(s\) .*copy the"):
+        load_model(tmp_path / "model")
+
+
 def test_pickle_weights_in_folder_are_refused(tmp_path):
     get_dummy_pipeline("sd15").save_pretrained(tmp_path / "model")
     unet = tmp_path / "model" / "unet"

@@ -91,6 +91,13 @@ def test_run_writes_images_and_rows_and_resumes_without_duplicates(tmp_path, toy
     more = population_jobs(AUG, neutral_per_prompt=3)
     s3 = sample_population(toy, more, out, CFG, "toyworld", model_hash="h0")
     assert s3["sampled"] == 3 and len(_manifest(out)) == 9 == len(_disk(out))
+    # fewer jobs (a prompt removed): the other images stay, but are not counted as this run's and are reported
+    logs: list[str] = []
+    fewer = [j for j in more if j["neutral"] == "a photo of a baker"]
+    s4 = sample_population(toy, fewer, out, CFG, "toyworld", model_hash="h0", log=logs.append)
+    assert s4["done"] == s4["jobs"] == s4["skipped_existing"] == len(fewer) and s4["complete"]
+    assert s4["other_images"] == 9 - len(fewer) > 0 and len(_manifest(out)) == 9
+    assert any(f"also holds {9 - len(fewer)} image(s) of jobs this run does not have" in m for m in logs)
     # another run's settings never mix into the folder
     with pytest.raises(ValueError, match=r"holds images of another run \(sampler.guidance_scale differ"):
         sample_population(toy, jobs, out, SamplerConfig(steps=3, guidance_scale=3.0, seed=5), "toyworld",

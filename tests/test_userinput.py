@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
@@ -224,3 +225,48 @@ def test_argument_parser_errors_are_one_line(capsys):
         "popalign p: error: argument --n: expected an integer, got 'x' (see popalign p --help)\n"
     )
     assert main(["--n", "1e3"]) == 0
+
+
+BOOLS = [("false", False), ("No", False), ("off", False), (0, False), ("0", False), ("true", True), ("YES", True),
+         (1, True), (True, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "want"), BOOLS)
+def test_boolean_fields_take_true_and_false_as_people_write_them(value, want):
+    assert TrainConfig(model="tiny:sd15", data="x.jsonl", train_text_encoder=value).train_text_encoder is want
+    b = BuildConfig(pairs=value)
+    b.check()
+    assert b.pairs is want
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, [], None])
+def test_boolean_fields_refuse_anything_else(value):
+    """A non-empty text would be true for Python: `train_unet: "no"` must not train the UNet by accident."""
+    want = re.escape(f"train_unet={value!r} is invalid: expected true or false")
+    with pytest.raises(ValueError, match=want):
+        TrainConfig(model="tiny:sd15", data="x.jsonl", train_unet=value)
+
+
+def test_list_and_mapping_fields_refuse_a_single_text():
+    with pytest.raises(ValueError, match=r"unet_targets=.to_q. is invalid: expected a list, written in YAML as"):
+        TrainConfig(model="tiny:sd15", data="x.jsonl", unet_targets="to_q")
+    with pytest.raises(ValueError, match=r"loss_params='beta=5' is invalid: expected a mapping"):
+        TrainConfig(model="tiny:sd15", data="x.jsonl", loss_params="beta=5")
+    with pytest.raises(ValueError, match=r"axes='form' is invalid: expected a list"):
+        FilterConfig(axes="form").check()
+    assert FilterConfig(axes=("form",)).axes == ("form",)
+
+
+def test_devices_that_do_not_exist_here_are_named():
+    import torch
+
+    assert U.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device"):
+        U.check_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device='cuda:1': torch .* finds no cuda device on this machine"):
+            U.check_device("cuda:1", "--device")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=rf"this machine has {n} cuda device\(s\)"):
+            U.check_device(f"cuda:{n}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from popalign_core.attributes import AGE_FAIRFACE9, AXES, GENDER, RACE_FAIRFACE7, RACE_GROUP4
 from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector
+from popalign_core.userinput import check_device
 
 CLASSIFIER_SUBDIR = os.path.join("popalign", "classifiers")
 COMFY_FOLDER_HINT = "ComfyUI/models/popalign/classifiers/"
@@ -173,10 +174,9 @@ class TorchAttributeClassifier:
     differentiable = True
 
     def __init__(self, detector: FaceDetector | str | None = None, device: str = "cpu", batch_size: int = 32):
-        import torch
 
         self.detector = _resolve_detector(detector)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.batch_size = int(batch_size)
         self.input_size: tuple[int, int] = (224, 224)
         self.mean: tuple[float, ...] = IMAGENET_MEAN

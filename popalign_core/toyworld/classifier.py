@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..classify.base import BackendUnavailable, Classification
+from ..userinput import check_device
 from .render import Spec, render
 from .world import CONCEPTS, ROLE_NAMES, TOY_AXES
 
@@ -305,7 +306,7 @@ class ToyClassifier:
         sd, _ = read_safetensors(cdir / info["file"], "toy classifier weight file", "rebuild the toy world "
                                  "(`popalign toyworld build`) or reinstall the package")  # fmt: skip
         net.load_state_dict(sd, strict=True)
-        self.net = net.eval().requires_grad_(False).to(device)
+        self.net = net.eval().requires_grad_(False).to(check_device(device))
         self.temperature = {k: float(v) for k, v in info["temperature"].items()}
         self.which, self.folder, self.device = which, folder, torch.device(device)
         self.weights_path = cdir / info["file"]

@@ -18,9 +18,12 @@
    selection uses training roles only and is reported in results.json; held-out roles never choose anything.
 4. **Audit again** each method's chosen LoRA exactly as in step 1 (same seeds).
 5. Write ``results.json`` (per method: discrepancy_before/after with 95% bootstrap CIs, reduction with its CI, the
-   finite-sample floor, identity_recall, concept_accuracy_drop in points, the selected step, stage times against
-   their budgets) and ``report.md`` with PNG plots (per-role class shares against the target, loss curves,
+   finite-sample floor, identity_recall, concept_accuracy_drop in points, the selected step, stage times beside
+   reference times) and ``report.md`` with PNG plots (per-role class shares against the target, loss curves,
    checkpoint selection curves, a results table). The last line printed is a JSON summary.
+
+Fixed work: every stage and every selection step runs whatever the machine's speed; times are reported beside the
+config's reference times and never acted on, so one seed gives the same numbers on every machine.
 
 Settings: popalign_core/configs/demo.yaml (`--config FILE` merges a YAML of the same shape; `--quick` is a smoke run).
 """
@@ -342,8 +345,7 @@ def build_data(cfg: dict, out: Path, adapter, log) -> dict:
                     "template": "a photo of {article} {identity} {subject}",
                     "samples_per_prompt": d["samples_per_prompt"], "seed": cfg["seed"]},
         "sample": {"steps": d["steps"], "guidance_scale": d["guidance"], "scheduler": "ddim", "seed": cfg["seed"],
-                   "batch_size": 200, "neutral_per_prompt": d["neutral_per_prompt"],
-                   "time_budget_s": cfg["budgets"]["data"]},
+                   "batch_size": 200, "neutral_per_prompt": d["neutral_per_prompt"]},  # fixed work: no time budget
         "filter": {"classifier": "toy", "classifier_options": {"which": "train"}, "threshold": d["threshold"]},
         "build": {"set_size": d["set_size"], "rule": "augmented", "pairs": True, "seed": cfg["seed"],
                   "on_short": "skip"},
@@ -362,10 +364,9 @@ def anchor_prompts() -> list[str]:
     return ids + [concept_caption(c) for c in CONCEPTS]
 
 
-def train_method(
-    name: str, cfg: dict, data_dir: Path, out: Path, select_clf, base_val: dict, budget_left: float, log
-) -> dict:
-    """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best."""
+def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, base_val: dict, log) -> dict:
+    """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best. Every
+    stage runs whatever the machine's speed (fixed work: the same numbers everywhere for the same seed)."""
     from .lora_io import load_lora
     from .models import load_model
     from .train import load_config, train
@@ -394,7 +395,7 @@ def train_method(
         common.update(anchor_prompts=anchor_prompts(), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
                       anchor_guidance=float(cfg["anchor"]["guidance"]), anchor_sampler_steps=cfg["eval"]["steps"],
                       anchor_batch_size=max(1, int(common["batch_size"]) // 2))  # fmt: skip
-    curve, t_train, t_select, stopped = [], 0.0, 0.0, None
+    curve, t_train, t_select = [], 0.0, 0.0
     for k in range(1, stages + 1):
         steps = max(1, round(total * k / stages))
         t = time.time()
@@ -412,14 +413,10 @@ def train_method(
                       "val_concept_accuracy": val["concept_accuracy"], "lora": lora.name})  # fmt: skip
         log(f"[demo] {name}: step {steps}/{total}: training-role discrepancy {score:.3f}, validation recall "
             f"{val['recall']:.3f}, concepts {val['concept_accuracy']:.3f}")  # fmt: skip
-        if t_train + t_select > budget_left and k < stages:
-            stopped = f"time budget: stopped after stage {k}/{stages}"
-            log(f"[demo] {name}: {stopped}")
-            break
     best, why = choose_stage(curve, base_val, cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {"curve": curve, "best": best, "why": why, "train_seconds": t_train, "select_seconds": t_select,
-            "stopped": stopped, "losses": [r.get("loss") for r in rows], "config": common}  # fmt: skip
+            "losses": [r.get("loss") for r in rows], "config": common}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -527,7 +524,8 @@ def write_report(results: dict, files: dict, out: Path) -> None:
     for nm, m in r["methods"].items():
         lines.append(f"| {nm} | " + " | ".join(_fmt(m["per_axis_after"][a]) for a in r["axes"]) + " |")
     lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in files.items()]
-    lines += ["", "## Time per stage (seconds, budget)", "", "| stage | seconds | budget |", "|---|---|---|"]
+    lines += ["", "## Time per stage (seconds; reference: 2 CPU cores, reported only, never acted on)", "",
+              "| stage | seconds | reference |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v['seconds']:.0f} | {v['budget_s']} |" for k, v in r["timings"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
@@ -575,13 +573,9 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     sel_base = training_roles_bias(base_model, cfg, seed, select_clf)
     base_val = validation(base_model, cfg, seed, select_clf)
     trained: dict[str, dict] = {}
-    train_budget = cfg["budgets"]["train"] + cfg["budgets"]["select"]
-    methods = list(cfg["methods"])
     t_sel0 = time.time() - t
-    for i, name in enumerate(methods):
-        spent = sum(v["train_seconds"] + v["select_seconds"] for v in trained.values())
-        share = (train_budget - spent) / (len(methods) - i)
-        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, base_val, share, log)
+    for name in cfg["methods"]:
+        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, base_val, log)
     timings["train"] = sum(v["train_seconds"] for v in trained.values())
     timings["select"] = t_sel0 + sum(v["select_seconds"] for v in trained.values())
 
@@ -622,7 +616,6 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
             "trained_steps": tr["curve"][-1]["step"],
             "selection_curve": tr["curve"],
             "selection_rule": tr["why"],
-            "selection_stopped": tr["stopped"],
             "lora": f"{name}_lora.safetensors",
             "train_config": {k: v for k, v in tr["config"].items() if k != "anchor_prompts"},
             "per_role_after": e["bias"]["per_role"],
@@ -677,7 +670,8 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     over = [k for k, v in results["timings"].items() if v["over_budget"]]
     if over:
-        log(f"[demo] over budget: {', '.join(over)} (see results.json timings)")
+        log(f"[demo] slower than the reference times of this machine class: {', '.join(over)} (see results.json "
+            "timings; the work and the numbers are the same on every machine)")  # fmt: skip
     return results
 
 

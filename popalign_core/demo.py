@@ -135,7 +135,30 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
                 raise ValueError(f"{sec}.{k}: expected an int >= 1, got {v!r}")
     if cfg["train"]["steps"] < cfg["select"]["stages"]:
         raise ValueError("train.steps must be >= select.stages (each stage trains at least one step)")
+    train_roles(cfg)
     return cfg
+
+
+def train_roles(cfg: dict) -> tuple[str, ...]:
+    """`data.train_roles`: the training roles whose prompts make the preference data, score checkpoint selection and
+    validation (``all`` = the toy world's 10 `TRAIN_ROLES`). Held-out roles are refused: they are what is measured."""
+    from .toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES
+
+    v = cfg["data"]["train_roles"]
+    if v == "all":
+        return TRAIN_ROLES
+    if isinstance(v, str) or not isinstance(v, list) or not v:
+        raise ValueError(f"data.train_roles={v!r}: expected 'all' or a non-empty list of training roles "
+                         f"({', '.join(TRAIN_ROLES)})")  # fmt: skip
+    for r in v:
+        if r in HELD_OUT_ROLES:
+            raise ValueError(f"data.train_roles: {r!r} is a held-out role (held out: {', '.join(HELD_OUT_ROLES)}); "
+                             "training on it would measure nothing held out")  # fmt: skip
+        if r not in ROLE_NAMES:
+            raise ValueError(f"data.train_roles: unknown role {r!r}; training roles: {', '.join(TRAIN_ROLES)}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"data.train_roles: {next(r for r in v if v.count(r) > 1)!r} is listed twice")
+    return tuple(v)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -282,14 +305,14 @@ def evaluate(adapter, cfg: dict, seed: int, clf=None) -> dict[str, Any]:
 def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
     """Checkpoint-selection score: mean discrepancy over the training roles and axes (training classifier)."""
     from .sampling import SamplerConfig, sample
-    from .toyworld.world import TRAIN_ROLES, caption
+    from .toyworld.world import caption
 
-    ev, n = cfg["eval"], cfg["select"]["n_per_role"]
+    ev, n, roles = cfg["eval"], cfg["select"]["n_per_role"], train_roles(cfg)
     sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed + 1,
                        batch_size=200)  # fmt: skip
-    imgs = sample(adapter, [(caption(r), k) for r in TRAIN_ROLES for k in range(n)], sc)
+    imgs = sample(adapter, [(caption(r), k) for r in roles for k in range(n)], sc)
     lab = _labels(clf, _to_uint8(imgs))
-    return _mean_disc({r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(TRAIN_ROLES)})
+    return _mean_disc({r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(roles)})
 
 
 def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
@@ -297,11 +320,11 @@ def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
     the identity-specific prompts of every other *training* role (every class of every axis, at the recall
     guidance) and concept accuracy on the concepts (at the audit guidance)."""
     from .sampling import SamplerConfig, sample
-    from .toyworld.world import CONCEPTS, TOY_AXES, TRAIN_ROLES, caption, concept_caption
+    from .toyworld.world import CONCEPTS, TOY_AXES, caption, concept_caption
 
     ev, sl = cfg["eval"], cfg["select"]
     m = sl["n_per_identity"]
-    specs = [(r, a, c) for r in TRAIN_ROLES[::2] for a, cs in TOY_AXES.items() for c in cs]
+    specs = [(r, a, c) for r in train_roles(cfg)[::2] for a, cs in TOY_AXES.items() for c in cs]
     sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["recall_guidance"], scheduler="ddim", seed=seed + 2,
                        batch_size=200)  # fmt: skip
     lab = _labels(
@@ -332,14 +355,14 @@ def choose_stage(curve: list[dict], base_val: dict, cfg: dict) -> tuple[dict, st
 
 # ------------------------------------------------------------------------------------------------ stages
 def build_data(cfg: dict, out: Path, adapter, log) -> dict:
-    """`popalign data pipeline` on the toy world's training roles."""
+    """`popalign data pipeline` on the training roles (`data.train_roles`)."""
     from .population import run_pipeline
-    from .toyworld.world import TRAIN_ROLES, caption
+    from .toyworld.world import caption
 
     d = cfg["data"]
     pcfg = {
         "model": "toyworld",
-        "prompts": [caption(r) for r in TRAIN_ROLES],
+        "prompts": [caption(r) for r in train_roles(cfg)],
         "out": str(out),
         "augment": {"keywords": "toy", "axes": ["stature", "form", "hue"],
                     "template": "a photo of {article} {identity} {subject}",
@@ -356,11 +379,11 @@ def build_data(cfg: dict, out: Path, adapter, log) -> dict:
     return run_pipeline(pcfg, adapter=adapter, log=log)
 
 
-def anchor_prompts() -> list[str]:
+def anchor_prompts(cfg: dict) -> list[str]:
     """Prior-preservation prompts: each class of each axis for every training role, and the concepts."""
-    from .toyworld.world import CONCEPTS, TOY_AXES, TRAIN_ROLES, caption, concept_caption
+    from .toyworld.world import CONCEPTS, TOY_AXES, caption, concept_caption
 
-    ids = [caption(r, {a: c}) for r in TRAIN_ROLES for a, cs in TOY_AXES.items() for c in cs]
+    ids = [caption(r, {a: c}) for r in train_roles(cfg) for a, cs in TOY_AXES.items() for c in cs]
     return ids + [concept_caption(c) for c in CONCEPTS]
 
 
@@ -392,7 +415,7 @@ def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, ba
         "output_dir": str(out),
     }
     if float(params.get("anchor_weight", 0)) > 0:
-        common.update(anchor_prompts=anchor_prompts(), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
+        common.update(anchor_prompts=anchor_prompts(cfg), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
                       anchor_guidance=float(cfg["anchor"]["guidance"]), anchor_sampler_steps=cfg["eval"]["steps"],
                       anchor_batch_size=max(1, int(common["batch_size"]) // 2))  # fmt: skip
     curve, t_train, t_select = [], 0.0, 0.0
@@ -633,6 +656,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
         "judge": "toy evaluation classifier (hard labels among images with a face)",
         "selection_judge": "toy training classifier: training roles, validation seeds (recall, concepts)",
         "held_out_roles": list(HELD_OUT_ROLES),
+        "train_roles": list(train_roles(cfg)),
         "axes": list(TOY_AXES),
         "n_per_role": cfg["eval"]["n_per_role"],
         "n_per_identity": cfg["eval"]["n_per_identity"],

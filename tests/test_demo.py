@@ -18,12 +18,15 @@ from popalign_core.demo import (
     run_demo,
 )
 
+SUBSET = ("baker", "pilot", "farmer", "miner", "chef")  # 5 of the 10 training roles (data.train_roles)
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cfg = load_demo_config(quick=True)
     cfg["budgets"] = {k: 1e-3 for k in cfg["budgets"]}  # reference times every stage overruns: reported, not acted on
+    cfg["data"]["train_roles"] = list(SUBSET)
     return out, run_demo(out, cfg, overwrite=True, log=lambda m: None)
 
 
@@ -63,7 +66,31 @@ def test_results_fields_and_consistency(demo_run):
     assert r["methods"]["dpo"]["train_config"]["data"].endswith("pairwise.jsonl")
     assert r["methods"]["popalign_anchor"]["train_config"]["loss_params"]["anchor_weight"] > 0
     assert set(r["timings"]) == {"audit_before", "data", "train", "select", "audit_after", "report", "total"}
-    assert r["data"]["filter"]["images"] == 160  # 10 training roles x (8 augmented + 8 neutral)
+    assert r["data"]["filter"]["images"] == 80  # 5 training roles x (8 augmented + 8 neutral)
+
+
+def test_train_roles_choose_the_data_selection_and_anchor_prompts(demo_run):
+    out, r = demo_run
+    assert r["train_roles"] == list(SUBSET)
+    import yaml
+
+    prompts = yaml.safe_load((out / "pipeline" / "pipeline.yaml").read_text())["prompts"]
+    assert prompts == [f"a photo of a {role}" for role in SUBSET]
+    cfg = yaml.safe_load((out / "popalign_anchor" / "config.yaml").read_text())
+    roles = {p.split()[-1] for p in cfg["anchor_prompts"]} - {"tree", "house", "boat", "sun"}  # minus the concepts
+    assert roles == set(SUBSET)
+
+
+@pytest.mark.parametrize(("roles", "match"), [
+    (["baker", "judge"], r"data.train_roles: 'judge' is a held-out role \(held out: judge, smith, ranger, tailor\)"),
+    (["bakr"], r"data.train_roles: unknown role 'bakr'; training roles: baker, "),
+    (["baker", "baker"], r"'baker' is listed twice"),
+    ([], r"data.train_roles=\[\]: expected 'all' or a non-empty list"),
+    ("baker", r"data.train_roles='baker': expected 'all' or a non-empty list"),
+])  # fmt: skip
+def test_train_roles_errors_name_the_setting(roles, match):
+    with pytest.raises(ValueError, match=match):
+        load_demo_config(quick=True, data={"train_roles": roles})
 
 
 def test_fixed_work_whatever_the_machine_speed(demo_run):
@@ -71,7 +98,7 @@ def test_fixed_work_whatever_the_machine_speed(demo_run):
     _, r = demo_run
     quick = load_demo_config(quick=True)
     assert all(t["over_budget"] for t in r["timings"].values())
-    assert r["data"]["sample"]["done"] == r["data"]["sample"]["jobs"] == 160
+    assert r["data"]["sample"]["done"] == r["data"]["sample"]["jobs"] == 80
     for m in r["methods"].values():
         assert [c["step"] for c in m["selection_curve"]] == [2, 4]  # both stages of quick's 4 steps
         assert m["trained_steps"] == quick["train"]["steps"]

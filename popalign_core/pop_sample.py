@@ -321,8 +321,7 @@ def sample_population(
     settings = _run_settings(config, model_id, model_hash)
     own = {image_name(p, i) for p, i in keys}
     if dist.main:
-        claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="--out", signature=RUN_FILE)
-        clean_temporaries(out)
+        claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="--out", signature=RUN_FILE)  # + its temporaries
         (out / IMAGES).mkdir(parents=True, exist_ok=True)
         run_file = out / RUN_FILE
         if run_file.is_file():
@@ -347,10 +346,9 @@ def sample_population(
         state = {"rows": _read_rows(out / MANIFEST)[0], "dropped": {}}
     on_disk = {(r["prompt"], int(r["index"])) for r in state["rows"]}
     done_keys = on_disk & set(keys)
-    if (
-        on_disk - done_keys
-    ):  # images of earlier runs with other prompts: kept (a pool), but never counted as this run's
-        log(f"[sample] warning: {out} also holds {len(on_disk - done_keys)} image(s) of jobs this run does not have "
+    others = len(on_disk - done_keys)  # images of an earlier run with other prompts: kept, never counted as this run's
+    if others:
+        log(f"[sample] warning: {out} also holds {others} image(s) of jobs this run does not have "
             "(other prompts or indices of an earlier run); they stay in the manifest, and `data filter` / `data "
             "build` will use them: sample into a new folder to keep them out")  # fmt: skip
     pending = [j for j, k in zip(jobs, keys) if k not in done_keys]

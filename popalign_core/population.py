@@ -217,8 +217,7 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         if isinstance(v, str) and parse_number(v) is not None:
             config["sample"][key] = parse_number(v)
     jobs = population_jobs(res.rows, config["sample"].get("neutral_per_prompt"))
-    pop_rows = [{**j, "population": j.get("population", "winning" if j.get("identity") else "losing")} for j in jobs]
-    check_rows(pop_rows, clf, fcfg, "the augmented prompts")  # the filter's axes and classes, before any sampling
+    check_rows(jobs, clf, fcfg, "the augmented prompts")  # the filter's axes and classes, before any sampling
     budget = config["sample"].get("time_budget_s")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
         raise ValueError(f"sample.time_budget_s: expected a number > 0 (seconds) or none, got {budget!r}")

@@ -1008,8 +1008,7 @@ class Trainer:
                 if p.is_symlink():
                     raise ValueError(f"output_dir: {p} is a symbolic link; the trainer writes and deletes "
                                      "checkpoints there: use a real folder")  # fmt: skip
-            clean_temporaries(self.out)
-            clean_temporaries(self._ckpt_dir())
+            clean_temporaries(self._ckpt_dir())  # (the output folder's own: claim_output_dir)
             for p in self._ckpt_dir().glob(".tmp_step_*"):  # the temporaries of older versions
                 shutil.rmtree(p, ignore_errors=True)
         self.dist.barrier()

@@ -389,21 +389,26 @@ def _container_kind(tp: Any) -> type | None:
     return kind if kind in (list, tuple, dict) else None
 
 
+@functools.cache
+def _container_fields(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    kinds = {f.name: _container_kind(hints.get(f.name)) for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kinds.items() if v is not None}
+
+
 def check_containers(obj: Any) -> Any:
     """List, tuple and mapping fields of the dataclass instance `obj` must hold one: a text given where a list goes
     (``--unet-targets to_q`` or ``anchor_prompts: a portrait``) would otherwise be read character by character. A
     ValueError names the field and shows the YAML list syntax. Returns `obj`."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        kind = _container_kind(hints.get(f.name))
-        v = getattr(obj, f.name)
-        if kind is None or v is None:
+    for name, kind in _container_fields(type(obj)).items():
+        v = getattr(obj, name)
+        if v is None:
             continue
         if kind is dict and not isinstance(v, dict):
-            raise ValueError(f"{f.name}={v!r} is invalid: expected a mapping, e.g. {{name: value}} in YAML")
+            raise ValueError(f"{name}={v!r} is invalid: expected a mapping, e.g. {{name: value}} in YAML")
         if kind is not dict and not isinstance(v, list | tuple):
             example = f"[{v}]" if isinstance(v, str) and "," not in v else "[first, second]"
-            raise ValueError(f"{f.name}={v!r} is invalid: expected a list, written in YAML as {example}")
+            raise ValueError(f"{name}={v!r} is invalid: expected a list, written in YAML as {example}")
     return obj
 
 

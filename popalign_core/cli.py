@@ -4,6 +4,7 @@ popalign demo [...]              the demo on the embedded default (popalign_core
 popalign train --config F        LoRA / full fine-tuning with a loss of the zoo (popalign_core/train.py)
 popalign dal --config F          distributional alignment to a stated target (popalign_core/dal_train.py)
 popalign dal-toy [...]           the DAL acceptance run on the toy world (popalign_core/experiments/dal_toy.py)
+popalign efficacy run|report|list   the efficacy study: what limits held-out transfer (experiments/efficacy.py)
 popalign data augment|sample|filter|build|pipeline   population data (popalign_core/population.py)
 popalign audit [...]             bias audit of a model or an image folder; audit compare A B (popalign_core/audit.py)
 popalign losses [--json]         the loss zoo with each loss's default hyper-parameters
@@ -58,6 +59,7 @@ COMMANDS = {
     "train": ("popalign_core.train", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
     "dal": ("popalign_core.dal_train", "distributional alignment (DAL + adjusted DFT) to a stated target (--config)"),
     "dal-toy": ("popalign_core.experiments.dal_toy", "DAL acceptance run on the toy world (results.json)"),
+    "efficacy": ("popalign_core.experiments.efficacy", "efficacy study on the toy world: run | report | list"),
     "data": ("popalign_core.population", "population data: augment | sample | filter | build | pipeline"),
     "audit": ("popalign_core.audit", "bias audit of a model or an image folder (audit compare A B: before/after)"),
     "losses": (None, "list the loss zoo and its defaults"),

@@ -43,7 +43,7 @@ from .fileio import atomic_copy, atomic_path, atomic_write_text, claim_output_di
 from .userinput import ArgumentParser, command, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-METHODS = ("popalign", "popalign_anchor", "sft", "dpo")
+METHODS = ("popalign", "popalign_anchor", "sft", "dpo", "dal")
 
 
 def _outputs() -> dict:
@@ -57,6 +57,7 @@ def _outputs() -> dict:
         "report.md": None,
         "shares.png": None,
         "training.png": None,
+        "tradeoff.png": None,
         **{f"{m}_lora.safetensors": None for m in METHODS},
         "pipeline": {"pipeline.yaml": None, "run": PIPELINE_OUTPUTS},
         **{m: train_outputs(m) for m in METHODS},
@@ -72,13 +73,21 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     for k, v in (over or {}).items():
         if k not in out:
             raise ValueError(f"unknown demo config key {where + k!r}; valid keys: {', '.join(sorted(out))}")
-        if isinstance(out[k], dict) and k != "methods":
+        if isinstance(out[k], dict) and k != "methods" and not (k == "every_stage" and v is False):
             if not isinstance(v, dict):
                 raise ValueError(f"demo config key {where + k!r}: expected a mapping, got {type(v).__name__}")
             out[k] = _merge(out[k], v, f"{where}{k}.")
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+# `popalign train` settings the demo sets itself (the rest can be given per method as `options`)
+_DEMO_TRAIN_KEYS = frozenset({
+    "model", "data", "loss", "loss_params", "lr", "lora_rank", "batch_size", "seed", "steps", "checkpoint_every",
+    "keep_checkpoints", "progress", "lora_formats", "lora_name", "output_dir", "resume", "anchor_prompts",
+    "anchor_images_per_prompt", "anchor_guidance", "anchor_sampler_steps", "anchor_batch_size",
+})  # fmt: skip
 
 
 def _check_method(name: str, m: dict) -> None:
@@ -102,6 +111,55 @@ def _check_method(name: str, m: dict) -> None:
         loss_config(m["loss"], **params)
     except ValueError as e:
         raise ValueError(f"methods.{name}.loss_params: {e}") from None
+    opts = m.get("options") or {}
+    if not isinstance(opts, dict):
+        raise ValueError(f"methods.{name}.options: expected a mapping of `popalign train` settings, got {opts!r}")
+    from .train import TrainConfig
+
+    for k in opts:
+        if k in _DEMO_TRAIN_KEYS or k not in TrainConfig.__dataclass_fields__:
+            free = sorted(set(TrainConfig.__dataclass_fields__) - _DEMO_TRAIN_KEYS)
+            raise ValueError(f"methods.{name}.options: {k!r} is not a `popalign train` setting the demo leaves open; "
+                             f"valid: {', '.join(free)}")  # fmt: skip
+
+
+# `popalign dal` settings the demo sets itself for the `dal` method (the rest can be given as `options`)
+_DEMO_DAL_KEYS = frozenset({
+    "model", "prompts", "prompts_file", "target", "prompt_targets", "classifier", "classifier_options", "lr",
+    "lora_rank", "seed", "steps", "checkpoint_every", "keep_checkpoints", "progress", "lora_formats", "lora_name",
+    "output_dir", "resume",
+})  # fmt: skip
+
+
+def _check_dal_method(name: str, m: dict) -> None:
+    """The `dal` method: distributional alignment (`popalign dal`) of the training roles' neutral prompts towards
+    the uniform target on every axis, its identity-specific prompts kept to their named class (`prompt_targets`)."""
+    from .dal_train import DALConfig
+    from .userinput import parse_number
+
+    if name != "dal" or m["loss"] != "dal" or m["data"] != "prompts":
+        raise ValueError(
+            f"methods.{name}: distributional alignment is the method `dal` with loss: dal and "
+            "data: prompts (it trains on the training roles' prompts, not on preference data)"
+        )
+    lr = parse_number(m["lr"]) if isinstance(m["lr"], str) else m["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+        raise ValueError(f"methods.{name}.lr={m['lr']!r} is invalid: must be a finite number > 0")
+    m["lr"] = float(lr)
+    st = m.get("steps", 1)
+    if isinstance(st, bool) or not isinstance(st, int) or st < 1:
+        raise ValueError(f"methods.{name}.steps={st!r} is invalid: must be an integer >= 1")
+    opts = m.get("options") or {}
+    if not isinstance(opts, dict):
+        raise ValueError(f"methods.{name}.options: expected a mapping of `popalign dal` settings, got {opts!r}")
+    for k in opts:
+        if k in _DEMO_DAL_KEYS or k not in DALConfig.__dataclass_fields__:
+            free = sorted(set(DALConfig.__dataclass_fields__) - _DEMO_DAL_KEYS)
+            raise ValueError(f"methods.{name}.options: {k!r} is not a `popalign dal` setting the demo leaves open; "
+                             f"valid: {', '.join(free)}")  # fmt: skip
+    extra = set(m) - {"loss", "data", "lr", "steps", "options"}
+    if extra:
+        raise ValueError(f"methods.{name}: unknown key {sorted(extra)[0]!r}; valid: loss, data, lr, steps, options")
 
 
 def load_demo_config(path: str | Path | None = None, quick: bool = False, **overrides) -> dict:
@@ -109,8 +167,11 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
     and are all validated), then `overrides`."""
     cfg = read_yaml(DEFAULT_CONFIG, "packaged demo config")
     quick_over = cfg.pop("quick")
+    quick_dal = quick_over.pop("dal")
     if quick:
         cfg = _merge(cfg, quick_over)
+        dal = cfg["methods"]["dal"]
+        dal.update(steps=quick_dal["steps"], options={**dal.get("options", {}), **quick_dal["options"]})
     if path is not None:
         cfg = _merge(cfg, read_yaml(path, "demo config"))
     cfg = _merge(cfg, overrides)
@@ -120,6 +181,9 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
         for key in ("loss", "data", "lr"):
             if key not in m:
                 raise ValueError(f"methods.{name}: {key!r} is required")
+        if name == "dal" or m["loss"] == "dal":
+            _check_dal_method(name, m)
+            continue
         if m["data"] not in ("population", "pairwise"):
             raise ValueError(f"methods.{name}.data must be 'population' or 'pairwise'; got {m['data']!r}")
         _check_method(name, m)
@@ -133,6 +197,14 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
             v = cfg[sec][k]
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{sec}.{k}: expected an int >= 1, got {v!r}")
+    every = cfg["eval"].get("every_stage")
+    if every is not False:
+        if not isinstance(every, dict) or set(every) != {"n_per_role", "n_per_identity", "n_per_concept"}:
+            raise ValueError(f"eval.every_stage={every!r}: expected false or a mapping with n_per_role, "
+                             "n_per_identity and n_per_concept")  # fmt: skip
+        for k, v in every.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"eval.every_stage.{k}: expected an int >= 1, got {v!r}")
     if cfg["train"]["steps"] < cfg["select"]["stages"]:
         raise ValueError("train.steps must be >= select.stages (each stage trains at least one step)")
     train_roles(cfg)
@@ -390,12 +462,9 @@ def anchor_prompts(cfg: dict) -> list[str]:
 def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, base_val: dict, log) -> dict:
     """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best. Every
     stage runs whatever the machine's speed (fixed work: the same numbers everywhere for the same seed)."""
-    from .lora_io import load_lora
-    from .models import load_model
     from .train import load_config, train
 
     m, tr = cfg["methods"][name], cfg["train"]
-    stages = cfg["select"]["stages"]
     total = tr["steps"]
     params = dict(m.get("loss_params") or {})
     common = {
@@ -413,16 +482,75 @@ def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, ba
         "lora_formats": ["kohya"],
         "lora_name": name,
         "output_dir": str(out),
+        **(m.get("options") or {}),
     }
     if float(params.get("anchor_weight", 0)) > 0:
         common.update(anchor_prompts=anchor_prompts(cfg), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
                       anchor_guidance=float(cfg["anchor"]["guidance"]), anchor_sampler_steps=cfg["eval"]["steps"],
                       anchor_batch_size=max(1, int(common["batch_size"]) // 2))  # fmt: skip
+
+    def train_to(steps: int) -> None:
+        train(load_config(**common, steps=steps), log=lambda msg: None)
+
+    return _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common)
+
+
+def dal_prompt_targets(cfg: dict) -> dict[str, dict[str, list[float]]]:
+    """Identity-specific prompts of the training roles (every class of every axis) with a one-hot target on the
+    named axis: distributional alignment aligns "a baker" and keeps "a round baker" round (`DALConfig.prompt_targets`,
+    as `popalign dal-toy`'s `identity_prompts: all`)."""
+    from .toyworld.world import TOY_AXES, caption
+
+    return {caption(r, {a: c}): {a: [1.0 if k == j else 0.0 for k in range(len(cs))]}
+            for r in train_roles(cfg) for a, cs in TOY_AXES.items() for j, c in enumerate(cs)}  # fmt: skip
+
+
+def train_dal_method(name: str, cfg: dict, out: Path, select_clf, base_val: dict, log) -> dict:
+    """The `dal` method: `popalign dal` on the training roles' neutral prompts towards the uniform target on every
+    axis (the demo's target), judged during training by the toy *training* classifier, in `select.stages` stages
+    (resuming) scored and chosen like the other methods (`choose_stage`)."""
+    from .dal_train import load_dal_config, run_dal
+    from .toyworld.world import TOY_AXES, caption
+
+    m = cfg["methods"][name]
+    total = int(m.get("steps", cfg["train"]["steps"]))
+    common = {
+        "model": "toyworld",
+        "prompts": [caption(r) for r in train_roles(cfg)],
+        "prompt_targets": dal_prompt_targets(cfg),
+        "target": {a: [1 / len(cs)] * len(cs) for a, cs in TOY_AXES.items()},
+        "classifier": "toy",
+        "classifier_options": {"which": "train"},
+        "lr": float(m["lr"]),
+        "lora_rank": cfg["train"]["lora_rank"],
+        "seed": cfg["seed"],
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "progress": False,
+        "lora_formats": ["kohya"],
+        "lora_name": name,
+        "output_dir": str(out),
+        **(m.get("options") or {}),
+    }
+
+    def train_to(steps: int) -> None:
+        run_dal(load_dal_config(None, **common, steps=steps), log=lambda msg: None)
+
+    return _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common)
+
+
+def _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common) -> dict:
+    """Train `name` to `total` steps in `select.stages` stages (`train_to(steps)` resumes), score each stage's LoRA
+    on the training roles and the validation prompts (training classifier), keep the best (`choose_stage`)."""
+    from .lora_io import load_lora
+    from .models import load_model
+
+    stages = cfg["select"]["stages"]
     curve, t_train, t_select = [], 0.0, 0.0
     for k in range(1, stages + 1):
         steps = max(1, round(total * k / stages))
         t = time.time()
-        train(load_config(**common, steps=steps), log=lambda msg: None)
+        train_to(steps)
         t_train += time.time() - t
         lora = out / f"{name}_step{steps:05d}.safetensors"
         atomic_copy(out / f"{name}.safetensors", lora)
@@ -497,6 +625,30 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
         fig.savefig(tmp, format="png")
     plt.close(fig)
     files["training"] = "training.png"
+
+    # trade-off: held-out reduction against held-out identity recall at every audited stage (for the reader; the
+    # kept stage, chosen on training roles, is circled)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=90)
+    for k, (nm, m) in enumerate(results["methods"].items()):
+        st = sorted(m["held_out_per_stage"].items(), key=lambda kv: int(kv[0]))
+        x = [v["identity_recall"] for _, v in st]
+        y = [100 * v["reduction"] for _, v in st]
+        ax.plot(x, y, marker="o", color=f"C{k}", label=nm)
+        for (step, _), xi, yi in zip(st, x, y):
+            ax.annotate(step, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if int(step) == m["selected_step"]:
+                ax.scatter([xi], [yi], s=160, facecolors="none", edgecolors=f"C{k}", linewidths=1.5)
+    ax.axvline(0.95, ls="--", c="grey", lw=0.8)
+    ax.axhline(56, ls=":", c="grey", lw=0.8)
+    ax.set_xlabel("held-out identity recall")
+    ax.set_ylabel("held-out discrepancy reduction (%)")
+    ax.set_title("trade-off at every stage (labels: step; circled: kept, chosen on training roles)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "tradeoff.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    files["tradeoff"] = "tradeoff.png"
     return files
 
 
@@ -598,18 +750,33 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     trained: dict[str, dict] = {}
     t_sel0 = time.time() - t
     for name in cfg["methods"]:
-        trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, base_val, log)
+        if name == "dal":
+            trained[name] = train_dal_method(name, cfg, out / name, select_clf, base_val, log)
+        else:
+            trained[name] = train_method(name, cfg, data_dir, out / name, select_clf, base_val, log)
     timings["train"] = sum(v["train_seconds"] for v in trained.values())
     timings["select"] = t_sel0 + sum(v["select_seconds"] for v in trained.values())
 
     t = time.time()
-    for name, tr in trained.items():
-        model = load_model("toyworld")
-        from .lora_io import load_lora
+    from .lora_io import load_lora
 
-        load_lora(model, out / name / tr["best"]["lora"])
+    stage_evals: dict[str, dict[int, dict]] = {}
+    for name, tr in trained.items():
+        # the chosen stage, and with eval.every_stage every other stage too (for the reader's trade-off plot only)
+        every = cfg["eval"]["every_stage"]
+        stages = tr["curve"] if every else [tr["best"]]
+        stage_evals[name] = {}
+        for st in stages:
+            kept = st["step"] == tr["best"]["step"]
+            model = load_model("toyworld")
+            load_lora(model, out / name / st["lora"])
+            e = evaluate(model, cfg if kept else {**cfg, "eval": {**cfg["eval"], **every}}, seed, eval_clf)
+            n = cfg["eval"]["n_per_role"] if kept else every["n_per_role"]
+            stage_evals[name][st["step"]] = {"discrepancy": e["bias"]["mean"], "identity_recall": e["identity_recall"],
+                                             "concept_accuracy": e["concept_accuracy"], "n_per_role": n}  # fmt: skip
+            if kept:
+                evals[name] = e
         atomic_copy(out / name / tr["best"]["lora"], out / f"{name}_lora.safetensors")
-        evals[name] = evaluate(model, cfg, seed, eval_clf)
         log(f"[demo] {name} (step {tr['best']['step']}): held-out discrepancy {evals[name]['bias']['mean']:.3f}")
     timings["audit_after"] = time.time() - t
 
@@ -640,7 +807,10 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
             "selection_curve": tr["curve"],
             "selection_rule": tr["why"],
             "lora": f"{name}_lora.safetensors",
-            "train_config": {k: v for k, v in tr["config"].items() if k != "anchor_prompts"},
+            "train_config": {k: v for k, v in tr["config"].items() if k not in ("anchor_prompts", "prompt_targets")},
+            "held_out_per_stage": {
+                str(k): v | {"reduction": 1.0 - v["discrepancy"] / before} for k, v in stage_evals[name].items()
+            },  # fmt: skip
             "per_role_after": e["bias"]["per_role"],
         }
     pop = res_methods.get("popalign")

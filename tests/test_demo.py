@@ -32,10 +32,10 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_every_output(demo_run):
     out, r = demo_run
-    for name in ("results.json", "report.md", "shares.png", "training.png", "demo_config.yaml",
+    for name in ("results.json", "report.md", "shares.png", "training.png", "tradeoff.png", "demo_config.yaml",
                  "pipeline/pipeline.yaml", "pipeline/run/data/population.jsonl", "pipeline/run/data/pairwise.jsonl",
                  "popalign_lora.safetensors", "sft_lora.safetensors", "dpo_lora.safetensors",
-                 "popalign_anchor_lora.safetensors"):  # fmt: skip
+                 "popalign_anchor_lora.safetensors", "dal_lora.safetensors"):  # fmt: skip
         assert (out / name).exists(), name
     assert json.loads((out / "results.json").read_text())["methods"].keys() == r["methods"].keys()
     report = (out / "report.md").read_text()
@@ -44,7 +44,7 @@ def test_demo_writes_every_output(demo_run):
 
 def test_results_fields_and_consistency(demo_run):
     _, r = demo_run
-    assert set(r["methods"]) == {"popalign", "popalign_anchor", "sft", "dpo"}
+    assert set(r["methods"]) == {"popalign", "popalign_anchor", "sft", "dpo", "dal"}
     assert r["held_out_roles"] == ["judge", "smith", "ranger", "tailor"] and r["n_per_role"] == 16
     for m in r["methods"].values():
         assert m["discrepancy_before"] == r["base"]["discrepancy"]
@@ -64,6 +64,19 @@ def test_results_fields_and_consistency(demo_run):
             m["discrepancy_after"]
         )
     assert r["methods"]["dpo"]["train_config"]["data"].endswith("pairwise.jsonl")
+    # every stage audited on the held-out roles (the trade-off plot): the kept one at the full sizes
+    quick = load_demo_config(quick=True)
+    for m in r["methods"].values():
+        per = m["held_out_per_stage"]
+        assert list(per) == [str(c["step"]) for c in m["selection_curve"]]
+        kept = per[str(m["selected_step"])]
+        assert kept["discrepancy"] == m["discrepancy_after"] and kept["n_per_role"] == quick["eval"]["n_per_role"]
+        assert kept["reduction"] == pytest.approx(m["reduction"])
+        others = [v for k, v in per.items() if k != str(m["selected_step"])]
+        assert all(v["n_per_role"] == quick["eval"]["every_stage"]["n_per_role"] for v in others)
+    dal = r["methods"]["dal"]["train_config"]
+    assert dal["target"] == {"form": [0.5, 0.5], "hue": [0.25] * 4, "stature": [0.5, 0.5]}
+    assert dal["prompts"] == [f"a photo of a {role}" for role in SUBSET] and dal["train"] == "both"
     assert r["methods"]["popalign_anchor"]["train_config"]["loss_params"]["anchor_weight"] > 0
     assert set(r["timings"]) == {"audit_before", "data", "train", "select", "audit_after", "report", "total"}
     assert r["data"]["filter"]["images"] == 80  # 5 training roles x (8 augmented + 8 neutral)
@@ -99,9 +112,10 @@ def test_fixed_work_whatever_the_machine_speed(demo_run):
     quick = load_demo_config(quick=True)
     assert all(t["over_budget"] for t in r["timings"].values())
     assert r["data"]["sample"]["done"] == r["data"]["sample"]["jobs"] == 80
-    for m in r["methods"].values():
-        assert [c["step"] for c in m["selection_curve"]] == [2, 4]  # both stages of quick's 4 steps
-        assert m["trained_steps"] == quick["train"]["steps"]
+    for name, m in r["methods"].items():
+        steps = quick["methods"]["dal"]["steps"] if name == "dal" else quick["train"]["steps"]
+        assert [c["step"] for c in m["selection_curve"]] == [steps // 2, steps]  # both stages
+        assert m["trained_steps"] == steps
 
 
 def test_discrepancy_and_floor_by_hand():
@@ -133,8 +147,23 @@ def test_demo_config_errors(tmp_path):
     bad.write_text("train: {steps: 0}\n")
     with pytest.raises(ValueError, match="train.steps: expected an int >= 1"):
         load_demo_config(bad)
+    bad.write_text("eval: {every_stage: {n_per_role: 0, n_per_identity: 1, n_per_concept: 1}}\n")
+    with pytest.raises(ValueError, match="eval.every_stage.n_per_role: expected an int >= 1"):
+        load_demo_config(bad)
+    bad.write_text("eval: {every_stage: false}\n")
+    assert load_demo_config(bad)["eval"]["every_stage"] is False
+    dal = {"loss": "dal", "data": "prompts", "lr": 1e-3}
+    for m, match in (({**dal, "data": "population"}, "distributional alignment is the method `dal` with loss: dal"),
+                     ({**dal, "options": {"target": {}}}, "'target' is not a `popalign dal` setting the demo leaves"),
+                     ({**dal, "steps": 0}, r"methods.dal.steps=0 is invalid"),
+                     ({**dal, "beta": 1}, "methods.dal: unknown key 'beta'")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            load_demo_config(methods={"dal": m})
+    with pytest.raises(ValueError, match="methods.popalign: distributional alignment is the method `dal`"):
+        load_demo_config(methods={"popalign": dal})
     cfg = load_demo_config()
-    assert cfg["budgets"]["total"] <= 900 and cfg["eval"]["n_per_role"] >= 200
+    assert cfg["budgets"]["total"] <= 1200 and cfg["eval"]["n_per_role"] >= 200
+    assert load_demo_config(quick=True)["methods"]["dal"]["options"]["train"] == "both"  # quick sizes merged
 
 
 def test_demo_cli_refuses_a_non_empty_output_and_unknown_methods(demo_run, capsys):

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     # identity-specific training prompts that keep their identity (DALConfig.prompt_targets): "none", or "all" (every
     # training role x every class of every target axis, e.g. "a photo of a round baker" -> form 100% round)
     "identity_prompts": "all",
+    # the training roles whose prompts DAL trains on: "all" (the 10 training roles) or a list of them
+    "train_roles": "all",
     "eval": {
         "n_per_role": 200,
         "n_per_identity": 4,
@@ -117,11 +119,11 @@ def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, li
 
 def run(out: str | Path, config: dict | None = None, log=print) -> dict:
     from ..dal_train import load_dal_config, run_dal
-    from ..demo import evaluate
+    from ..demo import evaluate, train_roles
     from ..fileio import atomic_write_text, claim_output_dir
     from ..models import load_model
     from ..toyworld.classifier import ToyClassifier
-    from ..toyworld.world import TRAIN_ROLES, caption
+    from ..toyworld.world import caption
 
     cfg = config or DEFAULTS
     out = Path(out)
@@ -139,15 +141,16 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
     target = cfg["dal"].get("target")
     if not isinstance(target, dict) or not target or any(a not in TOY_AXES for a in target):
         raise ValueError(f"dal.target={target!r}: expected a mapping over the toy axes {', '.join(TOY_AXES)}")
+    roles = train_roles({"data": {"train_roles": cfg.get("train_roles", "all")}})
     pt = {}
     if cfg.get("identity_prompts", "none") == "all":
-        for r in TRAIN_ROLES:
+        for r in roles:
             for a in target:
                 for j, c in enumerate(TOY_AXES[a]):
                     pt[caption(r, {a: c})] = {a: [1.0 if k == j else 0.0 for k in range(len(TOY_AXES[a]))]}
     elif cfg.get("identity_prompts", "none") != "none":
         raise ValueError(f"identity_prompts={cfg['identity_prompts']!r}: valid values: none, all")
-    dcfg = load_dal_config(None, model="toyworld", prompts=[caption(r) for r in TRAIN_ROLES], seed=cfg["seed"],
+    dcfg = load_dal_config(None, model="toyworld", prompts=[caption(r) for r in roles], seed=cfg["seed"],
                            prompt_targets=pt,
                            output_dir=str(out / "dal"), progress=False, lora_formats=["kohya"],
                            **cfg["dal"])  # fmt: skip
@@ -213,6 +216,7 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
             "dal": dcfg.to_dict(),
             "seed": cfg["seed"],
             "identity_prompts": cfg.get("identity_prompts", "none"),
+            "train_roles": list(roles),
         },
         "seconds": {**{k: round(v, 1) for k, v in times.items()}, "total": round(time.time() - t0, 1)},
     }

@@ -1,0 +1,122 @@
+"""The efficacy study (popalign_core.experiments.efficacy): every row's config, row identity, a --quick row end to
+end with its report, and the settings it relies on (demo method options, dal-toy training roles)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from popalign_core.demo import load_demo_config, train_roles
+from popalign_core.experiments import dal_toy
+from popalign_core.experiments import efficacy as E
+from popalign_core.toyworld.world import HELD_OUT_ROLES, TRAIN_ROLES
+
+ROWS = [(study, label, o) for study, spec in E.STUDIES.items() for label, o in spec]
+
+
+@pytest.mark.parametrize(("study", "label", "overrides"), ROWS, ids=[f"{s}:{lab}" for s, lab, _ in ROWS])
+def test_every_row_is_a_valid_demo_config_with_one_popalign_method(study, label, overrides):
+    cfg = E.row_config(overrides)
+    assert list(cfg["methods"]) == ["popalign"] and cfg["methods"]["popalign"]["loss"] == "popalign"
+    assert not set(train_roles(cfg)) & set(HELD_OUT_ROLES)
+
+
+def test_default_rows_are_one_run():
+    """The demo's default setting appears in four studies; it is one row on disk (the key spells out the roles)."""
+    keys = {
+        E.row_key(E.row_config(o))
+        for s, lab, o in ROWS
+        if lab in ("10 roles", "32 + 32 images per role", "UNet attention", "beta 200, lr 3e-3")
+    }
+    assert len(keys) == 1
+    assert len({E.row_key(E.row_config(o)) for *_, o in ROWS}) == len(ROWS) - 3
+    # the roles factor adds roles in ROLE_ORDER, a permutation of the training roles
+    assert sorted(E.ROLE_ORDER) == sorted(TRAIN_ROLES)
+    assert [len(train_roles(E.row_config(o))) for _, o in E.STUDIES["roles"]] == [2, 4, 7, 10]
+
+
+@pytest.mark.parametrize(("study", "match"), [("rolez", "unknown study rolez"), (",", "unknown study \\(none\\)"),
+                                              ("roles,bogus", "unknown study bogus")])  # fmt: skip
+def test_study_names_errors(study, match):
+    with pytest.raises(ValueError, match=match):
+        E.study_names(study)
+    assert E.study_names("all") == list(E.STUDIES) and E.study_names("roles, dal") == ["roles", "dal"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"steps": 5}, "'steps' is not a `popalign train` setting the demo leaves open"),
+     ({"train_txt_encoder": True}, "'train_txt_encoder' is not a `popalign train` setting"),
+     ("text", "expected a mapping")],
+)  # fmt: skip
+def test_demo_method_options_are_checked(options, match):
+    m = {"loss": "popalign", "data": "population", "lr": 1e-3, "options": options}
+    with pytest.raises(ValueError, match=f"methods.popalign.options: .*{match}"):
+        load_demo_config(methods={"popalign": m})
+    m["options"] = {"train_text_encoder": True, "train_unet": False}
+    assert load_demo_config(methods={"popalign": m})["methods"]["popalign"]["options"]["train_unet"] is False
+
+
+def test_dal_toy_train_roles_are_checked(tmp_path):
+    for roles, match in ((["judge"], "'judge' is a held-out role"), (["bakr"], "unknown role 'bakr'")):
+        cfg = dal_toy._merge(dal_toy._merge(dal_toy.DEFAULTS, dal_toy.QUICK), {"train_roles": roles})
+        with pytest.raises(ValueError, match=match):
+            dal_toy.run(tmp_path / "d", cfg, log=lambda m: None)
+    assert not (tmp_path / "d").exists()  # refused before any work
+
+
+def test_quick_row_end_to_end_and_report(tmp_path):
+    """One row at the demo's smoke sizes (numbers meaningless): every field, the reuse of a row on disk, the report."""
+    out, doc = tmp_path / "eff", tmp_path / "doc"
+    label, o = E.STUDIES["roles"][0]
+    r = E.run_row("roles", label, o, out, log=lambda m: None, quick=True)
+    cfg = E.row_config(o, quick=True)
+    assert r["key"] == E.row_key(cfg) and (out / "rows" / f"{r['key']}.json").is_file()
+    assert r["train_roles"] == list(E.ROLE_ORDER[:2]) and r["n_train_roles"] == 2 and r["quick"]
+    h, i = r["held_out"], r["in_distribution"]
+    assert h["reduction"] == pytest.approx(1 - h["after"] / h["before"])
+    assert i["reduction"] == pytest.approx(1 - i["after"] / i["before"])
+    assert len(h["reduction_ci"]) == 2 and len(i["reduction_ci"]) == 2 and 0 <= h["identity_recall"] <= 1
+    curve = r["selection"]["curve"]
+    assert [c["step"] for c in curve] == [2, 4] and r["selection"]["chosen_step"] in (2, 4)
+    assert list(r["stages_held_out"]) == [str(r["selection"]["chosen_step"])]  # only the kept stage (not `steps`)
+    assert r["data"]["build"]["sets"] >= 1
+    # a row on disk is read back, not run again
+    again = E.run_row("roles", label, o, out, log=lambda m: None, quick=True)
+    assert again == json.loads(json.dumps(r, default=float))
+    md = E.report(out, doc)
+    assert "### roles" in md and "| 2 roles |" in md and "| 4 roles | not run |" in md
+    assert (doc / "scaling.png").is_file() and (doc / "tables.md").read_text().strip() == md.strip()
+    assert json.loads((doc / "rows.json").read_text())[r["key"]]["label"] == "2 roles"
+
+
+def test_quick_dal_row_with_in_distribution_errors(tmp_path):
+    label, o = E.DAL_STUDY[1]
+    row = E.run_dal_row(label, o, tmp_path, log=lambda m: None, quick=True)
+    assert row["results"]["settings"]["train_roles"] == list(E.ROLE_ORDER[:3])
+    ind = row["in_distribution"]
+    assert set(ind["before"]) == set(ind["after"]) == {"form", "stature"}
+    assert all(0 <= v <= 1 for v in [*ind["before"].values(), *ind["after"].values()])
+    md = E.report(tmp_path, tmp_path / "doc")
+    assert "### dal" in md and f"| {label} |" in md
+
+
+def test_code_span_of_nested_role_subsets():
+    """Nested training subsets span more: the outside fraction can only fall as roles are added (a projection onto
+    a larger subspace), and each fraction is in [0, 1]."""
+    import numpy as np
+
+    from popalign_core.models import load_model
+
+    model = load_model("toyworld")
+    d = E.code_span(model)
+    assert -1 <= d["mean_pairwise_cosine"] <= 1
+    ks = sorted(d["outside_span"])
+    assert ks == [2, 4, 7, 10]
+    for role in HELD_OUT_ROLES:
+        vals = [d["outside_span"][k]["per_role"][role] for k in ks]
+        assert all(0 <= v <= 1 for v in vals) and all(a >= b - 1e-6 for a, b in zip(vals, vals[1:]))
+    # one code per caption: the same caption gives the same code
+    codes = E.role_codes(model, ["baker", "baker"])
+    assert codes.shape[0] == 2 and np.allclose(codes[0], codes[1])

@@ -407,6 +407,16 @@ class DALTrainer(Trainer):
         self.face = _FaceModel(clf)
         self.target = build_target(cfg.target, self.face.axes)
         self.t_axes = [a.name for a in self.target.axes]
+        if cfg.ot_method == "exact":  # refused now, not after the first sampled batch
+            from .ot import check_exact_size
+
+            try:
+                check_exact_size(cfg.images_per_prompt, len(self.target.probs))
+            except ValueError as exc:
+                raise ValueError(
+                    f"ot_method='exact' with images_per_prompt={cfg.images_per_prompt} and the "
+                    f"target's {len(self.target.probs)} joint classes: {exc}"
+                ) from None
         if "joint" in cfg.target and cfg.prompt_targets:
             raise ValueError("prompt_targets: only with a per-axis `target` (not a joint one)")
         self.prompt_target = {}

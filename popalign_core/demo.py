@@ -90,17 +90,34 @@ _DEMO_TRAIN_KEYS = frozenset({
 })  # fmt: skip
 
 
-def _check_method(name: str, m: dict) -> None:
-    """A method's loss, learning rate, batch size and loss hyper-parameters, checked before any work."""
-    from .losses import LOSSES, loss_config
+def _check_lr(name: str, m: dict) -> None:
     from .userinput import parse_number
 
-    if m["loss"] not in LOSSES:
-        raise ValueError(f"methods.{name}.loss={m['loss']!r} is not a known loss; valid values: {', '.join(LOSSES)}")
     lr = parse_number(m["lr"]) if isinstance(m["lr"], str) else m["lr"]
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
         raise ValueError(f"methods.{name}.lr={m['lr']!r} is invalid: must be a finite number > 0")
     m["lr"] = float(lr)
+
+
+def _check_options(name: str, m: dict, config_cls, taken: frozenset, command: str) -> None:
+    """`methods.<name>.options`: settings of `command`'s config (`config_cls`) that the demo does not set itself."""
+    opts = m.get("options") or {}
+    if not isinstance(opts, dict):
+        raise ValueError(f"methods.{name}.options: expected a mapping of `{command}` settings, got {opts!r}")
+    for k in opts:
+        if k in taken or k not in config_cls.__dataclass_fields__:
+            free = sorted(set(config_cls.__dataclass_fields__) - taken)
+            raise ValueError(f"methods.{name}.options: {k!r} is not a `{command}` setting the demo leaves open; "
+                             f"valid: {', '.join(free)}")  # fmt: skip
+
+
+def _check_method(name: str, m: dict) -> None:
+    """A method's loss, learning rate, batch size and loss hyper-parameters, checked before any work."""
+    from .losses import LOSSES, loss_config
+
+    if m["loss"] not in LOSSES:
+        raise ValueError(f"methods.{name}.loss={m['loss']!r} is not a known loss; valid values: {', '.join(LOSSES)}")
+    _check_lr(name, m)
     bs = m.get("batch_size", 1)
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"methods.{name}.batch_size={bs!r} is invalid: must be an integer >= 1")
@@ -111,16 +128,9 @@ def _check_method(name: str, m: dict) -> None:
         loss_config(m["loss"], **params)
     except ValueError as e:
         raise ValueError(f"methods.{name}.loss_params: {e}") from None
-    opts = m.get("options") or {}
-    if not isinstance(opts, dict):
-        raise ValueError(f"methods.{name}.options: expected a mapping of `popalign train` settings, got {opts!r}")
     from .train import TrainConfig
 
-    for k in opts:
-        if k in _DEMO_TRAIN_KEYS or k not in TrainConfig.__dataclass_fields__:
-            free = sorted(set(TrainConfig.__dataclass_fields__) - _DEMO_TRAIN_KEYS)
-            raise ValueError(f"methods.{name}.options: {k!r} is not a `popalign train` setting the demo leaves open; "
-                             f"valid: {', '.join(free)}")  # fmt: skip
+    _check_options(name, m, TrainConfig, _DEMO_TRAIN_KEYS, "popalign train")
 
 
 # `popalign dal` settings the demo sets itself for the `dal` method (the rest can be given as `options`)
@@ -135,31 +145,32 @@ def _check_dal_method(name: str, m: dict) -> None:
     """The `dal` method: distributional alignment (`popalign dal`) of the training roles' neutral prompts towards
     the uniform target on every axis, its identity-specific prompts kept to their named class (`prompt_targets`)."""
     from .dal_train import DALConfig
-    from .userinput import parse_number
 
     if name != "dal" or m["loss"] != "dal" or m["data"] != "prompts":
         raise ValueError(
             f"methods.{name}: distributional alignment is the method `dal` with loss: dal and "
             "data: prompts (it trains on the training roles' prompts, not on preference data)"
         )
-    lr = parse_number(m["lr"]) if isinstance(m["lr"], str) else m["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
-        raise ValueError(f"methods.{name}.lr={m['lr']!r} is invalid: must be a finite number > 0")
-    m["lr"] = float(lr)
+    _check_lr(name, m)
     st = m.get("steps", 1)
     if isinstance(st, bool) or not isinstance(st, int) or st < 1:
         raise ValueError(f"methods.{name}.steps={st!r} is invalid: must be an integer >= 1")
-    opts = m.get("options") or {}
-    if not isinstance(opts, dict):
-        raise ValueError(f"methods.{name}.options: expected a mapping of `popalign dal` settings, got {opts!r}")
-    for k in opts:
-        if k in _DEMO_DAL_KEYS or k not in DALConfig.__dataclass_fields__:
-            free = sorted(set(DALConfig.__dataclass_fields__) - _DEMO_DAL_KEYS)
-            raise ValueError(f"methods.{name}.options: {k!r} is not a `popalign dal` setting the demo leaves open; "
-                             f"valid: {', '.join(free)}")  # fmt: skip
     extra = set(m) - {"loss", "data", "lr", "steps", "options"}
     if extra:
         raise ValueError(f"methods.{name}: unknown key {sorted(extra)[0]!r}; valid: loss, data, lr, steps, options")
+    _check_options(name, m, DALConfig, _DEMO_DAL_KEYS, "popalign dal")
+    opts = m.get("options") or {}
+    if opts.get("ot_method", DALConfig.__dataclass_fields__["ot_method"].default) == "exact":
+        import math
+
+        from .ot import check_exact_size
+        from .toyworld.world import TOY_AXES
+
+        n = opts.get("images_per_prompt", DALConfig.__dataclass_fields__["images_per_prompt"].default)
+        try:  # the demo's target is uniform on every toy axis: their joint classes
+            check_exact_size(n, math.prod(len(c) for c in TOY_AXES.values()))
+        except ValueError as exc:
+            raise ValueError(f"methods.{name}.options: {exc}") from None
 
 
 def load_demo_config(path: str | Path | None = None, quick: bool = False, **overrides) -> dict:
@@ -475,14 +486,7 @@ def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, ba
         "lr": float(m["lr"]),
         "lora_rank": tr["lora_rank"],
         "batch_size": int(m.get("batch_size", tr["batch_size"])),
-        "seed": cfg["seed"],
-        "checkpoint_every": 0,
-        "keep_checkpoints": 1,
-        "progress": False,
-        "lora_formats": ["kohya"],
-        "lora_name": name,
-        "output_dir": str(out),
-        **(m.get("options") or {}),
+        **_run_settings(name, cfg, out),
     }
     if float(params.get("anchor_weight", 0)) > 0:
         common.update(anchor_prompts=anchor_prompts(cfg), anchor_images_per_prompt=cfg["anchor"]["images_per_prompt"],
@@ -493,6 +497,14 @@ def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, ba
         train(load_config(**common, steps=steps), log=lambda msg: None)
 
     return _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common)
+
+
+def _run_settings(name: str, cfg: dict, out: Path) -> dict:
+    """The settings every method's run shares: seed, one resumable state per stage call, the kohya LoRA named after
+    the method in its own folder, then the method's `options`."""
+    return {"seed": cfg["seed"], "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False,
+            "lora_formats": ["kohya"], "lora_name": name, "output_dir": str(out),
+            **(cfg["methods"][name].get("options") or {})}  # fmt: skip
 
 
 def dal_prompt_targets(cfg: dict) -> dict[str, dict[str, list[float]]]:
@@ -523,14 +535,7 @@ def train_dal_method(name: str, cfg: dict, out: Path, select_clf, base_val: dict
         "classifier_options": {"which": "train"},
         "lr": float(m["lr"]),
         "lora_rank": cfg["train"]["lora_rank"],
-        "seed": cfg["seed"],
-        "checkpoint_every": 0,
-        "keep_checkpoints": 1,
-        "progress": False,
-        "lora_formats": ["kohya"],
-        "lora_name": name,
-        "output_dir": str(out),
-        **(m.get("options") or {}),
+        **_run_settings(name, cfg, out),
     }
 
     def train_to(steps: int) -> None:
@@ -571,6 +576,17 @@ def _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common) 
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _save(fig, path: Path) -> str:
+    """Lay out, write atomically and close a figure; returns the file's name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path.name
+
+
 def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, str]:
     import matplotlib
 
@@ -596,11 +612,7 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
             ax.set_title(f"{role} / {axis}", fontsize=9)
     axes[0, -1].legend(fontsize=7, loc="upper right")
     fig.suptitle("held-out roles: class shares (evaluation classifier); dashed = target")
-    fig.tight_layout()
-    with atomic_path(out / "shares.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    files["shares"] = "shares.png"
+    files["shares"] = _save(fig, out / "shares.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5), dpi=90)
     for nm, tr in trained.items():
@@ -620,11 +632,7 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     a2.set_ylabel("mean discrepancy")
     a2.set_title("checkpoint selection: training roles (training classifier)")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out / "training.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    files["training"] = "training.png"
+    files["training"] = _save(fig, out / "training.png")
 
     # trade-off: held-out reduction against held-out identity recall at every audited stage (for the reader; the
     # kept stage, chosen on training roles, is circled)
@@ -644,11 +652,7 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     ax.set_ylabel("held-out discrepancy reduction (%)")
     ax.set_title("trade-off at every stage (labels: step; circled: kept, chosen on training roles)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out / "tradeoff.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    files["tradeoff"] = "tradeoff.png"
+    files["tradeoff"] = _save(fig, out / "tradeoff.png")
     return files
 
 

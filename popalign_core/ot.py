@@ -166,6 +166,15 @@ def _exact_k2(cost: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.stack([q0, 1 - q0], axis=1)
 
 
+def check_exact_size(n: int, k: int, max_count_vectors: int = 20_000) -> None:
+    """Refuse `method='exact'` where it would enumerate more than `max_count_vectors` count vectors
+    (C(N+K-1, K-1) for N images over K classes; K = 2 has a closed form and is always allowed)."""
+    total = math.comb(n + k - 1, k - 1)
+    if k > 2 and total > max_count_vectors:
+        raise ValueError(f"method='exact' would solve {total} count vectors for N={n}, K={k} (max_count_vectors="
+                         f"{max_count_vectors}); use method='fast' or 'monte_carlo'")  # fmt: skip
+
+
 def _expected(cost: np.ndarray, t: np.ndarray, method: str, draws: int, seed: int, max_count_vectors: int,
               closed_form_k2: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     n, k = cost.shape
@@ -175,12 +184,7 @@ def _expected(cost: np.ndarray, t: np.ndarray, method: str, draws: int, seed: in
         if k == 2 and closed_form_k2:
             q = _exact_k2(cost, t)
         else:
-            total = math.comb(n + k - 1, k - 1)
-            if total > max_count_vectors:
-                raise ValueError(
-                    f"method='exact' would solve {total} count vectors for N={n}, K={k} (max_count_vectors="
-                    f"{max_count_vectors}); use method='fast' or 'monte_carlo'"
-                )
+            check_exact_size(n, k, max_count_vectors)
             from scipy.special import gammaln, xlogy
 
             from .metrics import _compositions

@@ -431,7 +431,7 @@ class Trainer:
             spec = LoraSpec(
                 rank=cfg.lora_rank,
                 alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
-                unet_targets=tuple(cfg.unet_targets) if cfg.train_unet else (),
+                unet_targets=tuple(cfg.unet_targets) if cfg.train_unet else None,
                 text_encoder_targets=tuple(cfg.text_encoder_targets) if cfg.train_text_encoder else None,
             )
             add_lora(adapter, spec)
@@ -556,7 +556,8 @@ class Trainer:
         prompts = [p for p in cfg.anchor_prompts for _ in range(cfg.anchor_images_per_prompt)]
         with torch.no_grad(), self.adapter.reference():
             cond = self.adapter.encode_prompt(prompts, self.size, self.size)
-        self.anchors = (lat, cond)
+        self.anchors = (lat, cond)  # the frozen reference's conditioning
+        self.anchor_prompts = prompts
 
     # -------------------------------------------------------------------------------------------- batches
     def _global_batch(self, step: int, micro: int) -> tuple[list[int], list[int]]:
@@ -638,7 +639,12 @@ class Trainer:
             r, w = self.dist.rank, self.dist.world
             ka = list(range(r, len(anchor_pick), w))
             k = [anchor_pick[j] for j in ka]
-            anchor = Anchor(lat[k].to(dev, self.adapter.dtype), acond.select(k).to(dev))
+            ref_acond = acond.select(k).to(dev)
+            # a trained text encoder conditions the trained model's anchor prediction too (else the anchor could
+            # not hold what the text-encoder LoRA changes); the reference keeps the frozen encoder's conditioning
+            acond_k = ref_acond if self.text_cache is not None else self.adapter.encode_prompt(
+                [self.anchor_prompts[j] for j in k], self.size, self.size)  # fmt: skip
+            anchor = Anchor(lat[k].to(dev, self.adapter.dtype), acond_k, ref_cond=ref_acond)
             anchor.noise, anchor.timesteps = a_noise[ka].to(dev), a_t[ka].to(dev)
         reduce = self.dist.sum if self.dist.world > 1 else None
         with self.dist.autocast():

@@ -219,3 +219,14 @@ def test_example_config_runs(tmp_path):
                             output_dir=str(tmp_path / "ex"), progress=False)  # fmt: skip
     assert Path(cfg.prompts_file).is_file() and len(cfg.prompt_targets) == 4
     assert D.run_dal(cfg)["steps"] == 1
+
+
+def test_exact_ot_too_large_is_refused_at_setup(tmp_path):
+    """Three toy axes make 16 joint classes: exact OT over N = 16 images would enumerate C(31, 15) count vectors.
+    The trainer refuses it when it builds the target, before any image is sampled (it once failed at the first
+    OT step, after minutes of work)."""
+    tr = D.DALTrainer(small(tmp_path, target={"form": [0.5, 0.5], "hue": [0.25] * 4, "stature": [0.5, 0.5]},
+                            images_per_prompt=16, ot_method="exact"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"ot_method='exact' with images_per_prompt=16 and the target's 16 joint "
+                                         r"classes: method='exact' would solve 300540195 count vectors"):  # fmt: skip
+        tr.setup()

@@ -156,7 +156,9 @@ def test_demo_config_errors(tmp_path):
     for m, match in (({**dal, "data": "population"}, "distributional alignment is the method `dal` with loss: dal"),
                      ({**dal, "options": {"target": {}}}, "'target' is not a `popalign dal` setting the demo leaves"),
                      ({**dal, "steps": 0}, r"methods.dal.steps=0 is invalid"),
-                     ({**dal, "beta": 1}, "methods.dal: unknown key 'beta'")):  # fmt: skip
+                     ({**dal, "beta": 1}, "methods.dal: unknown key 'beta'"),
+                     ({**dal, "options": {"ot_method": "exact", "images_per_prompt": 16}},
+                      r"methods.dal.options: method='exact' would solve 300540195 count vectors")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             load_demo_config(methods={"dal": m})
     with pytest.raises(ValueError, match="methods.popalign: distributional alignment is the method `dal`"):

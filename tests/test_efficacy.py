@@ -92,7 +92,7 @@ def test_quick_row_end_to_end_and_report(tmp_path):
 
 
 def test_quick_dal_row_with_in_distribution_errors(tmp_path):
-    label, o = E.DAL_STUDY[1]
+    label, o = E.DAL_STUDY[0]
     row = E.run_dal_row(label, o, tmp_path, log=lambda m: None, quick=True)
     assert row["results"]["settings"]["train_roles"] == list(E.ROLE_ORDER[:3])
     ind = row["in_distribution"]

@@ -181,3 +181,15 @@ def test_several_axes_bad_input():
         expected_ot_targets_axes(_two_axis_probs(3, 0), [0.25] * 4)
     with pytest.raises(ValueError, match="same number of images"):
         expected_ot_targets_axes({"gender": _probs(3, 2, 0), "age": _probs(4, 2, 0)}, t)
+
+
+def test_check_exact_size_by_hand():
+    from popalign_core.ot import check_exact_size
+
+    check_exact_size(16, 4)  # C(19, 3) = 969
+    check_exact_size(10_000, 2)  # K = 2: closed form, never enumerated
+    with pytest.raises(ValueError, match=r"would solve 300540195 count vectors for N=16, K=16"):
+        check_exact_size(16, 16)  # C(31, 15)
+    assert math.comb(31, 15) == 300540195
+    with pytest.raises(ValueError, match=r"max_count_vectors=100\)"):
+        check_exact_size(16, 4, max_count_vectors=100)

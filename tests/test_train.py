@@ -107,6 +107,18 @@ def test_text_encoder_lora_trains_with_its_own_reference(data, tmp_path):
     assert any(k.startswith("lora_te1_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
 
 
+def test_text_encoder_only_lora(data, tmp_path):
+    """train_unet: false with train_text_encoder: true trains the text encoder alone (no UNet key in the file)."""
+    cfg = _cfg(data, tmp_path, loss="popalign", train_unet=False, train_text_encoder=True)
+    tr = Trainer(cfg, log=lambda m: None)
+    tr.run()
+    assert tr.param_names and all(n.startswith("text_encoder") for n in tr.param_names)
+    from popalign_core.lora_io import read_lora
+
+    sd, _, _ = read_lora(tmp_path / "popalign_lora.safetensors")
+    assert sd and all(k.startswith("lora_te") for k in sd)
+
+
 def test_full_finetune_uses_a_frozen_reference(data, tmp_path):
     cfg = _cfg(data, tmp_path, loss="popalign", full_finetune=True, train_unet=False, lr=1e-3)
     tr = Trainer(cfg, log=lambda m: None)
@@ -133,6 +145,28 @@ def test_caption_dropout_anchor_and_accumulation_run(data, tmp_path):
     assert len(rows) == 2 and all("anchor_term" in r for r in rows)
     assert list(tmp_path.glob("anchors_*.safetensors")), "anchor samples are cached"
     assert summary["last_loss"] is not None
+
+
+def test_anchor_reaches_a_text_encoder_lora(data, tmp_path):
+    """With a text-encoder-only LoRA the anchor conditions the trained model with the *trained* encoder (grad) and
+    the reference with the frozen one: the anchor term changes what is learned (it once used the frozen encoder's
+    cached states for both, so it had no path to the LoRA and changed nothing)."""
+    from popalign_core.lora_io import read_lora
+
+    common = dict(loss="sft", train_unet=False, train_text_encoder=True, lr=1e-2, anchor_prompts=["a photo of a tree"],
+                  anchor_images_per_prompt=2, anchor_sampler_steps=2)  # fmt: skip
+    files = {}
+    for w in (0.0, 50.0):
+        out = tmp_path / f"w{w:g}"
+        params = {"anchor_weight": w, "anchor_target": "reference"} if w else {}
+        Trainer(_cfg(data, out, loss_params=params, **common), log=lambda m: None).run()
+        files[w] = read_lora(out / "popalign_lora.safetensors")[0]
+        if w:
+            rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            assert rows[0]["anchor_term"] == 0.0  # the LoRA starts at zero: trained == reference
+            assert rows[-1]["anchor_term"] > 0.0
+    assert files[0.0].keys() == files[50.0].keys()
+    assert any(not torch.allclose(files[0.0][k].float(), files[50.0][k].float()) for k in files[0.0])
 
 
 def _final_lora(out: Path) -> dict[str, torch.Tensor]:

@@ -43,8 +43,11 @@ IN_DIST_SEED = 7  # added to the demo's seed for the in-distribution audit (the 
 IN_DIST_N = 64  # images per training role in the in-distribution audit
 
 
-def _pop(lr: float = 3e-3, beta: float = 200.0, **options) -> dict:
-    m: dict[str, Any] = {"loss": "popalign", "data": "population", "lr": lr, "loss_params": {"beta": beta}}
+def _pop(lr: float = 3e-3, beta: float = 200.0, anchor_weight: float = 0.0, **options) -> dict:
+    params: dict[str, Any] = {"beta": beta}
+    if anchor_weight:
+        params.update(anchor_weight=anchor_weight, anchor_target="reference")
+    m: dict[str, Any] = {"loss": "popalign", "data": "population", "lr": lr, "loss_params": params}
     if options:
         m["options"] = options
     return {"methods": {"popalign": m}}
@@ -70,8 +73,11 @@ def _images(n: int) -> dict:
 #: lr 3e-3.
 STUDIES: dict[str, list[tuple[str, dict]]] = {
     "roles": [(f"{k} roles", _merge(_pop(), _roles(k))) for k in (2, 4, 7, 10)],
-    "images": [(f"{n} + {n} images per role", _merge(_pop(), _images(n))) for n in (16, 32, 64, 128)],
-    "steps": [("1080 steps, 6 stages", _merge(_pop(), {"train": {"steps": 1080}, "select": {"stages": 6}}))],
+    "images": [(f"{n} + {n} images per role", _merge(_pop(), _images(n))) for n in (16, 32, 64)],
+    "steps": [
+        ("120 steps, 3 stages", _merge(_pop(), {"train": {"steps": 120}})),
+        ("720 steps, 6 stages", _merge(_pop(), {"train": {"steps": 720}, "select": {"stages": 6}})),
+    ],
     "target": [
         ("UNet attention", _pop()),
         ("UNet attention + text encoder", _pop(train_text_encoder=True)),
@@ -84,14 +90,23 @@ STUDIES: dict[str, list[tuple[str, dict]]] = {
         ("beta 50, lr 3e-3", _pop(beta=50.0)),
         ("beta 1000, lr 3e-3", _pop(beta=1000.0)),
     ],
+    # the prior-preservation anchor (the frozen model's images of the training roles' identity-specific prompts
+    # and of the concepts; `anchor_target: reference`) with each LoRA target: does it keep the keywords that a
+    # text-encoder LoRA loses?
+    "anchor": [
+        ("UNet attention + anchor 50 (lr 5e-3)", _pop(lr=5e-3, anchor_weight=50.0)),
+        ("UNet + text encoder + anchor 50", _pop(anchor_weight=50.0, train_text_encoder=True)),
+        ("UNet + text encoder + anchor 200", _pop(anchor_weight=200.0, train_text_encoder=True)),
+        ("text encoder only + anchor 50", _pop(anchor_weight=50.0, train_unet=False, train_text_encoder=True)),
+    ],
 }
 #: rows whose every stage is also audited on the held-out roles (the reader's trade-off curve; never for selection)
 EVAL_EVERY_STAGE = {"steps"}
 
 #: DAL rows: `popalign dal-toy` overrides (experiments/dal_toy.py DEFAULTS: 150 steps, text encoder + UNet, 10 roles)
 DAL_STUDY: list[tuple[str, dict]] = [
-    ("10 roles, 150 steps (default)", {}),
     ("3 roles, 150 steps", {"train_roles": list(ROLE_ORDER[:3])}),
+    ("10 roles, 150 steps (default)", {}),
 ]
 
 
@@ -108,10 +123,13 @@ def _key(obj: Any) -> str:
 
 
 def row_key(cfg: dict) -> str:
-    """A row's name on disk: the hash of its config, with `data.train_roles` spelled out (``all`` = the list)."""
+    """A row's name on disk: the hash of the parts of its config that change its numbers, with `data.train_roles`
+    spelled out (``all`` = the list); the demo's reference times and its every-stage audit sizes do not count."""
     from ..demo import train_roles
 
-    return _key({**cfg, "data": {**cfg["data"], "train_roles": list(train_roles(cfg))}})
+    eval_ = {k: v for k, v in cfg["eval"].items() if k != "every_stage"}
+    return _key({**{k: v for k, v in cfg.items() if k != "budgets"}, "eval": eval_,
+                 "data": {**cfg["data"], "train_roles": list(train_roles(cfg))}})  # fmt: skip
 
 
 def _data_key(cfg: dict) -> str:
@@ -323,11 +341,13 @@ def role_codes(adapter, roles) -> np.ndarray:
 
 
 def code_span(adapter=None) -> dict:
-    """How much of each held-out role's code the training roles' codes span, for the `roles` factor's subsets:
-    codes centred by the mean over the 10 training roles (no held-out information); outside(h, S) = |c_h - P_S c_h|^2 / |c_h|^2 with P_S the orthogonal
-    projection onto the span of the centred codes of the training subset S (0: inside the span, 1: orthogonal to
-    it). Also the mean pairwise cosine of the centred codes. A LoRA that learns a correction as a function of the
-    training roles' codes can only act on a held-out role through the part of its code inside that span."""
+    """How much of each held-out role's code the training roles' codes span, for the `roles` factor's subsets.
+
+    Codes are centred by the mean over the 10 training roles (no held-out information). For a held-out role h and a
+    training subset S, outside(h, S) = |c_h - P_S c_h|^2 / |c_h|^2, with P_S the orthogonal projection onto the span
+    of the centred codes of S (0: inside the span, 1: orthogonal to it). Also the mean pairwise cosine of the
+    centred codes. A LoRA that learns a correction as a function of the training roles' codes acts on a held-out
+    role only through the part of its code inside that span."""
     from ..models import load_model
     from ..toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES
 
@@ -387,7 +407,8 @@ def report(out: str | Path, doc: str | Path) -> str:
             md.append(f"| {label} | {h['after']:.3f} | {_pct(h['reduction'])} [{_pct(h['reduction_ci'][0])}, "
                       f"{_pct(h['reduction_ci'][1])}] | {h['identity_recall']:.3f} | {h['concept_accuracy_drop']:.0f} "
                       f"| {_pct(i['reduction'])} [{_pct(i['reduction_ci'][0])}, {_pct(i['reduction_ci'][1])}] | "
-                      f"{r['selection']['chosen_step']} / {r['selection']['curve'][-1]['step']} |")  # fmt: skip
+                      f"{r['selection']['chosen_step']} / {r['selection']['curve'][-1]['step']}"
+                      f"{' ⚠' if r['selection']['rule'].startswith('no stage') else ''} |")  # fmt: skip
         md.append("")
     dal = [r for r in rows.values() if r.get("study") == "dal"]
     if dal:

@@ -19,6 +19,7 @@ from popalign_core.demo import (
 )
 
 SUBSET = ("baker", "pilot", "farmer", "miner", "chef")  # 5 of the 10 training roles (data.train_roles)
+EVERY = {"n_per_role": 8, "n_per_identity": 1, "n_per_concept": 2}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def demo_run(tmp_path_factory):
     cfg = load_demo_config(quick=True)
     cfg["budgets"] = {k: 1e-3 for k in cfg["budgets"]}  # reference times every stage overruns: reported, not acted on
     cfg["data"]["train_roles"] = list(SUBSET)
+    cfg["eval"]["every_stage"] = EVERY  # --quick audits only the kept stages; the test covers every stage too
     return out, run_demo(out, cfg, overwrite=True, log=lambda m: None)
 
 
@@ -73,7 +75,7 @@ def test_results_fields_and_consistency(demo_run):
         assert kept["discrepancy"] == m["discrepancy_after"] and kept["n_per_role"] == quick["eval"]["n_per_role"]
         assert kept["reduction"] == pytest.approx(m["reduction"])
         others = [v for k, v in per.items() if k != str(m["selected_step"])]
-        assert all(v["n_per_role"] == quick["eval"]["every_stage"]["n_per_role"] for v in others)
+        assert all(v["n_per_role"] == EVERY["n_per_role"] for v in others)
     dal = r["methods"]["dal"]["train_config"]
     assert dal["target"] == {"form": [0.5, 0.5], "hue": [0.25] * 4, "stature": [0.5, 0.5]}
     assert dal["prompts"] == [f"a photo of a {role}" for role in SUBSET] and dal["train"] == "both"

@@ -385,17 +385,21 @@ def evaluate(adapter, cfg: dict, seed: int, clf=None) -> dict[str, Any]:
     }
 
 
-def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
-    """Checkpoint-selection score: mean discrepancy over the training roles and axes (training classifier)."""
+def neutral_labels(adapter, cfg: dict, roles, n: int, seed: int, clf) -> dict[str, dict[str, np.ndarray]]:
+    """Labels of `n` images per role of its neutral prompt at the audit sampler (guidance `eval.guidance`), split by
+    role: {role: {head: labels}}."""
     from .sampling import SamplerConfig, sample
     from .toyworld.world import caption
 
-    ev, n, roles = cfg["eval"], cfg["select"]["n_per_role"], train_roles(cfg)
-    sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed + 1,
-                       batch_size=200)  # fmt: skip
-    imgs = sample(adapter, [(caption(r), k) for r in roles for k in range(n)], sc)
-    lab = _labels(clf, _to_uint8(imgs))
-    return _mean_disc({r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(roles)})
+    ev = cfg["eval"]
+    sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim", seed=seed, batch_size=200)
+    lab = _labels(clf, _to_uint8(sample(adapter, [(caption(r), k) for r in roles for k in range(n)], sc)))
+    return {r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(roles)}
+
+
+def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
+    """Checkpoint-selection score: mean discrepancy over the training roles and axes (training classifier)."""
+    return _mean_disc(neutral_labels(adapter, cfg, train_roles(cfg), cfg["select"]["n_per_role"], seed + 1, clf))
 
 
 def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:

@@ -150,15 +150,9 @@ def _labels_np(labels: dict) -> dict:
 def in_distribution(adapter, cfg: dict, clf) -> dict:
     """Mean discrepancy over the row's training roles (neutral prompts, audit sampler, `IN_DIST_N` per role, seed
     `IN_DIST_SEED` + seed), evaluation classifier. Returns the labels and the mean."""
-    from ..demo import _labels, _mean_disc, _to_uint8, train_roles
-    from ..sampling import SamplerConfig, sample
-    from ..toyworld.world import caption
+    from ..demo import _mean_disc, neutral_labels, train_roles
 
-    ev, roles, n = cfg["eval"], train_roles(cfg), IN_DIST_N
-    sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["guidance"], scheduler="ddim",
-                       seed=cfg["seed"] + IN_DIST_SEED, batch_size=200)  # fmt: skip
-    lab = _labels(clf, _to_uint8(sample(adapter, [(caption(r), k) for r in roles for k in range(n)], sc)))
-    per = {r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(roles)}
+    per = neutral_labels(adapter, cfg, train_roles(cfg), IN_DIST_N, cfg["seed"] + IN_DIST_SEED, clf)
     return {"labels": per, "mean": _mean_disc(per)}
 
 

@@ -1,21 +1,23 @@
 """The demo (README command #1): audit -> population data -> train -> audit, on the embedded toy world.
 
-1. **Audit the base model** on the toy world's *held-out* roles (judge, smith, ranger, tailor: in the base model's
-   training with their skews, never in preference data): per role, `eval.n_per_role` images of the neutral prompt at
-   guidance 1 (the model's own distribution), judged by the toy *evaluation* classifier; the discrepancy (PopAlign
-   Eq. 13, hard labels among images with a face) against the uniform target on each axis (form, hue, stature),
-   averaged over roles and axes (never pooled over roles, where opposite skews cancel). Also identity-specific
-   prompts of the held-out roles (recall of the named class) and non-person concepts (concept accuracy).
-2. **Population data** with `popalign data pipeline` on the *training* roles only: identity-augmented prompts over
-   the 16 intersections (winning), the neutral prompt (losing), filtered by the toy *training* classifier, built
-   into population sets and pairs.
+1. **Audit the base model** on the toy world's 14 *held-out* roles (in the base model's training with their skews,
+   never in preference data or checkpoint selection): per role, `eval.n_per_role` images of the neutral prompt at
+   guidance `eval.guidance` (1.5: toy world v2's one sampler setting), judged by the toy *evaluation* classifier;
+   the discrepancy (PopAlign Eq. 13, hard labels among images with a face) against the uniform target on each axis
+   (form, hue, stature), averaged over roles and axes (never pooled over roles, where opposite skews cancel). Also
+   identity-specific prompts of the held-out roles (recall of the named class) and non-person concepts (concept
+   accuracy).
+2. **Population data** with `popalign data pipeline` on the *training* roles only (34; not the 8 validation roles):
+   identity-augmented prompts over the 16 intersections (winning), the neutral prompt (losing), filtered by the toy
+   *training* classifier, built into population sets and pairs.
 3. **Train** LoRAs with `popalign train` on that data: PopAlign (Eq. 11), PopAlign with the prior-preservation
    anchor (the frozen model's images of identity-specific training-role prompts and of the concepts), and the SFT
-   and DPO baselines. Each method is trained in `select.stages` stages; after each stage its bias on the *training*
-   roles, its identity recall on training roles' identity-specific prompts and its concept accuracy (training
-   classifier, validation seeds) are measured; the kept stage has the lowest training-role bias among those whose
-   recall and concept accuracy stay within the config's limits of the base model (`choose_stage`). Checkpoint
-   selection uses training roles only and is reported in results.json; held-out roles never choose anything.
+   and DPO baselines, and distributional alignment (DAL). Each method is trained in `select.stages` stages; after
+   each stage its bias on the *validation* roles, its identity recall on the validation roles' identity-specific
+   prompts and its concept accuracy (training classifier) are measured; the kept stage has the lowest
+   validation-role bias among those whose recall and concept accuracy stay within the config's limits of the base
+   model (`choose_stage`). Checkpoint selection uses validation roles only and is reported in results.json;
+   held-out roles never choose anything.
 4. **Audit again** each method's chosen LoRA exactly as in step 1 (same seeds).
 5. Write ``results.json`` (per method: discrepancy_before/after with 95% bootstrap CIs, reduction with its CI, the
    finite-sample floor, identity_recall, concept_accuracy_drop in points, the selected step, stage times beside
@@ -223,9 +225,10 @@ def load_demo_config(path: str | Path | None = None, quick: bool = False, **over
 
 
 def train_roles(cfg: dict) -> tuple[str, ...]:
-    """`data.train_roles`: the training roles whose prompts make the preference data, score checkpoint selection and
-    validation (``all`` = the toy world's 10 `TRAIN_ROLES`). Held-out roles are refused: they are what is measured."""
-    from .toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES
+    """`data.train_roles`: the training roles whose prompts make the preference data (``all`` = the toy world's 34
+    `TRAIN_ROLES`). Held-out roles are refused (they are what is measured), and so are validation roles (they
+    choose checkpoints)."""
+    from .toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES, VALIDATION_ROLES
 
     v = cfg["data"]["train_roles"]
     if v == "all":
@@ -237,6 +240,9 @@ def train_roles(cfg: dict) -> tuple[str, ...]:
         if r in HELD_OUT_ROLES:
             raise ValueError(f"data.train_roles: {r!r} is a held-out role (held out: {', '.join(HELD_OUT_ROLES)}); "
                              "training on it would measure nothing held out")  # fmt: skip
+        if r in VALIDATION_ROLES:
+            raise ValueError(f"data.train_roles: {r!r} is a validation role (validation: {', '.join(VALIDATION_ROLES)}"
+                             "); it chooses checkpoints, so it stays out of the training data")  # fmt: skip
         if r not in ROLE_NAMES:
             raise ValueError(f"data.train_roles: unknown role {r!r}; training roles: {', '.join(TRAIN_ROLES)}")
     if len(set(v)) != len(v):
@@ -397,21 +403,24 @@ def neutral_labels(adapter, cfg: dict, roles, n: int, seed: int, clf) -> dict[st
     return {r: {k: v[i * n : (i + 1) * n] for k, v in lab.items()} for i, r in enumerate(roles)}
 
 
-def training_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
-    """Checkpoint-selection score: mean discrepancy over the training roles and axes (training classifier)."""
-    return _mean_disc(neutral_labels(adapter, cfg, train_roles(cfg), cfg["select"]["n_per_role"], seed + 1, clf))
+def validation_roles_bias(adapter, cfg: dict, seed: int, clf) -> float:
+    """Checkpoint-selection score: mean discrepancy over the validation roles and axes (training classifier). The
+    validation roles are in neither the preference data nor the held-out set (`toyworld.world.VALIDATION_ROLES`)."""
+    from .toyworld.world import VALIDATION_ROLES
+
+    return _mean_disc(neutral_labels(adapter, cfg, VALIDATION_ROLES, cfg["select"]["n_per_role"], seed + 1, clf))
 
 
 def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
     """Checkpoint-selection guard rails, judged by the training classifier with their own seeds: identity recall on
-    the identity-specific prompts of every other *training* role (every class of every axis, at the recall
-    guidance) and concept accuracy on the concepts (at the audit guidance)."""
+    the identity-specific prompts of the *validation* roles (every class of every axis, at the recall guidance) and
+    concept accuracy on the concepts (at the audit guidance)."""
     from .sampling import SamplerConfig, sample
-    from .toyworld.world import CONCEPTS, TOY_AXES, caption, concept_caption
+    from .toyworld.world import CONCEPTS, TOY_AXES, VALIDATION_ROLES, caption, concept_caption
 
     ev, sl = cfg["eval"], cfg["select"]
     m = sl["n_per_identity"]
-    specs = [(r, a, c) for r in train_roles(cfg)[::2] for a, cs in TOY_AXES.items() for c in cs]
+    specs = [(r, a, c) for r in VALIDATION_ROLES for a, cs in TOY_AXES.items() for c in cs]
     sc = SamplerConfig(steps=ev["steps"], guidance_scale=ev["recall_guidance"], scheduler="ddim", seed=seed + 2,
                        batch_size=200)  # fmt: skip
     lab = _labels(
@@ -429,14 +438,15 @@ def validation(adapter, cfg: dict, seed: int, clf) -> dict[str, float]:
 
 
 def choose_stage(curve: list[dict], base_val: dict, cfg: dict) -> tuple[dict, str]:
-    """The selected checkpoint: the lowest training-role discrepancy among the stages whose validation recall and
+    """The selected checkpoint: the lowest validation-role discrepancy among the stages whose validation recall and
     concept accuracy stay within `select.max_recall_drop` / `select.max_concept_drop` of the base model's; if no
     stage qualifies, the first stage (the least trained)."""
     sl = cfg["select"]
     ok = [c for c in curve if c["val_recall"] >= base_val["recall"] - sl["max_recall_drop"]
           and c["val_concept_accuracy"] >= base_val["concept_accuracy"] - sl["max_concept_drop"]]  # fmt: skip
     if ok:
-        return min(ok, key=lambda c: c["train_roles_discrepancy"]), "lowest training-role discrepancy within limits"
+        best = min(ok, key=lambda c: c["validation_roles_discrepancy"])
+        return best, "lowest validation-role discrepancy within limits"
     return curve[0], "no stage within the validation limits: the first stage"
 
 
@@ -475,7 +485,7 @@ def anchor_prompts(cfg: dict) -> list[str]:
 
 
 def train_method(name: str, cfg: dict, data_dir: Path, out: Path, select_clf, base_val: dict, log) -> dict:
-    """Train one method in stages (resuming), scoring each stage's LoRA on the training roles; keeps the best. Every
+    """Train one method in stages (resuming), scoring each stage's LoRA on the validation roles; keeps the best. Every
     stage runs whatever the machine's speed (fixed work: the same numbers everywhere for the same seed)."""
     from .train import load_config, train
 
@@ -550,7 +560,8 @@ def train_dal_method(name: str, cfg: dict, out: Path, select_clf, base_val: dict
 
 def _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common) -> dict:
     """Train `name` to `total` steps in `select.stages` stages (`train_to(steps)` resumes), score each stage's LoRA
-    on the training roles and the validation prompts (training classifier), keep the best (`choose_stage`)."""
+    on the validation roles' neutral and identity-specific prompts (training classifier), keep the best
+    (`choose_stage`)."""
     from .lora_io import load_lora
     from .models import load_model
 
@@ -566,12 +577,12 @@ def _staged(name, cfg, out, total, train_to, select_clf, base_val, log, common) 
         t = time.time()
         model = load_model("toyworld")
         load_lora(model, lora)
-        score = training_roles_bias(model, cfg, cfg["seed"], select_clf)
+        score = validation_roles_bias(model, cfg, cfg["seed"], select_clf)
         val = validation(model, cfg, cfg["seed"], select_clf)
         t_select += time.time() - t
-        curve.append({"step": steps, "train_roles_discrepancy": score, "val_recall": val["recall"],
+        curve.append({"step": steps, "validation_roles_discrepancy": score, "val_recall": val["recall"],
                       "val_concept_accuracy": val["concept_accuracy"], "lora": lora.name})  # fmt: skip
-        log(f"[demo] {name}: step {steps}/{total}: training-role discrepancy {score:.3f}, validation recall "
+        log(f"[demo] {name}: step {steps}/{total}: validation-role discrepancy {score:.3f}, validation recall "
             f"{val['recall']:.3f}, concepts {val['concept_accuracy']:.3f}")  # fmt: skip
     best, why = choose_stage(curve, base_val, cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -601,21 +612,20 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
 
     files = {}
     names = ["base", *trained]
-    fig, axes = plt.subplots(len(HELD_OUT_ROLES), len(TOY_AXES), figsize=(12, 2.6 * len(HELD_OUT_ROLES)), dpi=90)
+    # per held-out role and axis: the discrepancy of every model (the full class shares are in results.json)
+    fig, axes = plt.subplots(len(TOY_AXES), 1, figsize=(13, 2.8 * len(TOY_AXES)), dpi=90, sharex=True)
     width = 0.8 / len(names)
-    for i, role in enumerate(HELD_OUT_ROLES):
-        for j, (axis, classes) in enumerate(TOY_AXES.items()):
-            ax = axes[i, j]
-            x = np.arange(len(classes))
-            for k, nm in enumerate(names):
-                sh = evals[nm]["bias"]["per_role"][role][axis]["shares"]
-                ax.bar(x + k * width - 0.4 + width / 2, [sh[c] for c in classes], width, label=nm)
-            ax.axhline(1 / len(classes), color="k", ls="--", lw=1)
-            ax.set_xticks(x, classes, fontsize=8)
-            ax.set_ylim(0, 1)
-            ax.set_title(f"{role} / {axis}", fontsize=9)
-    axes[0, -1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("held-out roles: class shares (evaluation classifier); dashed = target")
+    x = np.arange(len(HELD_OUT_ROLES))
+    for ax, (axis, classes) in zip(axes, TOY_AXES.items()):
+        for k, nm in enumerate(names):
+            per = evals[nm]["bias"]["per_role"]
+            ax.bar(x + k * width - 0.4 + width / 2, [per[r][axis]["discrepancy"] for r in HELD_OUT_ROLES], width,
+                   label=nm, color="k" if nm == "base" else f"C{k - 1}")  # fmt: skip
+        ax.set_ylabel(f"{axis}: discrepancy")
+        ax.set_ylim(0, np.sqrt(1 - 1 / len(classes)))  # the largest discrepancy: every image in one class
+    axes[-1].set_xticks(x, HELD_OUT_ROLES, fontsize=8)
+    axes[0].legend(fontsize=7, ncol=len(names), loc="upper right")
+    fig.suptitle("held-out roles: discrepancy from the uniform target per axis (evaluation classifier; 0 = fair)")
     files["shares"] = _save(fig, out / "shares.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5), dpi=90)
@@ -626,7 +636,7 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
             sm = np.convolve(ls, np.ones(w) / w, mode="valid")
             a1.plot(np.arange(len(sm)) + w, sm / max(abs(sm[0]), 1e-12), label=nm)
         a2.plot([0] + [c["step"] for c in tr["curve"]],
-                [results["selection_base"]] + [c["train_roles_discrepancy"] for c in tr["curve"]], marker="o",
+                [results["selection_base"]] + [c["validation_roles_discrepancy"] for c in tr["curve"]], marker="o",
                 label=nm)  # fmt: skip
     a1.set_xlabel("step")
     a1.set_ylabel("loss / first loss (moving mean)")
@@ -634,12 +644,12 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     a1.legend(fontsize=8)
     a2.set_xlabel("step")
     a2.set_ylabel("mean discrepancy")
-    a2.set_title("checkpoint selection: training roles (training classifier)")
+    a2.set_title("checkpoint selection: validation roles (training classifier)")
     a2.legend(fontsize=8)
     files["training"] = _save(fig, out / "training.png")
 
     # trade-off: held-out reduction against held-out identity recall at every audited stage (for the reader; the
-    # kept stage, chosen on training roles, is circled)
+    # kept stage, chosen on validation roles, is circled)
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=90)
     for k, (nm, m) in enumerate(results["methods"].items()):
         st = sorted(m["held_out_per_stage"].items(), key=lambda kv: int(kv[0]))
@@ -654,7 +664,7 @@ def _plots(results: dict, evals: dict, trained: dict, out: Path) -> dict[str, st
     ax.axhline(56, ls=":", c="grey", lw=0.8)
     ax.set_xlabel("held-out identity recall")
     ax.set_ylabel("held-out discrepancy reduction (%)")
-    ax.set_title("trade-off at every stage (labels: step; circled: kept, chosen on training roles)", fontsize=9)
+    ax.set_title("trade-off at every stage (labels: step; circled: kept, chosen on validation roles)", fontsize=9)
     ax.legend(fontsize=8)
     files["tradeoff"] = _save(fig, out / "tradeoff.png")
     return files
@@ -674,7 +684,7 @@ def write_report(results: dict, files: dict, out: Path) -> None:
         f"{r['eval_sampler']['steps']} steps), judged by the toy **evaluation** classifier. Identity-specific "
         f"prompts at guidance {r['recall_guidance']} ({r['n_per_identity']} images per prompt); concepts "
         f"{r['n_per_concept']} images each. Training data: training roles only, filtered by the toy training "
-        "classifier. Checkpoints chosen on the training roles (training classifier), never on held-out roles.",
+        "classifier. Checkpoints chosen on the validation roles (training classifier), never on held-out roles.",
         "",
         "| method | discrepancy before | after (95% CI) | reduction (95% CI) | identity recall | concept acc. drop "
         "(points) | selected step |",
@@ -753,7 +763,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     timings["data"] = time.time() - t
 
     t = time.time()
-    sel_base = training_roles_bias(base_model, cfg, seed, select_clf)
+    sel_base = validation_roles_bias(base_model, cfg, seed, select_clf)
     base_val = validation(base_model, cfg, seed, select_clf)
     trained: dict[str, dict] = {}
     t_sel0 = time.time() - t
@@ -832,7 +842,7 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
     results = {
         "model": "toyworld",
         "judge": "toy evaluation classifier (hard labels among images with a face)",
-        "selection_judge": "toy training classifier: training roles, validation seeds (recall, concepts)",
+        "selection_judge": "toy training classifier: validation roles (bias, recall), concepts with their own seeds",
         "held_out_roles": list(HELD_OUT_ROLES),
         "train_roles": list(train_roles(cfg)),
         "axes": list(TOY_AXES),

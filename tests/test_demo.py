@@ -17,8 +17,9 @@ from popalign_core.demo import (
     role_bias,
     run_demo,
 )
+from popalign_core.toyworld.world import HELD_OUT_ROLES
 
-SUBSET = ("baker", "pilot", "farmer", "miner", "chef")  # 5 of the 10 training roles (data.train_roles)
+SUBSET = ("baker", "tailor", "farmer", "miner", "judge")  # 5 of the 34 training roles (data.train_roles)
 EVERY = {"n_per_role": 8, "n_per_identity": 1, "n_per_concept": 2}
 
 
@@ -47,7 +48,7 @@ def test_demo_writes_every_output(demo_run):
 def test_results_fields_and_consistency(demo_run):
     _, r = demo_run
     assert set(r["methods"]) == {"popalign", "popalign_anchor", "sft", "dpo", "dal"}
-    assert r["held_out_roles"] == ["judge", "smith", "ranger", "tailor"] and r["n_per_role"] == 16
+    assert r["held_out_roles"] == list(HELD_OUT_ROLES) and len(HELD_OUT_ROLES) == 14 and r["n_per_role"] == 16
     for m in r["methods"].values():
         assert m["discrepancy_before"] == r["base"]["discrepancy"]
         assert m["reduction"] == pytest.approx(1 - m["discrepancy_after"] / m["discrepancy_before"])
@@ -57,7 +58,7 @@ def test_results_fields_and_consistency(demo_run):
         lo, hi = m["discrepancy_after_ci"]
         assert lo <= hi and len(m["reduction_ci"]) == 2
         assert 0 <= m["identity_recall"] <= 1 and set(m["identity_recall_per_axis"]) == {"form", "hue", "stature"}
-        # the selected step follows the rule on training roles and validation seeds
+        # the selected step follows the rule on the validation roles
         best, why = choose_stage(m["selection_curve"], r["validation_base"], load_demo_config(quick=True))
         assert m["selected_step"] == best["step"] and m["selection_rule"] == why
         # the mean over roles and axes, never a pool
@@ -97,7 +98,8 @@ def test_train_roles_choose_the_data_selection_and_anchor_prompts(demo_run):
 
 
 @pytest.mark.parametrize(("roles", "match"), [
-    (["baker", "judge"], r"data.train_roles: 'judge' is a held-out role \(held out: judge, smith, ranger, tailor\)"),
+    (["baker", "chef"], r"data.train_roles: 'chef' is a held-out role \(held out: pianist, guard, pilot, "),
+    (["baker", "actor"], r"data.train_roles: 'actor' is a validation role \(validation: merchant, drummer, "),
     (["bakr"], r"data.train_roles: unknown role 'bakr'; training roles: baker, "),
     (["baker", "baker"], r"'baker' is listed twice"),
     ([], r"data.train_roles=\[\]: expected 'all' or a non-empty list"),
@@ -166,7 +168,7 @@ def test_demo_config_errors(tmp_path):
     with pytest.raises(ValueError, match="methods.popalign: distributional alignment is the method `dal`"):
         load_demo_config(methods={"popalign": dal})
     cfg = load_demo_config()
-    assert cfg["budgets"]["total"] <= 1200 and cfg["eval"]["n_per_role"] >= 200
+    assert cfg["budgets"]["total"] <= 1200 and cfg["eval"]["n_per_role"] * len(HELD_OUT_ROLES) >= 800
     assert load_demo_config(quick=True)["methods"]["dal"]["options"]["train"] == "both"  # quick sizes merged
 
 
@@ -206,9 +208,10 @@ def test_choose_stage_by_hand():
     cfg = {"select": {"max_recall_drop": 0.03, "max_concept_drop": 0.03}}
     base = {"recall": 0.99, "concept_accuracy": 1.0}
     curve = [
-        {"step": 100, "train_roles_discrepancy": 0.30, "val_recall": 0.99, "val_concept_accuracy": 1.0},
-        {"step": 200, "train_roles_discrepancy": 0.20, "val_recall": 0.97, "val_concept_accuracy": 0.98},
-        {"step": 300, "train_roles_discrepancy": 0.10, "val_recall": 0.90, "val_concept_accuracy": 1.0},  # damaged
+        # the last stage damaged recall
+        {"step": 100, "validation_roles_discrepancy": 0.30, "val_recall": 0.99, "val_concept_accuracy": 1.0},
+        {"step": 200, "validation_roles_discrepancy": 0.20, "val_recall": 0.97, "val_concept_accuracy": 0.98},
+        {"step": 300, "validation_roles_discrepancy": 0.10, "val_recall": 0.90, "val_concept_accuracy": 1.0},
     ]
     assert choose_stage(curve, base, cfg)[0]["step"] == 200
     worse = [{**c, "val_recall": 0.5} for c in curve]

@@ -27,13 +27,13 @@ def test_default_rows_are_one_run():
     keys = {
         E.row_key(E.row_config(o))
         for s, lab, o in ROWS
-        if lab in ("10 roles", "32 + 32 images per role", "UNet attention", "beta 200, lr 3e-3")
+        if lab in ("34 roles", "16 + 16 images per role", "UNet attention", "beta 200, lr 1e-3")
     }
     assert len(keys) == 1
     assert len({E.row_key(E.row_config(o)) for *_, o in ROWS}) == len(ROWS) - 3
     # the roles factor adds roles in ROLE_ORDER, a permutation of the training roles
     assert sorted(E.ROLE_ORDER) == sorted(TRAIN_ROLES)
-    assert [len(train_roles(E.row_config(o))) for _, o in E.STUDIES["roles"]] == [2, 4, 7, 10]
+    assert [len(train_roles(E.row_config(o))) for _, o in E.STUDIES["roles"]] == [4, 8, 17, 34]
 
 
 @pytest.mark.parametrize(("study", "match"), [("rolez", "unknown study rolez"), (",", "unknown study \\(none\\)"),
@@ -59,7 +59,8 @@ def test_demo_method_options_are_checked(options, match):
 
 
 def test_dal_toy_train_roles_are_checked(tmp_path):
-    for roles, match in ((["judge"], "'judge' is a held-out role"), (["bakr"], "unknown role 'bakr'")):
+    for roles, match in ((["chef"], "'chef' is a held-out role"), (["actor"], "'actor' is a validation role"),
+                         (["bakr"], "unknown role 'bakr'")):  # fmt: skip
         cfg = dal_toy._merge(dal_toy._merge(dal_toy.DEFAULTS, dal_toy.QUICK), {"train_roles": roles})
         with pytest.raises(ValueError, match=match):
             dal_toy.run(tmp_path / "d", cfg, log=lambda m: None)
@@ -73,7 +74,7 @@ def test_quick_row_end_to_end_and_report(tmp_path):
     r = E.run_row("roles", label, o, out, log=lambda m: None, quick=True)
     cfg = E.row_config(o, quick=True)
     assert r["key"] == E.row_key(cfg) and (out / "rows" / f"{r['key']}.json").is_file()
-    assert r["train_roles"] == list(E.ROLE_ORDER[:2]) and r["n_train_roles"] == 2 and r["quick"]
+    assert sorted(r["train_roles"]) == sorted(E.ROLE_ORDER[:4]) and r["n_train_roles"] == 4 and r["quick"]
     h, i = r["held_out"], r["in_distribution"]
     assert h["reduction"] == pytest.approx(1 - h["after"] / h["before"])
     assert i["reduction"] == pytest.approx(1 - i["after"] / i["before"])
@@ -86,15 +87,15 @@ def test_quick_row_end_to_end_and_report(tmp_path):
     again = E.run_row("roles", label, o, out, log=lambda m: None, quick=True)
     assert again == json.loads(json.dumps(r, default=float))
     md = E.report(out, doc)
-    assert "### roles" in md and "| 2 roles |" in md and "| 4 roles | not run |" in md
+    assert "### roles" in md and "| 4 roles |" in md and "| 8 roles | not run |" in md
     assert (doc / "scaling.png").is_file() and (doc / "tables.md").read_text().strip() == md.strip()
-    assert json.loads((doc / "rows.json").read_text())[r["key"]]["label"] == "2 roles"
+    assert json.loads((doc / "rows.json").read_text())[r["key"]]["label"] == "4 roles"
 
 
 def test_quick_dal_row_with_in_distribution_errors(tmp_path):
     label, o = E.DAL_STUDY[0]
     row = E.run_dal_row(label, o, tmp_path, log=lambda m: None, quick=True)
-    assert row["results"]["settings"]["train_roles"] == list(E.ROLE_ORDER[:3])
+    assert row["results"]["settings"]["train_roles"] == list(E.ROLE_ORDER[:8])
     ind = row["in_distribution"]
     assert set(ind["before"]) == set(ind["after"]) == {"form", "stature"}
     assert all(0 <= v <= 1 for v in [*ind["before"].values(), *ind["after"].values()])
@@ -113,7 +114,7 @@ def test_code_span_of_nested_role_subsets():
     d = E.code_span(model)
     assert -1 <= d["mean_pairwise_cosine"] <= 1
     ks = sorted(d["outside_span"])
-    assert ks == [2, 4, 7, 10]
+    assert ks == list(E.ROLE_COUNTS) == [4, 8, 17, 34]
     for role in HELD_OUT_ROLES:
         vals = [d["outside_span"][k]["per_role"][role] for k in ks]
         assert all(0 <= v <= 1 for v in vals) and all(a >= b - 1e-6 for a, b in zip(vals, vals[1:]))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -602,7 +603,11 @@ def test_truncated_png_on_resume_is_sampled_again(toy_run, tmp_path, capsys):
     assert cli(argv) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["dropped"]["damaged_images"] == 1 and s["sampled"] == 1 and s["complete"]
-    assert img.read_bytes() == good  # seeded: the same image again
+    # seeded: the same image again (sampled alone instead of in a batch of 16: float-level differences in the
+    # batched convolutions may move a pixel value by a step or two, nothing more)
+    again = np.asarray(Image.open(img), dtype=int)
+    first = np.asarray(Image.open(io.BytesIO(good)), dtype=int)
+    assert again.shape == first.shape and np.abs(again - first).max() <= 3 and np.abs(again - first).mean() < 0.05
 
 
 def test_filter_counts_and_warns_about_broken_manifest_lines(toy_run, tmp_path, capsys):

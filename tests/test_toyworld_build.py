@@ -46,6 +46,25 @@ def test_build_layout_and_refusals(built, tmp_path):
         (out / "my_notes.txt").unlink()
 
 
+TINY = {"n_images": 300, "vae_steps": 2, "unet_steps": 3, "unet_batch": 8, "text_pretrain_steps": 2,
+        "classifier_images": 200, "classifier_steps": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["vae step", "text pretrain", "unet step", "eval classifier"])
+def test_a_build_interrupted_at_any_stage_leaves_no_folder_that_looks_complete(tmp_path, stage):
+    def boom(msg):
+        if msg.startswith(stage):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "tw"
+    with pytest.raises(KeyboardInterrupt):
+        build(out, BuildConfig(**TINY), progress=boom)
+    assert not out.exists() and (tmp_path / "tw.partial").is_dir()
+    if stage == "eval classifier":  # the last stage: the next build clears the unfinished folder and completes
+        build(out, BuildConfig(**TINY), progress=None)
+        assert (out / "classifiers" / "toy_classifiers.json").is_file() and not (tmp_path / "tw.partial").exists()
+
+
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     def boom(msg):
         if msg.startswith("unet step"):
@@ -120,14 +139,21 @@ def test_check_runs_and_reports_every_field(built):
     with contextlib.redirect_stdout(buf):
         assert main(["--model", str(out), "--n", "4", "--n-identity", "2", "--n-concept", "2", "--steps", "3"]) == 0
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
-    for k in ("roles", "base_discrepancy", "skew_error_mean", "skew_error_floor", "identity_recall",
-              "concept_accuracy", "classifier_accuracy", "classifier_agreement", "train_classifier_calibration",
-              "sampler"):  # fmt: skip
+    for k in ("world", "roles", "base_discrepancy", "base_discrepancy_held_out", "skew_error_mean",
+              "skew_error_floor", "skew_error_by_split", "identity_recall", "concept_accuracy", "classifier_accuracy",
+              "classifier_accuracy_per_head", "classifier_agreement", "train_classifier_calibration", "sampler",
+              "targets", "passed", "build_seconds", "weights_mb"):  # fmt: skip
         assert k in res, k
+    assert res["classifier_accuracy"] == min(res["classifier_accuracy_per_head"].values())
+    assert set(res["classifier_accuracy_per_head"]) == {"face", "form", "hue", "stature", "concept", "role"}
+    w = res["world"]
+    assert (w["roles"], w["held_out_roles"], w["validation_roles"], w["train_roles"]) == (56, 14, 8, 34)
+    assert w["held_out_strongest_skew"]["form"]["round"] >= 0.85 and res["passed"]["held_out_strong"]
+    assert set(res["passed"]) == set(res["targets"]) and res["build_seconds"] > 0 and res["weights_mb"] > 0
     for v in res["train_classifier_calibration"].values():
         assert 0 <= v["ece"] <= 1 and 0 < v["mean_confidence"] <= 1 and 0 <= v["saturated_share"] <= 1
     assert set(res["base_discrepancy"]) == {"form", "hue", "stature"}
-    assert res["sampler"]["guidance_scale"] == 1.0 and res["n_per_role"] == 4
+    assert res["sampler"]["guidance_scale"] == 1.5 and res["n_per_role"] == 4
 
 
 def test_audit_of_the_toy_model_folder_with_the_toy_backend(built, tmp_path):
@@ -156,17 +182,23 @@ def _prompts(tmp_path):
 
 def test_caption_labels_by_hand():
     from popalign_core.toyworld.build import AUX_HEADS, caption_labels
-    from popalign_core.toyworld.world import ROLE_NAMES
+    from popalign_core.toyworld.world import ROLE_BY_NAME
 
-    assert list(AUX_HEADS) == ["role", "concept", "hidden", "form", "hue", "stature"]
+    # a role is read out through its parts (setting, shade), never as an identity of its own
+    assert list(AUX_HEADS) == ["setting", "shade", "concept", "hidden", "form", "hue", "stature"]
     caps = ["a photo of a tall red baker", "a photo of a tree", "", "a photo of an angular pilot in a cloak",
             "a photo of a small emerald curvy chef"]  # fmt: skip
+
+    def parts(role):
+        return [1 + ROLE_BY_NAME[role].setting, 1 + ROLE_BY_NAME[role].shade]
+
+    assert parts("baker") == [7, 6]  # setting 6 (grid), shade 5 (0.76)
     assert caption_labels(caps).tolist() == [
-        [1 + ROLE_NAMES.index("baker"), 0, 0, 0, 1, 1],
-        [0, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-        [1 + ROLE_NAMES.index("pilot"), 0, 1, 2, 0, 0],
-        [1 + ROLE_NAMES.index("chef"), 0, 0, 1, 2, 2],
+        [*parts("baker"), 0, 0, 0, 1, 1],
+        [0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0],
+        [*parts("pilot"), 0, 1, 2, 0, 0],
+        [*parts("chef"), 0, 0, 1, 2, 2],
     ]
 
 

@@ -20,16 +20,31 @@ from popalign_core.toyworld.world import (
 
 
 def test_world_design():
-    assert len(ROLE_NAMES) >= 12 and set(HELD_OUT_ROLES) < set(ROLE_NAMES)
+    """World v2: >= 48 roles built from shared parts, >= 12 held out, a validation split, strong skews (>= 0.85) in
+    both directions on every axis among the held-out roles, mild ones too; the table is the seeded draw."""
+    from popalign_core.toyworld.design import draw_world
+    from popalign_core.toyworld.render import BACKGROUNDS
+    from popalign_core.toyworld.world import SETTINGS, SHADES, TRAIN_ROLES, VALIDATION_ROLES
+
+    assert len(ROLE_NAMES) == 56 and len(HELD_OUT_ROLES) == 14 and len(VALIDATION_ROLES) == 8
+    assert len(TRAIN_ROLES) == 34 and not set(HELD_OUT_ROLES) & set(VALIDATION_ROLES)
+    assert set(TRAIN_ROLES) | set(HELD_OUT_ROLES) | set(VALIDATION_ROLES) == set(ROLE_NAMES)
     assert [len(c) for c in TOY_AXES.values()] == [2, 4, 2]
+    # every role a distinct (setting, shade) pair; every part shared by several training roles
+    assert len({(r.setting, r.shade) for r in ROLE_BY_NAME.values()}) == 56
+    assert len({ROLE_BY_NAME[r].background for r in ROLE_NAMES}) == 56 and len(BACKGROUNDS) == 57
+    assert min(sum(ROLE_BY_NAME[r].setting == s for r in TRAIN_ROLES) for s in range(len(SETTINGS))) >= 2
+    assert min(sum(ROLE_BY_NAME[r].shade == g for r in TRAIN_ROLES) for g in range(len(SHADES))) >= 2
     for axis in TOY_AXES:
-        p = np.array([ROLE_BY_NAME[r].skew[axis] for r in ROLE_NAMES])
-        first = p[:, 0]
-        # skews in both directions, strong and balanced ones, on every axis
-        assert first.max() >= 0.55 and p.max() >= 0.7 and (np.abs(p - 1 / p.shape[1]).max(axis=1) < 1e-9).any()
-        assert (p.argmax(1) != p.argmax(1)[0]).any()
-    held = [ROLE_BY_NAME[r].skew["form"][0] for r in HELD_OUT_ROLES]
-    assert min(held) < 0.5 < max(held)  # held-out roles skewed both ways
+        p = np.array([ROLE_BY_NAME[r].skew[axis] for r in HELD_OUT_ROLES])
+        assert ((p >= 0.85).sum(0) > 0).sum() >= 2, axis  # strong towards two classes (binary: both directions)
+        everyone = np.array([ROLE_BY_NAME[r].skew[axis] for r in ROLE_NAMES]).max(1)
+        assert ((everyone > 0.45) & (everyone < 0.7)).any()  # mild skews too
+    d = draw_world(0)
+    table = [(r.name, r.setting, r.shade, r.skew["form"][0], r.skew["hue"], r.skew["stature"][0])
+             for r in ROLE_BY_NAME.values()]  # fmt: skip
+    assert d["roles"] == table and tuple(d["held_out"]) == HELD_OUT_ROLES
+    assert tuple(d["validation"]) == VALIDATION_ROLES
 
 
 def test_captions_round_trip_word_level():
@@ -47,8 +62,8 @@ def test_captions_round_trip_word_level():
                     assert parsed == {"role": role, "concept": None, "identity": {axis: c}, "hidden": False}
     assert parse_caption("a photo of a tree")["concept"] == "tree"
     assert parse_caption("a photo of a tallbaker")["identity"] == {}  # word level only
-    with pytest.raises(ValueError, match=r"`role` must be one of .*got 'doctor'"):
-        caption("doctor")
+    with pytest.raises(ValueError, match=r"`role` must be one of .*got 'astronaut'"):
+        caption("astronaut")
     with pytest.raises(ValueError, match=r"`identity\['hue'\]` must be one of .*got 'purple'"):
         caption("baker", {"hue": "purple"})
     words = [w for a in KEYWORDS.values() for ks in a.values() for w in ks]
@@ -90,7 +105,7 @@ def test_identity_sampling_matches_design_and_captions_are_faithful():
         assert s.stature == "short" and s.hue == "gold" and s.role == "guard"
     assert spec_from_caption("a photo of a sun", rng).kind == "concept"
     with pytest.raises(ValueError, match="names no toy-world role or concept"):
-        spec_from_caption("a photo of a doctor", rng)
+        spec_from_caption("a photo of an astronaut", rng)
 
 
 def test_dataset_mix():

@@ -4,7 +4,8 @@
     python -m popalign_core.experiments.dal_toy --out runs/dal_quick --quick  # a smoke run of a few minutes
 
 1. Audit the base model on the held-out neutral roles (N images per role, toy *evaluation* classifier, the audit
-   sampler of the demo: DDIM 25, guidance 1), identity-specific prompts (recall, guidance 2) and concepts.
+   sampler of the demo: DDIM 25, guidance 1.5, toy world v2's one setting), identity-specific prompts (recall,
+   same sampler) and concepts.
 2. Train with `popalign dal` on the *training* roles' neutral prompts towards the stated target (default: 50/50 on
    `form`, the gender-like axis, and 75/25 tall/short on `stature`, the age-like axis, at once), judged during
    training by the toy *training* classifier only.
@@ -32,15 +33,15 @@ DEFAULTS: dict[str, Any] = {
     # identity-specific training prompts that keep their identity (DALConfig.prompt_targets): "none", or "all" (every
     # training role x every class of every target axis, e.g. "a photo of a round baker" -> form 100% round)
     "identity_prompts": "all",
-    # the training roles whose prompts DAL trains on: "all" (the 10 training roles) or a list of them
+    # the training roles whose prompts DAL trains on: "all" (the 34 training roles) or a list of them
     "train_roles": "all",
     "eval": {
         "n_per_role": 200,
         "n_per_identity": 4,
         "n_per_concept": 25,
         "steps": 25,
-        "guidance": 1.0,
-        "recall_guidance": 2.0,
+        "guidance": 1.5,
+        "recall_guidance": 1.5,
     },  # fmt: skip
     "dal": {
         "target": {"form": [0.5, 0.5], "stature": [0.75, 0.25]},
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "images_per_prompt": 16,
         "prompts_per_step": 2,
         "sampler_steps": 20,
-        "guidance_scale": 1.0,
+        "guidance_scale": 1.5,
         "lr": 3e-3,
         "lora_rank": 8,
         "face_bank": "toy",

@@ -12,13 +12,13 @@ target (UNet attention, + text encoder, text encoder only) and beta / lr; and `p
 For each row the study measures, with the toy *evaluation* classifier:
 
 * **held-out** (what a user cares about): the mean discrepancy (PopAlign Eq. 13, uniform target, mean over roles
-  and axes) over the held-out roles (judge, smith, ranger, tailor) before and after, its reduction with a 95%
+  and axes) over the 14 held-out roles before and after, its reduction with a 95%
   bootstrap interval, identity recall and concept accuracy — exactly the demo's audit (`demo.evaluate`);
 * **in-distribution**: the same discrepancy over the row's *training* roles on seeds of its own (`IN_DIST_SEED`),
   base model against the chosen checkpoint.
 
-The checkpoint of a row is chosen as in the demo (`demo.choose_stage`: training roles, the training classifier,
-validation seeds), never on held-out roles. Rows whose settings coincide (e.g. the default row of several factors)
+The checkpoint of a row is chosen as in the demo (`demo.choose_stage`: the validation roles, the training
+classifier), never on held-out roles. Rows whose settings coincide (e.g. the default row of several factors)
 are run once: a row's files are named by the hash of its config. Population data are shared by rows with the same
 data settings. A row that is already on disk is not run again, so an interrupted study continues where it stopped.
 """
@@ -36,14 +36,20 @@ import numpy as np
 from ..fileio import atomic_write_text
 from ..userinput import ArgumentParser, command
 
-#: roles are added in this order by the `roles` factor (nested subsets: the first k). The first two have opposite
-#: skews on `form` and `stature`; every prefix of 4 or more has strong skews in both directions on every axis.
-ROLE_ORDER = ("baker", "pilot", "farmer", "painter", "miner", "sailor", "guard", "clerk", "chef", "medic")
+#: the 34 training roles in the order the `roles` factor adds them (nested subsets: the first k): a seeded
+#: permutation (NumPy default_rng(0), the first whose first 4 roles hold strong skews in both directions on `form`
+#: and `stature`).
+ROLE_ORDER = ("banker", "poet", "doctor", "baker", "fisher", "cleaner", "ranger", "tailor", "miner", "writer", "nurse",
+              "hunter", "porter", "gardener", "dentist", "weaver", "builder", "judge", "teacher", "barber", "sailor",
+              "waiter", "archer", "farmer", "plumber", "cook", "singer", "artist", "scholar", "smith", "clerk",
+              "officer", "surgeon", "mason")  # fmt: skip
+#: the points of the scaling curve (number of training roles)
+ROLE_COUNTS = (4, 8, 17, 34)
 IN_DIST_SEED = 7  # added to the demo's seed for the in-distribution audit (the selection uses +1 and +2)
 IN_DIST_N = 64  # images per training role in the in-distribution audit
 
 
-def _pop(lr: float = 3e-3, beta: float = 200.0, anchor_weight: float = 0.0, **options) -> dict:
+def _pop(lr: float = 1e-3, beta: float = 200.0, anchor_weight: float = 0.0, **options) -> dict:
     params: dict[str, Any] = {"beta": beta}
     if anchor_weight:
         params.update(anchor_weight=anchor_weight, anchor_target="reference")
@@ -61,7 +67,10 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def _roles(k: int) -> dict:
-    return {"data": {"train_roles": list(ROLE_ORDER[:k])}}
+    """The first `k` roles of `ROLE_ORDER`, listed in the world's order (so all 34 are the demo's `all`)."""
+    from ..toyworld.world import TRAIN_ROLES
+
+    return {"data": {"train_roles": [r for r in TRAIN_ROLES if r in ROLE_ORDER[:k]]}}
 
 
 def _images(n: int) -> dict:
@@ -69,11 +78,11 @@ def _images(n: int) -> dict:
 
 
 #: study -> rows (label, demo-config overrides; `popalign` is the only method). The demo's defaults are the row
-#: "default" of every factor: 10 roles, 32 + 32 images per role, 360 steps in 3 stages, UNet attention, beta 200,
-#: lr 3e-3.
+#: "default" of every factor: 34 roles, 16 + 16 images per role, 360 steps in 3 stages, UNet attention, beta 200,
+#: lr 1e-3.
 STUDIES: dict[str, list[tuple[str, dict]]] = {
-    "roles": [(f"{k} roles", _merge(_pop(), _roles(k))) for k in (2, 4, 7, 10)],
-    "images": [(f"{n} + {n} images per role", _merge(_pop(), _images(n))) for n in (16, 32, 64)],
+    "roles": [(f"{k} roles", _merge(_pop(), _roles(k))) for k in ROLE_COUNTS],
+    "images": [(f"{n} + {n} images per role", _merge(_pop(), _images(n))) for n in (8, 16, 32)],
     "steps": [
         ("120 steps, 3 stages", _merge(_pop(), {"train": {"steps": 120}})),
         ("720 steps, 6 stages", _merge(_pop(), {"train": {"steps": 720}, "select": {"stages": 6}})),
@@ -84,11 +93,11 @@ STUDIES: dict[str, list[tuple[str, dict]]] = {
         ("text encoder only", _pop(train_unet=False, train_text_encoder=True)),
     ],
     "beta_lr": [
-        ("beta 200, lr 1e-3", _pop(lr=1e-3)),
-        ("beta 200, lr 3e-3", _pop()),
+        ("beta 200, lr 1e-3", _pop()),
+        ("beta 200, lr 3e-3", _pop(lr=3e-3)),
         ("beta 200, lr 1e-2", _pop(lr=1e-2)),
-        ("beta 50, lr 3e-3", _pop(beta=50.0)),
-        ("beta 1000, lr 3e-3", _pop(beta=1000.0)),
+        ("beta 50, lr 1e-3", _pop(beta=50.0)),
+        ("beta 1000, lr 1e-3", _pop(beta=1000.0)),
     ],
     # the prior-preservation anchor (the frozen model's images of the training roles' identity-specific prompts
     # and of the concepts; `anchor_target: reference`) with each LoRA target: does it keep the keywords that a
@@ -103,10 +112,10 @@ STUDIES: dict[str, list[tuple[str, dict]]] = {
 #: rows whose every stage is also audited on the held-out roles (the reader's trade-off curve; never for selection)
 EVAL_EVERY_STAGE = {"steps"}
 
-#: DAL rows: `popalign dal-toy` overrides (experiments/dal_toy.py DEFAULTS: 150 steps, text encoder + UNet, 10 roles)
+#: DAL rows: `popalign dal-toy` overrides (experiments/dal_toy.py DEFAULTS: 150 steps, text encoder + UNet, 34 roles)
 DAL_STUDY: list[tuple[str, dict]] = [
-    ("3 roles, 150 steps", {"train_roles": list(ROLE_ORDER[:3])}),
-    ("10 roles, 150 steps (default)", {}),
+    ("8 roles, 150 steps", {"train_roles": list(ROLE_ORDER[:8])}),
+    ("34 roles, 150 steps (default)", {}),
 ]
 
 
@@ -184,7 +193,7 @@ def _held_out_json(e: dict) -> dict:
 def run_row(study: str, label: str, overrides: dict, out: Path, log=print, quick: bool = False) -> dict:
     """One PopAlign row (module docstring); its result is written to out/rows/<key>.json and returned. `quick`: the
     demo's smoke sizes (numbers meaningless; for tests)."""
-    from ..demo import bootstrap, build_data, evaluate, train_method, train_roles, training_roles_bias, validation
+    from ..demo import bootstrap, build_data, evaluate, train_method, train_roles, validation, validation_roles_bias
     from ..lora_io import load_lora
     from ..models import load_model
     from ..toyworld.classifier import ToyClassifier
@@ -207,7 +216,7 @@ def run_row(study: str, label: str, overrides: dict, out: Path, log=print, quick
     base_sel = _cached(
         out / "base" / f"select_{dkey}.json",
         lambda: {
-            "train_roles_discrepancy": training_roles_bias(base, cfg, seed, sel_clf),
+            "validation_roles_discrepancy": validation_roles_bias(base, cfg, seed, sel_clf),
             **validation(base, cfg, seed, sel_clf),
         },
     )
@@ -337,7 +346,7 @@ def role_codes(adapter, roles) -> np.ndarray:
 def code_span(adapter=None) -> dict:
     """How much of each held-out role's code the training roles' codes span, for the `roles` factor's subsets.
 
-    Codes are centred by the mean over the 10 training roles (no held-out information). For a held-out role h and a
+    Codes are centred by the mean over the training roles (no held-out information). For a held-out role h and a
     training subset S, outside(h, S) = |c_h - P_S c_h|^2 / |c_h|^2, with P_S the orthogonal projection onto the span
     of the centred codes of S (0: inside the span, 1: orthogonal to it). Also the mean pairwise cosine of the
     centred codes. A LoRA that learns a correction as a function of the training roles' codes acts on a held-out
@@ -352,7 +361,7 @@ def code_span(adapter=None) -> dict:
     unit = np.stack([v / np.linalg.norm(v) for v in c.values()])
     cos = unit @ unit.T
     out = {"mean_pairwise_cosine": float(cos[np.triu_indices(len(unit), 1)].mean()), "outside_span": {}}
-    for k in (2, 4, 7, 10):
+    for k in ROLE_COUNTS:
         basis, _ = np.linalg.qr(np.stack([c[r] for r in ROLE_ORDER[:k]]).T)
         res = {h: float(np.sum((c[h] - basis @ (basis.T @ c[h])) ** 2) / np.sum(c[h] ** 2)) for h in HELD_OUT_ROLES}
         out["outside_span"][k] = {"per_role": res, "mean": float(np.mean(list(res.values())))}

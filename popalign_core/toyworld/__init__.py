@@ -38,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
             action="store_true",
             help="replace an earlier toy-world build in --out (only a build, holding nothing else)",
         )
+        ap.add_argument(
+            "--classifiers-only",
+            action="store_true",
+            help="retrain only the classifiers and face bank of the build in --out (its VAE and recorded config)",
+        )
         a = ap.parse_args(argv[1:])
+        if a.classifiers_only:
+            from .build import rebuild_classifiers
+
+            rebuild_classifiers(a.out, progress=lambda m: print(m, file=sys.stderr, flush=True))
+            return 0
         cfg = BuildConfig(seed=a.seed, threads=a.threads, **PRESETS[a.preset])
         build(a.out, cfg, overwrite=a.overwrite, progress=lambda m: print(m, file=sys.stderr, flush=True))
         return 0

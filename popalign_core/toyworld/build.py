@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from .data import CaptionMix, make_dataset
-from .world import CONCEPTS, ROLE_NAMES, TOY_AXES, parse_caption
+from .world import CONCEPTS, ROLE_BY_NAME, SETTINGS, SHADES, TOY_AXES, parse_caption
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: world v2 (56 roles built from parts, text pretraining reads the parts)
 EOS_ID = 49407  # CLIP's end-of-text token, also its padding token
 
 
@@ -37,12 +37,12 @@ class BuildConfig:
     """Hyper-parameters of a toy-world build (presets: `PRESETS`)."""
 
     seed: int = 0
-    n_images: int = 60000  # rendered training images (base model)
+    n_images: int = 100000  # rendered training images (base model)
     vae_steps: int = 600
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    unet_steps: int = 10000
+    unet_steps: int = 13000
     unet_batch: int = 32  # small batches, many updates: faster learning per sample at this size
     unet_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (64, 64)
@@ -56,7 +56,7 @@ class BuildConfig:
     snr_gamma: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023) of the UNet loss (0: off)
     ema_decay: float = 0.999
     classifier_images: int = 20000  # labelled renders for the toy classifiers
-    classifier_steps: int = 1200  # training steps of each toy classifier
+    classifier_steps: int = 1800  # training steps of each toy classifier
     mix: CaptionMix = field(default_factory=CaptionMix)
     threads: int = 0  # torch threads (0: leave as is)
 
@@ -196,7 +196,8 @@ def tokenize(captions: list[str]):
 
 # caption attributes the text encoder is taught to expose at every position from the end-of-text token on
 AUX_HEADS: dict[str, tuple[str, ...]] = {
-    "role": ROLE_NAMES,
+    "setting": SETTINGS,  # a role's parts, not its identity: role codes share structure (see `TextAux`)
+    "shade": tuple(str(g) for g in SHADES),
     "concept": CONCEPTS,
     "hidden": ("cloak",),
     **TOY_AXES,
@@ -210,8 +211,9 @@ def caption_labels(captions: list[str]):
     rows = []
     for c in captions:
         p = parse_caption(c)
-        named = {"role": p["role"], "concept": p["concept"], "hidden": "cloak" if p["hidden"] else None,
-                 **p["identity"]}  # fmt: skip
+        role = ROLE_BY_NAME.get(p["role"])
+        parts = {"setting": SETTINGS[role.setting], "shade": str(SHADES[role.shade])} if role else {}
+        named = {**parts, "concept": p["concept"], "hidden": "cloak" if p["hidden"] else None, **p["identity"]}
         rows.append([0 if named.get(h) is None else 1 + classes.index(named[h]) for h, classes in AUX_HEADS.items()])
     return torch.tensor(rows, dtype=torch.long)
 
@@ -225,7 +227,12 @@ class TextAux:
     image), and the UNet then cannot follow them. This loss - cross-entropy of per-head linear read-outs at every
     position from the first end-of-text token on (those positions see the whole caption through causal attention)
     - teaches the encoder to expose every named attribute; it is used to pretrain the encoder and, weighted by
-    ``text_aux_weight``, while training the UNet. The read-outs are discarded after the build."""
+    ``text_aux_weight``, while training the UNet. The read-outs are discarded after the build.
+
+    The role is read out through its parts (``setting``, ``shade``), never as a role identity: a read-out of the
+    role's identity trains the codes of different roles to be told apart (world v1: nearly orthogonal, most of a
+    held-out role's code outside the training roles' span), while a real text encoder's occupation codes share
+    structure. Roles that share a part share a direction of their code."""
 
     def __init__(self, hidden: int, seed: int):
         import torch
@@ -405,7 +412,7 @@ def build(
     """Build the toy world into `out_dir` (see the module docstring). Returns the folder."""
     import torch
 
-    from ..fileio import check_clearable, claim_output_dir, clear_output_dir, set_default_permissions
+    from ..fileio import check_clearable, claim_output_dir, clear_output_dir
 
     cfg = cfg or BuildConfig()
     if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
@@ -436,10 +443,62 @@ def build(
         train_classifiers(partial, vae, cfg, progress)
     meta["seconds"] = round(time.time() - t0, 1)
     (partial / "toyworld.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _replace(partial, out)
+    _log(progress, f"built {out} in {meta['seconds']}s")
+    return out
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Put the complete build `partial` in place of `out` (an earlier build, all of it ours, or nothing)."""
+    from ..fileio import OUTPUT_MARKER, clear_output_dir, set_default_permissions
+
     if out.exists():
         clear_output_dir(out, COMMAND, OUTPUTS, signature="toyworld.json")
+        (out / OUTPUT_MARKER).unlink(missing_ok=True)  # the folder's claim marker; the build brings its own
         out.rmdir()
     set_default_permissions(partial)
     os.replace(partial, out)
-    _log(progress, f"built {out} in {meta['seconds']}s")
+
+
+def config_from_meta(meta: dict[str, Any]) -> BuildConfig:
+    """The `BuildConfig` a build recorded in its toyworld.json."""
+    c = dict(meta["config"])
+    c["unet_channels"], c["vae_channels"] = tuple(c["unet_channels"]), tuple(c["vae_channels"])
+    c["mix"] = CaptionMix(**c["mix"])
+    return BuildConfig(**c)
+
+
+def rebuild_classifiers(out_dir: str | os.PathLike, progress: Callable[[str], None] | None = print) -> Path:
+    """Retrain the two toy classifiers and the face bank of an existing build with the current recipe, from the
+    build's own VAE and recorded config (the classifier stage depends on nothing else, so the result is what a full
+    build would write). Works on a copy (``DIR.partial``) that replaces ``DIR`` only when complete."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from ..fileio import check_clearable, clear_output_dir
+    from .classifier import train_classifiers
+
+    out = Path(out_dir)
+    if not (out / "toyworld.json").is_file():
+        raise FileNotFoundError(f"--out {str(out)!r} holds no toy-world build (no toyworld.json) to retrain")
+    check_clearable(out, COMMAND, OUTPUTS, signature="toyworld.json")
+    meta = json.loads((out / "toyworld.json").read_text())
+    cfg = config_from_meta(meta)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        clear_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build")
+        partial.rmdir()
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("classifiers"))
+    t0 = time.time()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    vae = AutoencoderKL.from_pretrained(partial / "vae").eval().requires_grad_(False)
+    train_classifiers(partial, vae, cfg, progress)
+    meta["classifiers_seconds"] = round(time.time() - t0, 1)
+    (partial / "toyworld.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _replace(partial, out)
+    _log(progress, f"retrained the classifiers of {out} in {meta['classifiers_seconds']}s")
     return out

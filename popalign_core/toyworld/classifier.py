@@ -223,14 +223,17 @@ def train_classifiers(
     rt_noisy = vae_roundtrip(vae, imgs, noise=0.15, seed=cfg.seed + 12)
     hold_imgs, hold_labels = labelled_renders(max(n // 10, 500), cfg.seed + 20)
     hold_rt = vae_roundtrip(vae, hold_imgs, seed=cfg.seed + 21)
-    # training classifier: clean renders and VAE round trips; evaluation classifier: round trips only
-    train_x = np.concatenate([imgs, rt])
-    train_lab = {k: np.concatenate([v, v]) for k, v in labels.items()}
-    eval_x = np.concatenate([rt, rt_noisy])
+    # training classifier: clean renders and VAE round trips; evaluation classifier: round trips with and without
+    # latent noise (what generated images look like) and clean renders (world v2: trained on round trips alone it
+    # confused short round figures with angular ones on the 56 backgrounds, 0.965 on renders)
+    data = {
+        "train": (np.concatenate([imgs, rt]), {k: np.concatenate([v, v]) for k, v in labels.items()}),
+        "eval": (np.concatenate([rt, rt_noisy, imgs]), {k: np.concatenate([v, v, v]) for k, v in labels.items()}),
+    }
     config: dict[str, Any] = {"heads": HEADS, "concepts": list(CONCEPT_CLASSES), "roles": list(ROLE_NAMES),
                               "axes": {a: list(c) for a, c in TOY_AXES.items()}, "nets": {}}  # fmt: skip
-    for which, x, seed in (("train", train_x, cfg.seed + 30), ("eval", eval_x, cfg.seed + 40)):
-        net = train_net(which, x, train_lab, steps, seed, progress)
+    for which, seed in (("train", cfg.seed + 30), ("eval", cfg.seed + 40)):
+        net = train_net(which, *data[which], steps, seed, progress)
         temps = fit_temperatures(net, hold_rt, hold_labels) if which == "train" else {k: 1.0 for k in HEADS}
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / FILES[which]))
         config["nets"][which] = {"file": FILES[which], "temperature": temps, "seed": seed}

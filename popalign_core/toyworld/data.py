@@ -20,8 +20,8 @@ from .world import CONCEPTS, KEYWORDS, ROLE_NAMES, TOY_AXES, caption, concept_ca
 class CaptionMix:
     """Shares of caption kinds in the base model's training data (they must sum to 1)."""
 
-    neutral: float = 0.50
-    identity: float = 0.36
+    neutral: float = 0.46
+    identity: float = 0.40
     hidden: float = 0.06
     concept: float = 0.08
 

@@ -4,7 +4,8 @@
 blocks (anti-aliasing). A figure is: two legs, a torso (ellipse for ``round``, rectangle for ``angular``) and a
 head (circle / square) in the figure's hue, with a "face" (a light oval with two eyes) - the analogue of a human
 face that the toy face detector looks for. ``stature`` sets the height (tall figures are about 1.5x taller). The
-role sets the background pattern (grey levels only, so it never competes with the hue axis). A cloaked figure is
+role's parts set the background: its setting the pattern, its shade the grey level (grey only, so it never
+competes with the hue axis). A cloaked figure is
 a grey cloak and hood with no face and no visible form or hue. Positions, sizes and colours are jittered.
 
 `sample_specs` draws figure specs for a role with its designed skew; `spec_from_caption` draws a spec matching a
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import CONCEPT_BACKGROUND, CONCEPTS, HUE, ROLE_BY_NAME, TOY_AXES, parse_caption
+from .world import CONCEPT_BACKGROUND, CONCEPTS, HUE, ROLE_BY_NAME, SETTINGS, SHADES, TOY_AXES, parse_caption
 
 SIZE = 32
 SS = 2  # supersampling factor
@@ -32,9 +33,9 @@ FACE_RGB = (0.97, 0.86, 0.74)
 LEG_RGB = (0.22, 0.22, 0.24)
 CLOAK_RGB = (0.36, 0.36, 0.38)
 
-# background patterns: (grey level, pattern); index = Role.background; the last one is the concepts' plain sky
-_PATTERNS = ("plain", "hstripes", "vstripes", "diag", "checker", "dots", "grid")
-BACKGROUNDS = tuple((g, p) for g in (0.60, 0.80) for p in _PATTERNS) + ((0.90, "sky"),)
+# backgrounds: (grey level, pattern) = (shade, setting); index = Role.background; the last one is the concepts' sky
+BACKGROUNDS = tuple((g, p) for g in SHADES for p in SETTINGS) + ((0.90, "sky"),)
+LEVEL_JITTER = 0.015  # < half the step between shades (0.06)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _background(index: int, n: int, rng: np.random.Generator) -> np.ndarray:
     level, pattern = BACKGROUNDS[index]
     y, x = _GRIDS[n]
     s = n / 64.0  # pattern periods are defined on the 64-px canvas
-    level = level + rng.uniform(-0.03, 0.03)
+    level = level + rng.uniform(-LEVEL_JITTER, LEVEL_JITTER)
     amp = 0.09
     if pattern == "plain":
         v = np.zeros_like(x)
@@ -86,6 +87,8 @@ def _background(index: int, n: int, rng: np.random.Generator) -> np.ndarray:
         v = np.where((x / s // 8) % 2 == 0, amp, -amp)
     elif pattern == "diag":
         v = np.where(((x + y) / s // 11) % 2 == 0, amp, -amp)
+    elif pattern == "antidiag":
+        v = np.where(((x - y + n) / s // 11) % 2 == 0, amp, -amp)
     elif pattern == "checker":
         v = np.where(((x / s // 10) + (y / s // 10)) % 2 == 0, amp, -amp)
     elif pattern == "dots":

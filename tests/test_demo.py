@@ -48,7 +48,7 @@ def test_demo_writes_every_output(demo_run):
 def test_results_fields_and_consistency(demo_run):
     _, r = demo_run
     assert set(r["methods"]) == {"popalign", "popalign_anchor", "sft", "dpo", "dal"}
-    assert r["held_out_roles"] == list(HELD_OUT_ROLES) and len(HELD_OUT_ROLES) == 14 and r["n_per_role"] == 16
+    assert r["held_out_roles"] == list(HELD_OUT_ROLES) and len(HELD_OUT_ROLES) == 14 and r["n_per_role"] == 6
     for m in r["methods"].values():
         assert m["discrepancy_before"] == r["base"]["discrepancy"]
         assert m["reduction"] == pytest.approx(1 - m["discrepancy_after"] / m["discrepancy_before"])
@@ -82,7 +82,7 @@ def test_results_fields_and_consistency(demo_run):
     assert dal["prompts"] == [f"a photo of a {role}" for role in SUBSET] and dal["train"] == "both"
     assert r["methods"]["popalign_anchor"]["train_config"]["loss_params"]["anchor_weight"] > 0
     assert set(r["timings"]) == {"audit_before", "data", "train", "select", "audit_after", "report", "total"}
-    assert r["data"]["filter"]["images"] == 80  # 5 training roles x (8 augmented + 8 neutral)
+    assert r["data"]["filter"]["images"] == 60  # 5 training roles x (6 augmented + 6 neutral)
 
 
 def test_train_roles_choose_the_data_selection_and_anchor_prompts(demo_run):
@@ -115,7 +115,7 @@ def test_fixed_work_whatever_the_machine_speed(demo_run):
     _, r = demo_run
     quick = load_demo_config(quick=True)
     assert all(t["over_budget"] for t in r["timings"].values())
-    assert r["data"]["sample"]["done"] == r["data"]["sample"]["jobs"] == 80
+    assert r["data"]["sample"]["done"] == r["data"]["sample"]["jobs"] == 60
     for name, m in r["methods"].items():
         steps = quick["methods"]["dal"]["steps"] if name == "dal" else quick["train"]["steps"]
         assert [c["step"] for c in m["selection_curve"]] == [steps // 2, steps]  # both stages

@@ -86,6 +86,31 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     assert check_clearable(partial, COMMAND, OUTPUTS) is not None  # the next build may clear it: all of it is ours
 
 
+def test_classifiers_only_retrains_the_classifiers_of_a_build(built, tmp_path):
+    """`--classifiers-only`: the classifiers are written anew from the build's VAE and recorded config; the model's
+    weights are untouched; a leftover unfinished folder of ours is cleared; a folder without a build is refused."""
+    import shutil
+
+    from popalign_core.toyworld.build import rebuild_classifiers
+
+    out = tmp_path / "tw"
+    shutil.copytree(built[0], out)
+    unet = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (out / "classifiers" / "toy_eval.safetensors").write_bytes(b"stale")
+    shutil.copytree(out, tmp_path / "tw.partial")  # a killed earlier run's copy
+    lines = []
+    rebuild_classifiers(out, progress=lines.append)
+    assert (out / "classifiers" / "toy_eval.safetensors").read_bytes() != b"stale"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
+    assert not (tmp_path / "tw.partial").exists() and any(m.startswith("retrained the classifiers") for m in lines)
+    assert json.loads((out / "toyworld.json").read_text())["classifiers_seconds"] > 0
+    from popalign_core.classify.classifiers import make_classifier
+
+    assert make_classifier("toy", weights=out, which="eval").predict([np.zeros((32, 32, 3), np.uint8)])["face"].shape
+    with pytest.raises(FileNotFoundError, match="holds no toy-world build"):
+        rebuild_classifiers(tmp_path / "nothing")
+
+
 def test_model_loads_and_samples_through_the_sd15_path(built):
     from popalign_core.models import load_model
     from popalign_core.sampling import SamplerConfig, sample

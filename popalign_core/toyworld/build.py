@@ -450,14 +450,21 @@ def build(
 
 def _replace(partial: Path, out: Path) -> None:
     """Put the complete build `partial` in place of `out` (an earlier build, all of it ours, or nothing)."""
-    from ..fileio import OUTPUT_MARKER, clear_output_dir, set_default_permissions
+    from ..fileio import set_default_permissions
 
     if out.exists():
-        clear_output_dir(out, COMMAND, OUTPUTS, signature="toyworld.json")
-        (out / OUTPUT_MARKER).unlink(missing_ok=True)  # the folder's claim marker; the build brings its own
-        out.rmdir()
+        _remove_build(out, signature="toyworld.json")
     set_default_permissions(partial)
     os.replace(partial, out)
+
+
+def _remove_build(path: Path, **kwargs) -> None:
+    """Delete the build folder `path` (refused, nothing deleted, unless all of it is ours), claim marker included."""
+    from ..fileio import OUTPUT_MARKER, clear_output_dir
+
+    clear_output_dir(path, COMMAND, OUTPUTS, **kwargs)
+    (path / OUTPUT_MARKER).unlink(missing_ok=True)
+    path.rmdir()
 
 
 def config_from_meta(meta: dict[str, Any]) -> BuildConfig:
@@ -476,7 +483,7 @@ def rebuild_classifiers(out_dir: str | os.PathLike, progress: Callable[[str], No
 
     from diffusers import AutoencoderKL
 
-    from ..fileio import check_clearable, clear_output_dir
+    from ..fileio import check_clearable
     from .classifier import train_classifiers
 
     out = Path(out_dir)
@@ -487,8 +494,7 @@ def rebuild_classifiers(out_dir: str | os.PathLike, progress: Callable[[str], No
     cfg = config_from_meta(meta)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
-        clear_output_dir(partial, COMMAND, OUTPUTS, arg="the unfinished build")
-        partial.rmdir()
+        _remove_build(partial, arg="the unfinished build")
     shutil.copytree(out, partial, ignore=shutil.ignore_patterns("classifiers"))
     t0 = time.time()
     if cfg.threads:

@@ -323,6 +323,16 @@ def _resample(labels: dict[str, dict[str, np.ndarray]], rng) -> dict[str, dict[s
     return out
 
 
+def _stage_reduction(stage: dict, base_labels: dict[str, dict[str, np.ndarray]]) -> dict:
+    """One stage's held-out audit with `discrepancy_before` and `reduction` against the base model's first
+    `stage["n_per_role"]` images per role: the same seeds, so the same noise and the same finite-sample floor (a
+    stage audited at 8 images per role compared with the base at 58 would show the small sample's extra
+    discrepancy as a smaller reduction)."""
+    n = stage["n_per_role"]
+    before = _mean_disc({r: {k: v[:n] for k, v in lab.items()} for r, lab in base_labels.items()})
+    return stage | {"discrepancy_before": before, "reduction": 1.0 - stage["discrepancy"] / before}
+
+
 def bootstrap(before, after, n_boot: int, seed: int) -> dict[str, list[float]]:
     """95% percentile bootstrap CIs (images resampled within each role, before and after independently) of the
     mean discrepancy before, after, and of the relative reduction 1 - after / before."""
@@ -706,7 +716,8 @@ def write_report(results: dict, files: dict, out: Path) -> None:
         f"{_fmt(b['concept_accuracy'])}. Finite-sample floor (a perfectly fair model, same face counts): "
         f"{_fmt(r['floor'])}.",
         "",
-        "Acceptance (issue): " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["acceptance"].items()),
+        "Acceptance (held-out roles; 56% is the PopAlign paper's SDXL gender reduction): "
+        + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["acceptance"].items()),
         "",
         "## Per-axis discrepancy after (mean over held-out roles)",
         "",
@@ -826,16 +837,14 @@ def run_demo(out: str | Path = "runs/demo", config: dict | None = None, overwrit
             "selection_rule": tr["why"],
             "lora": f"{name}_lora.safetensors",
             "train_config": {k: v for k, v in tr["config"].items() if k not in ("anchor_prompts", "prompt_targets")},
-            "held_out_per_stage": {
-                str(k): v | {"reduction": 1.0 - v["discrepancy"] / before} for k, v in stage_evals[name].items()
-            },  # fmt: skip
+            "held_out_per_stage": {str(k): _stage_reduction(v, base["labels"]) for k, v in stage_evals[name].items()},
             "per_role_after": e["bias"]["per_role"],
         }
     pop = res_methods.get("popalign")
     acceptance = {}
     if pop:
         acceptance = {
-            "popalign_reduction_ge_50pct": pop["reduction"] >= 0.5,
+            "popalign_reduction_ge_56pct": pop["reduction"] >= 0.56,
             "popalign_identity_recall_ge_0.95": pop["identity_recall"] >= 0.95,
             "popalign_concept_drop_le_3_points": pop["concept_accuracy_drop"] <= 3.0,
         }

@@ -326,8 +326,8 @@ def _resample(labels: dict[str, dict[str, np.ndarray]], rng) -> dict[str, dict[s
 def _stage_reduction(stage: dict, base_labels: dict[str, dict[str, np.ndarray]]) -> dict:
     """One stage's held-out audit with `discrepancy_before` and `reduction` against the base model's first
     `stage["n_per_role"]` images per role: the same seeds, so the same noise and the same finite-sample floor (a
-    stage audited at 8 images per role compared with the base at 58 would show the small sample's extra
-    discrepancy as a smaller reduction)."""
+    stage audited on fewer images than the base's full audit would show the small sample's extra discrepancy as a
+    smaller reduction)."""
     n = stage["n_per_role"]
     before = _mean_disc({r: {k: v[:n] for k, v in lab.items()} for r, lab in base_labels.items()})
     return stage | {"discrepancy_before": before, "reduction": 1.0 - stage["discrepancy"] / before}

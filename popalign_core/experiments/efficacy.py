@@ -77,6 +77,10 @@ def _images(n: int) -> dict:
     return {"data": {"samples_per_prompt": n, "neutral_per_prompt": n}}
 
 
+#: cross-attention keys and values only: a linear map of the text states, the least a LoRA can change to re-read a
+#: role's code (on v2 the codes share the parts' structure)
+CROSS_KV = ["attn2.to_k", "attn2.to_v"]
+
 #: study -> rows (label, demo-config overrides; `popalign` is the only method). The demo's defaults are the row
 #: "default" of every factor: 34 roles, 16 + 16 images per role, 360 steps in 2 stages, UNet attention, beta 200,
 #: lr 1e-3.
@@ -89,11 +93,9 @@ STUDIES: dict[str, list[tuple[str, dict]]] = {
     ],
     "target": [
         ("UNet attention", _pop()),
-        # cross-attention keys and values only: a linear map of the text states, the least a LoRA can change to
-        # re-read a role's code (on v2 the codes share the parts' structure)
-        ("UNet cross-attention k/v", _pop(unet_targets=["attn2.to_k", "attn2.to_v"])),
-        ("UNet cross-attention k/v, lr 3e-3", _pop(lr=3e-3, unet_targets=["attn2.to_k", "attn2.to_v"])),
-        ("UNet cross-attention k/v, lr 1e-2", _pop(lr=1e-2, unet_targets=["attn2.to_k", "attn2.to_v"])),
+        ("UNet cross-attention k/v", _pop(unet_targets=CROSS_KV)),
+        ("UNet cross-attention k/v, lr 3e-3", _pop(lr=3e-3, unet_targets=CROSS_KV)),
+        ("UNet cross-attention k/v, lr 1e-2", _pop(lr=1e-2, unet_targets=CROSS_KV)),
         ("UNet attention + text encoder", _pop(train_text_encoder=True)),
         ("text encoder only", _pop(train_unet=False, train_text_encoder=True)),
     ],

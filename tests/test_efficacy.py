@@ -89,6 +89,8 @@ def test_quick_row_end_to_end_and_report(tmp_path):
     md = E.report(out, doc)
     assert "### roles" in md and "| 4 roles |" in md and "| 8 roles | not run |" in md
     assert (doc / "scaling.png").is_file() and (doc / "tables.md").read_text().strip() == md.strip()
+    assert (doc / "tradeoff.png").is_file() and "### kept stages by held-out identity recall" in md
+    assert f"| roles: 4 roles | {100 * h['reduction']:.1f}% | {h['identity_recall']:.3f} |" in md
     assert json.loads((doc / "rows.json").read_text())[r["key"]]["label"] == "4 roles"
 
 
@@ -121,3 +123,28 @@ def test_code_span_of_nested_role_subsets():
     # one code per caption: the same caption gives the same code
     codes = E.role_codes(model, ["baker", "baker"])
     assert codes.shape[0] == 2 and np.allclose(codes[0], codes[1])
+
+
+def _kept_row(study, label, reduction, recall, rule, anchor=0.0):
+    params = {"beta": 200.0, **({"anchor_weight": anchor} if anchor else {})}
+    return {"study": study, "label": label, "overrides": {"methods": {"popalign": {"loss_params": params}}},
+            "held_out": {"reduction": reduction, "identity_recall": recall, "concept_accuracy_drop": 2.0},
+            "selection": {"rule": rule}}  # fmt: skip
+
+
+def test_kept_table_sorted_by_recall_and_anchor_flag():
+    """The kept-stage table by hand: highest recall first (ties by key), the defaults' row named, the fallback rule
+    marked; a row is anchored only with anchor_weight > 0."""
+    rows = {
+        "k1": _kept_row("beta_lr", "beta 50", 0.354, 0.845, "no stage within the validation limits: the first stage"),
+        "k0": _kept_row("roles", "34 roles", 0.291, 0.899, "no stage within the validation limits: the first stage"),
+        "k2": _kept_row("anchor", "anchor 50", 0.252, 0.970, "lowest validation discrepancy within the limits", 50.0),
+    }
+    md = E._kept_table(rows, default_key="k0")
+    assert md[4:7] == [
+        "| anchor: anchor 50 | 25.2% | 0.970 | 2 | yes |",
+        "| the defaults | 29.1% | 0.899 | 2 | no (first stage) |",
+        "| beta_lr: beta 50 | 35.4% | 0.845 | 2 | no (first stage) |",
+    ]
+    assert E._kept_table({}, "k0") == []
+    assert [E._anchored(r) for r in rows.values()] == [False, False, True]

@@ -3,6 +3,7 @@
     python bench/comfy_train_memory.py              # full-size SD1.5 UNet (random weights, built here), CPU
     python bench/comfy_train_memory.py --tiny       # the tests' tiny SD1.5 checkpoint (smoke test of the script)
     python bench/comfy_train_memory.py --checkpoint path/to/model.safetensors   # a real SD1.5 / SDXL checkpoint
+    python bench/comfy_train_memory.py --comfyui 0.3.75   # one ComfyUI of the test matrix (default: each in turn)
 
 Each variant runs in its own ComfyUI child process (tests/comfy_support.py), inside ``torch.inference_mode()`` as a
 node does: the checkpoint is loaded with the stock CheckpointLoaderSimple, the resident set size is read, then
@@ -67,6 +68,7 @@ def job(job: dict, log) -> dict:
     from popalign_core.objective import preference_loss
 
     model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(job["ckpt"])[:3]
+    ca.load_for_training(model, clip.patcher, vae.patcher)  # as ComfyUI loads for sampling: counted in the base
     comfy_mods = [model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model]
     size = sum(t.numel() * t.element_size() for m in comfy_mods for t in m.state_dict().values())
     import gc
@@ -130,8 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a real checkpoint (.safetensors); its diffusers config: --config-dir")
     ap.add_argument("--config-dir", help="diffusers config folder of --checkpoint (default: its family's shipped one)")
     ap.add_argument("--latent", type=int, default=8, help="latent side (8 = 64x64 images)")
+    ap.add_argument("--comfyui", default=",".join(cs.matrix_versions()),
+                    help="ComfyUI version(s) of the test matrix, comma-separated (default: %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
-    comfy = cs.obtain_comfyui()
+    versions = [v.strip() for v in args.comfyui.split(",") if v.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.checkpoint:
@@ -142,32 +146,35 @@ def main(argv=None) -> int:
         else:
             ckpt = build_full_sd15(tmp / "ckpt" / "sd15_random.safetensors", tmp / "config")
             config_dir = str(tmp / "config")
-        rows = {}
-        for variant in ("views", "copy"):
-            res = cs.run_in_comfy(
-                f"{__file__}:job",
-                {"ckpt": ckpt.name, "path": str(ckpt), "config_dir": config_dir, "variant": variant,
-                 "latent": args.latent},  # fmt: skip
-                comfy_dir=comfy, folders={"checkpoints": ckpt.parent}, timeout=3600,
-            )  # fmt: skip
-            rows[variant] = res
-        size = rows["views"]["model_bytes"]
-        print(f"checkpoint: {ckpt.name}; model as ComfyUI holds it: {_gib(size)} GiB")
-        print("| variant | RSS after ComfyUI load | after setup | peak | +peak | +peak / model | losses |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for v, r in rows.items():
-            plus = r["peak"] - r["base_rss"]
-            print(f"| {v} | {_gib(r['base_rss'])} | {_gib(r['setup_rss'])} | {_gib(r['peak'])} | {_gib(plus)} | "
-                  f"{plus / size:.2f}x | {', '.join(f'{x:.4f}' for x in r['losses'])} |")  # fmt: skip
-        pv = rows["views"]["peak"] - rows["views"]["base_rss"]
-        pc = rows["copy"]["peak"] - rows["copy"]["base_rss"]
-        print(f"views / copy (+peak): {pv / pc:.2f}x")
-        print(
-            json.dumps(
-                {v: {k: r[k] for k in ("model_bytes", "base_rss", "setup_rss", "peak")} for v, r in rows.items()}
-            )
-        )
+        for version in versions:
+            comfy = cs.obtain_comfyui(version=version)
+            rows = {}
+            for variant in ("views", "copy"):
+                res = cs.run_in_comfy(
+                    f"{__file__}:job",
+                    {"ckpt": ckpt.name, "path": str(ckpt), "config_dir": config_dir, "variant": variant,
+                     "latent": args.latent},  # fmt: skip
+                    comfy_dir=comfy, folders={"checkpoints": ckpt.parent}, timeout=3600,
+                )  # fmt: skip
+                rows[variant] = res
+            _report(version, ckpt, rows)
     return 0
+
+
+def _report(version: str, ckpt: Path, rows: dict) -> None:
+    size = rows["views"]["model_bytes"]
+    print(f"ComfyUI {version}; checkpoint: {ckpt.name}; model as ComfyUI holds it: {_gib(size)} GiB")
+    print("| variant | RSS after ComfyUI load | after setup | peak | +peak | +peak / model | losses |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for v, r in rows.items():
+        plus = r["peak"] - r["base_rss"]
+        print(f"| {v} | {_gib(r['base_rss'])} | {_gib(r['setup_rss'])} | {_gib(r['peak'])} | {_gib(plus)} | "
+              f"{plus / size:.2f}x | {', '.join(f'{x:.4f}' for x in r['losses'])} |")  # fmt: skip
+    pv = rows["views"]["peak"] - rows["views"]["base_rss"]
+    pc = rows["copy"]["peak"] - rows["copy"]["base_rss"]
+    print(f"views / copy (+peak): {pv / pc:.2f}x")
+    keys = ("model_bytes", "base_rss", "setup_rss", "peak")
+    print(json.dumps({"comfyui": version, **{v: {k: r[k] for k in keys} for v, r in rows.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run a ComfyUI API-format workflow headless over ComfyUI's HTTP API (Python standard library only).
 
-    python examples/run_workflow.py workflows/bias_audit.api.json --server http://127.0.0.1:8188 \
+    python examples/run_workflow.py example_workflows/api/bias_audit.api.json --server http://127.0.0.1:8188 \
         --set 1.ckpt_name=my_sd15.safetensors --set 4.neutral_per_prompt=100
 
 --set NODE.INPUT=VALUE changes a widget value (VALUE is parsed as JSON when it can be: numbers, true/false, lists;

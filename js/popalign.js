@@ -13,6 +13,11 @@
 //
 // The DOM widgets never take a slot in widgets_values (serialize: false and trimmed in onSerialize), so the Python
 // widgets of saved workflows keep their positions.
+//
+// Frontend 1.3x "Nodes 2.0" (setting Comfy.VueNodes.Enabled, LiteGraph.vueNodesMode): nodes are Vue components;
+// the canvas draws no node, so widget options.onDraw never runs, and a DOM widget's element is moved into the Vue
+// node with no height set. There each widget sets its element's height itself (vueSize), on creation and on every
+// refit, and redraws from a ResizeObserver and on new data (never from onDraw).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -96,6 +101,9 @@ function addPopAlignWidget(node, name, element, height) {
 	}
 	widget.popalignHeight = height;
 	(node.popalignWidgets ||= []).push(widget);
+	vueSize(widget);
+	// the renderer can change while the node lives (the setting is switched): the element is then moved, and resized
+	if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => vueSize(widget)).observe(element);
 	return widget;
 }
 
@@ -133,8 +141,21 @@ function patchNodeType(nodeType) {
 	};
 }
 
+/** Whether the current frontend draws nodes as Vue components ("Nodes 2.0"); false in the legacy frontend. */
+function vueNodes() {
+	return globalThis.LiteGraph?.vueNodesMode === true;
+}
+
+/** In Nodes 2.0 the element's own CSS decides its height: give it the height the widget wants (else leave it). */
+function vueSize(widget) {
+	const el = widget.element;
+	if (!el?.style) return;
+	el.style.height = vueNodes() ? `${Math.max(30, widget.popalignHeight() - 20)}px` : "";
+}
+
 /** Grow the node when its widgets need more room, and let the frontend lay the DOM widgets out again. */
 function refit(node) {
+	for (const w of node.popalignWidgets || []) vueSize(w);
 	try {
 		const want = node.computeSize();
 		const size = [Math.max(node.size[0], want[0]), Math.max(node.size[1], want[1])];

@@ -19,6 +19,16 @@ except ImportError:  # appended, not prepended: the pack root holds a folder nam
     import popalign_core  # noqa: F401
 
 CATEGORY = "PopAlign"
+# sub-categories along the data flow (the node library shows PopAlign > prompts, population, ...)
+SUBCATEGORIES = ("prompts", "population", "classify", "data", "train", "alignment", "audit")
+
+
+def category(sub: str) -> str:
+    """The node category ``PopAlign/<sub>`` (one of SUBCATEGORIES)."""
+    if sub not in SUBCATEGORIES:
+        raise ValueError(f"unknown node sub-category {sub!r}; known: {SUBCATEGORIES}")
+    return f"{CATEGORY}/{sub}"
+
 
 # custom types passed between PopAlign nodes
 POPULATION = "POPALIGN_POPULATION"  # {"rows": [row per IMAGE row], "settings": {...}}

@@ -66,10 +66,11 @@ def _device(choice: str) -> str:
 class PopAlignFaceDetectorLoader:
     DESCRIPTION = "A face detector for the classifier (weights ship in the detector's pip package; DeepFace's YuNet / "
     "RetinaFace files go in models/deepface/.deepface/weights/)."
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("classify")
     FUNCTION = "load"
     RETURN_TYPES = (C.DETECTOR,)
     RETURN_NAMES = ("detector",)
+    OUTPUT_TOOLTIPS = ("a face detector, for PopAlign Classifier Loader's detector input",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -99,10 +100,14 @@ class PopAlignClassifierLoader:
         "An attribute classifier (gender / race / age ...). Weight files go in ComfyUI/models/popalign/classifiers/ "
         "(e.g. FairFace's res34_fair_align_multi_7_20190809.pt, open_clip_ViT-B-32.safetensors); nothing downloads."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("classify")
     FUNCTION = "load"
     RETURN_TYPES = (C.CLASSIFIER,)
     RETURN_NAMES = ("classifier",)
+    OUTPUT_TOOLTIPS = (
+        "the classifier (face detection + attribute model), for Classify, Filter Population, Bias Metrics and "
+        "Distributional Alignment",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -167,10 +172,11 @@ def classification_rows(handle: ClassifierHandle, images) -> list[dict]:
 
 class PopAlignClassify:
     DESCRIPTION = "Classifies every image of a batch: face found, box, class probabilities per axis (JSON)."
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("classify")
     FUNCTION = "run"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("classification_json",)
+    OUTPUT_TOOLTIPS = ("per image: face found, face box and class probabilities per axis (JSON)",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -186,10 +192,15 @@ class PopAlignFilterPopulation:
         "PopAlign's filter: keeps an augmented (winning) image only when the classifier finds a face and reads the "
         "prompt's identity with at least `threshold` confidence; neutral (losing) images need a face only."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("population")
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", C.POPULATION, "STRING")
     RETURN_NAMES = ("images", "population", "report")
+    OUTPUT_TOOLTIPS = (
+        "the kept images",
+        "the metadata rows of the kept images, with their classifications",
+        "how many images were kept and why the others were dropped (JSON)",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -269,17 +269,26 @@ class _Swap:
         return type(self._layer)._conv_forward(self, x, weight, bias)
 
 
+def _embedding_forward(self, ids):
+    """Look up in the stored (possibly fp16) table and return float32 rows (exact), so that the layers after it
+    compute in float32 as ComfyUI does (0.3.75 stores the CLIP embeddings in fp16 too, the 2024 copy in fp32)."""
+    out = torch.nn.Embedding.forward(self, ids)
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
 def manual_cast(module: torch.nn.Module) -> int:
-    """Make every Linear / LayerNorm / Conv2d / GroupNorm / Embedding-free layer of `module` compute in its input's
-    dtype (weights cast on the fly, storage untouched). Returns how many layers were switched."""
+    """Make every Linear / LayerNorm / Conv2d / GroupNorm layer of `module` compute in its input's dtype (weights
+    cast on the fly, storage untouched) and every Embedding return float32 rows. Returns how many layers were
+    switched."""
     n = 0
     for m in module.modules():
         base = type(m)
-        if base not in (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv2d, torch.nn.GroupNorm):
+        if base not in (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.Embedding):
             continue
         cls = _CAST_CLASSES.get(base)
         if cls is None:
-            cls = _CAST_CLASSES[base] = type(f"Cast{base.__name__}", (base,), {"forward": _cast_forward})
+            forward = _embedding_forward if base is torch.nn.Embedding else _cast_forward
+            cls = _CAST_CLASSES[base] = type(f"Cast{base.__name__}", (base,), {"forward": forward})
         m.__class__ = cls
         n += 1
     return n
@@ -355,11 +364,83 @@ def vae_view(vae, family: str, scaling_factor: float):
 
 
 # ------------------------------------------------------------------------------------------------------------ adapter
-def load_to_device(*patchers) -> None:
-    """Let ComfyUI load the models (it applies their weight patches, e.g. LoRAs loaded upstream)."""
+class NotEnoughMemory(RuntimeError):
+    """The models cannot all be resident on their device for training (the message says how much is needed)."""
+
+
+_MIB = 1 << 20
+
+
+def patcher_bytes(patcher) -> tuple[int | None, int]:
+    """(bytes of the patcher's weights resident on its load device, bytes of all its weights); the first is None
+    where ComfyUI does not track it (the 2024 copy after a partial load)."""
+    total = int(patcher.model_size())
+    if hasattr(patcher, "loaded_size"):  # ComfyUI 0.3.x tracks what a (partial) load put on the device
+        return int(patcher.loaded_size()), total
+    on_device = str(getattr(patcher, "current_device", patcher.load_device)) == str(patcher.load_device)
+    return (None if is_partial(patcher) else total if on_device else 0), total
+
+
+def is_partial(patcher) -> bool:
+    """Whether ComfyUI loaded the model partially (lowvram: some weights stay offloaded and are cast per layer)."""
+    counter = getattr(patcher, "lowvram_patch_counter", None)
+    return bool(
+        getattr(patcher, "model_lowvram", False)  # the 2024 ModelPatcher
+        or getattr(getattr(patcher, "model", None), "model_lowvram", False)  # ComfyUI 0.3.x (on the BaseModel)
+        or (callable(counter) and counter() > 0)
+    )
+
+
+def memory_shortfall(need: int, device_total: int, reserve: int) -> int:
+    """Bytes missing to hold `need` bytes of weights on a device of `device_total` bytes that must keep `reserve`
+    bytes free for computing (activations, optimiser state): ``need + reserve - device_total``, 0 when it fits."""
+    return max(0, int(need) + int(reserve) - int(device_total))
+
+
+def load_for_training(*patchers) -> None:
+    """Have ComfyUI load the models (MODEL, CLIP, VAE patchers) fully onto their load device for training.
+
+    Through ComfyUI's own ``load_models_gpu``: other models are offloaded first, the memory accounting stays right,
+    weight patches (e.g. LoRAs loaded upstream) are applied, and a model ComfyUI had loaded partially (``--lowvram``,
+    or too little free memory) is loaded completely (``force_full_load``, ComfyUI 0.3.x). Training needs every weight
+    resident: when the device is too small for that, or ComfyUI still keeps weights offloaded (``--novram``),
+    NotEnoughMemory says how much memory is needed. Nothing else of ComfyUI's model state changes (the next queue
+    samples as before)."""
+    import inspect
+
     import comfy.model_management as mm
 
-    mm.load_models_gpu([p for p in patchers if p is not None])
+    ps = [p for p in patchers if p is not None]
+    by_device: dict[str, int] = {}
+    for p in ps:
+        if getattr(p.load_device, "type", str(p.load_device)) != "cpu":
+            by_device[str(p.load_device)] = by_device.get(str(p.load_device), 0) + patcher_bytes(p)[1]
+    for dev_name, need in by_device.items():
+        dev = next(p.load_device for p in ps if str(p.load_device) == dev_name)
+        short = memory_shortfall(need, mm.get_total_memory(dev), mm.minimum_inference_memory())
+        if short:
+            raise NotEnoughMemory(
+                f"training needs the whole model on {dev_name}: {need / _MIB:.0f} MiB of weights (MODEL, CLIP, VAE) "
+                f"plus {mm.minimum_inference_memory() / _MIB:.0f} MiB to compute, but the device has "
+                f"{mm.get_total_memory(dev) / _MIB:.0f} MiB ({short / _MIB:.0f} MiB short); use a smaller model or a "
+                "larger device"
+            )
+    params = inspect.signature(mm.load_models_gpu).parameters
+    kwargs = {k: True for k in ("force_full_load", "force_patch_weights") if k in params}
+    mm.load_models_gpu(ps, **kwargs)
+    partial = [p for p in ps if is_partial(p)]
+    if partial:
+        sizes = [patcher_bytes(p) for p in partial]
+        raise NotEnoughMemory(
+            "training needs the whole model on one device, but ComfyUI kept part of it offloaded ("
+            + ", ".join(
+                f"{type(p.model).__name__}: "
+                + (f"{lo / _MIB:.0f} of {tot / _MIB:.0f} MiB loaded" if lo is not None else f"{tot / _MIB:.0f} MiB")
+                for p, (lo, tot) in zip(partial, sizes)
+            )  # fmt: skip
+            + f"); it needs {sum(t for _, t in sizes) / _MIB:.0f} MiB free on {partial[0].load_device}: restart "
+            "ComfyUI without --lowvram / --novram, or free memory (unload other models)"
+        )
 
 
 def adapter_from_comfy(model, clip, vae, *, trainable: bool = True):
@@ -380,7 +461,7 @@ def adapter_from_comfy(model, clip, vae, *, trainable: bool = True):
         raise ValueError("clip: a CLIP is required (the core encodes prompts with the model's own text encoders)")
     if vae is None:
         raise ValueError("vae: a VAE is required (training encodes images, alignment decodes latents)")
-    load_to_device(model, clip.patcher, vae.patcher)
+    load_for_training(model, clip.patcher, vae.patcher)
     modules = [model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model]
     if trainable:
         for m in modules:

@@ -31,10 +31,14 @@ class PopAlignTargetDistribution:
         "{joint: {axes: [...], probs: {'c1|c2': p}}}, and optional per-prompt targets (conditional: identity-specific "
         "prompts that keep their identity). The sliders on the node edit the JSON and keep each axis summing to 1."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("alignment")
     FUNCTION = "run"
     RETURN_TYPES = (C.TARGET, "STRING")
     RETURN_NAMES = ("target", "target_json")
+    OUTPUT_TOOLTIPS = (
+        "the target, for Bias Metrics and Distributional Alignment",
+        "the same target as JSON",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,11 +79,17 @@ class PopAlignDistributionalAlignment:
         "adjusted direct fine-tuning through ComfyUI's model: images are generated with gradient (DPM-Solver++), "
         "classified, and pushed towards the target. Saves a kohya LoRA in models/loras/popalign/."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("alignment")
     FUNCTION = "train"
     OUTPUT_NODE = True
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
     RETURN_NAMES = ("model", "clip", "lora_path", "summary")
+    OUTPUT_TOOLTIPS = (
+        "the incoming MODEL with the trained LoRA applied",
+        "the incoming CLIP with the LoRA applied (unchanged when the text encoder is not trained)",
+        "the LoRA file: models/loras/popalign/<lora_name>.safetensors",
+        "what was trained: steps, losses, resumed_from, run folder, memory (JSON)",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):

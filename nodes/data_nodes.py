@@ -38,10 +38,14 @@ class PopAlignBuildPreferenceData:
         "(neutral) images of the same neutral prompt, captioned with the neutral prompt; also (winner, loser) pairs. "
         "Written to output/popalign/data/<name>-<hash>/."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("data")
     FUNCTION = "run"
     RETURN_TYPES = (C.DATASET, "STRING")
     RETURN_NAMES = ("dataset", "report")
+    OUTPUT_TOOLTIPS = (
+        "the preference sets, for PopAlign LoRA Trainer",
+        "sizes of the sets and pairs, and what was dropped (JSON)",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -91,10 +95,14 @@ class PopAlignLoadPreferenceData:
         "A preference data set from disk: a manifest (.jsonl / .csv, see docs/data-format.md) or a folder holding "
         "population.jsonl / pairwise.jsonl / manifest.jsonl. Relative paths are under ComfyUI's input folder."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("data")
     FUNCTION = "run"
     RETURN_TYPES = (C.DATASET, "STRING")
     RETURN_NAMES = ("dataset", "report")
+    OUTPUT_TOOLTIPS = (
+        "the preference sets, for PopAlign LoRA Trainer",
+        "what was read: rows, sets, pairs (JSON)",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):

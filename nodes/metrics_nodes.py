@@ -70,11 +70,15 @@ class PopAlignBiasMetrics:
         "PopAlign's discrepancy (Eq. 13) per prompt with bootstrap CIs and its sampling floor, the patent's "
         "bias(P) = mean pairwise |freq(i) - freq(j)|, and the face rate. Shows a chart on the node."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("audit")
     FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "IMAGE")
     RETURN_NAMES = ("metrics_json", "chart")
+    OUTPUT_TOOLTIPS = (
+        "shares, discrepancy with CIs and floor, bias(P) and face rate per prompt and axis (JSON)",
+        "the chart of the shares against the target, as an image",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):

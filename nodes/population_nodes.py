@@ -14,7 +14,7 @@ class PopAlignAugmentPrompts:
         "Identity-neutral prompts -> identity-augmented prompts (PopAlign Sec. 4.1). Prompts that already name an "
         "identity are skipped and listed; the sampler makes the augmented (winning) and neutral (losing) images."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("prompts")
     FUNCTION = "run"
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("augmented_json", "augmented_prompts", "skipped")
@@ -94,7 +94,7 @@ class PopAlignPopulationSampler:
         "neutral prompt as many losing images. Every image has its own seed (derived from seed, prompt and index), "
         "so an image never depends on the batch it was made in (deterministic samplers)."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("population")
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", C.POPULATION)
     RETURN_NAMES = ("images", "population")

@@ -126,11 +126,17 @@ class PopAlignLoRATrainer:
         "models/loras/popalign/<lora_name>.safetensors (the stock LoraLoader reads it) and outputs the model with it "
         "applied; the incoming MODEL is untouched. Cancel keeps a checkpoint; re-queue resumes."
     )
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("train")
     FUNCTION = "train"
     OUTPUT_NODE = True
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
     RETURN_NAMES = ("model", "clip", "lora_path", "summary")
+    OUTPUT_TOOLTIPS = (
+        "the incoming MODEL with the trained LoRA applied",
+        "the incoming CLIP with the LoRA applied (unchanged when the text encoder is not trained)",
+        "the LoRA file: models/loras/popalign/<lora_name>.safetensors",
+        "what was trained: steps, losses, resumed_from, run folder, memory (JSON)",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -224,8 +230,11 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
 
     from popalign_core.train import config_fingerprint
 
-    from .comfy_adapter import adapter_from_comfy
+    from .comfy_adapter import adapter_from_comfy, load_for_training
 
+    # loaded first: ComfyUI 0.3.x leaves a model patched by the last sampler that used it (e.g. with another
+    # branch's LoRA) until this patcher is loaded; the key then sees this MODEL's own weights
+    load_for_training(model, clip.patcher if clip is not None else None, vae.patcher if vae is not None else None)
     key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
     run_dir = C.output_root() / kind / f"{name}-{key[:10]}"
     cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
@@ -266,10 +275,11 @@ def _checkpoint_step(run_dir: Path) -> int:
 
 class PopAlignLossDefaults:
     DESCRIPTION = "The default hyper-parameters of a loss of the zoo, as JSON (a starting point for loss_params)."
-    CATEGORY = C.CATEGORY
+    CATEGORY = C.category("train")
     FUNCTION = "run"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("loss_params",)
+    OUTPUT_TOOLTIPS = ("the loss's default hyper-parameters as JSON (edit them and feed loss_params)",)
 
     @classmethod
     def INPUT_TYPES(cls):

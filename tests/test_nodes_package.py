@@ -30,12 +30,16 @@ def pack():
 
 
 def test_every_node_module_loads_and_ids_are_prefixed(pack):
+    SUBCATEGORIES = ("prompts", "population", "classify", "data", "train", "alignment", "audit")
     assert not pack.LOAD_ERRORS
     assert len(pack.NODE_CLASS_MAPPINGS) == 13
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("PopAlign") and node_id == cls.__name__
-        assert cls.CATEGORY == "PopAlign" and cls.DESCRIPTION
+        assert cls.CATEGORY.startswith("PopAlign/") and cls.CATEGORY.split("/")[1] in SUBCATEGORIES, cls.CATEGORY
+        assert cls.DESCRIPTION.strip()
+        tips = cls.OUTPUT_TOOLTIPS
+        assert len(tips) == len(cls.RETURN_TYPES) and all(t.strip() for t in tips), node_id
         assert callable(getattr(cls, cls.FUNCTION))
         assert len(cls.RETURN_TYPES) == len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
 

@@ -63,7 +63,7 @@ def test_requirements_never_pin_torch_and_pyproject_is_complete():
     assert not any(d.lower().startswith("torch") for d in py["project"]["dependencies"])
     assert py["tool"]["ruff"]["line-length"] == 119
     assert any(m.startswith("slow:") for m in py["tool"]["pytest"]["ini_options"]["markers"])
-    for d in ("nodes", "workflows", "js", "tests", "popalign_core"):
+    for d in ("nodes", "example_workflows", "js", "tests", "popalign_core"):
         assert (ROOT / d).is_dir(), d
 
 

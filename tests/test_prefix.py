@@ -15,7 +15,6 @@ means in diffusers and in a real ComfyUI exactly what was trained.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -320,11 +319,6 @@ def test_load_and_save_reject_bad_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ ComfyUI
-@pytest.fixture(scope="module")
-def comfy_dir() -> Path:
-    return cs.comfyui_or_skip()
-
-
 @pytest.fixture(scope="module")
 def comfy_case(comfy_dir, tmp_path_factory) -> dict:
     """Our side: tiny-model prefix files (SD1.5, SDXL) and, on the tiny ComfyUI-detected SD1.5 checkpoint loaded

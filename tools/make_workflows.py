@@ -1,4 +1,9 @@
-"""Writes the shared ComfyUI workflows of workflows/: API format (<name>.api.json) and UI format (<name>.json).
+"""Writes the shared ComfyUI workflows: UI format (example_workflows/<name>.json), API format (api/<name>.api.json).
+
+The UI files sit where ComfyUI's Templates browser (frontend 1.3x) looks: a pack's ``example_workflows/*.json``,
+with ``<name>.jpg`` beside each as its thumbnail (written by the browser tests, see tests/test_comfyui_js.py). That
+folder name is the first ComfyUI serves the template files from; under ``workflows/`` they would be shadowed by
+this repository's ``examples/`` folder. The API files sit one folder down, so the browser does not list them.
 
 The graphs are defined once here, in API format, with defaults for a real SD1.5 checkpoint. The UI-format files
 (what ComfyUI's "Load" / drag-and-drop reads) are derived from them and from ComfyUI's /object_info (widget order,
@@ -18,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "workflows"
+OUT = ROOT / "example_workflows"
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 FAIRFACE = "res34_fair_align_multi_7_20190809.pt"
@@ -341,7 +346,8 @@ def write_all(info: dict, out: Path = OUT) -> list[Path]:
     written = []
     for name, fn in WORKFLOWS.items():
         api = fn()
-        for path, data in ((out / f"{name}.api.json", api), (out / f"{name}.json", to_ui(api, info, name))):
+        for path, data in ((out / "api" / f"{name}.api.json", api), (out / f"{name}.json", to_ui(api, info, name))):
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=2) + "\n")
             written.append(path)
     return written

@@ -122,9 +122,7 @@ COMFYUI_RELEASES = {
         requirements={"av": "av", "comfyui_frontend_package": "comfyui-frontend-package==1.32.9"},
     ),
 }
-DEFAULT_RELEASE = "2024.03"
-# kept for callers of the single-release API
-COMFYUI_REQUIREMENT = COMFYUI_RELEASES[DEFAULT_RELEASE].requirement
+DEFAULT_RELEASE = "2024.03"  # what obtain_comfyui() gives without a version (tools/make_workflows.py)
 
 # ComfyUI warns about these two for every genuine SD1.5 checkpoint (the original files have no CLIP text projection
 # or logit scale; ComfyUI initialises them itself): they are not a defect of a checkpoint.

@@ -37,7 +37,7 @@ from .metrics import clip_score as clip_score_metric
 AUDIT_VERSION = 1
 AUDIT_FILE = "audit.json"
 IMAGES_MANIFEST = "images.jsonl"
-from .fileio import atomic_write_bytes, atomic_write_text, claim_output_dir  # noqa: E402,F401  (re-exported)
+from .fileio import atomic_write_bytes, atomic_write_text, claim_output_dir, load_rgb  # noqa: E402,F401  (re-exported)
 from .userinput import ArgumentParser, command, integer, number  # noqa: E402
 
 #: What `popalign audit` / `audit compare` write in their output folders (`fileio.claim_output_dir`).
@@ -206,15 +206,6 @@ def scan_image_folder(images_dir: str | os.PathLike) -> list[dict]:
             "give --manifest or put each prompt's images in a sub-folder named after the prompt"
         )
     return rows
-
-
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 RGB (raises on unreadable / corrupt files)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -33,7 +33,10 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy is imported where an image is read
+    import numpy as np
 
 OUTPUT_MARKER = ".popalign-output.json"
 PUBLISH_JOURNAL = ".popalign-publish.json"
@@ -507,3 +510,13 @@ def read_safetensors(
     if device != "cpu":
         out = {k: v.to(device) for k, v in out.items()}
     return out, meta
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB (raises on unreadable / corrupt files)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()

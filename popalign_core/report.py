@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import atomic_write_bytes, atomic_write_text, load_rgb
+from .fileio import atomic_write_bytes, atomic_write_text, load_rgb
 
 LIMITATIONS = (
     "**Limitations.** The classifiers estimate *perceived* attributes from pixels, not anyone's identity; the "

@@ -248,9 +248,10 @@ def test_models_dir_dict_and_bad_files(tmp_path, deepface_home, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "gender_model_weights.pth").symlink_to(src)
     files = {"gender": ("gender_model_weights.pth",)}
-    assert dfb._find_files("deepface", files, None, tmp_path) == {"gender": folder / "gender_model_weights.pth"}
-    assert dfb._find_files("deepface", files, {"gender": src}, None) == {"gender": src}
-    assert dfb._find_files("deepface", files, src, None) == {"gender": src}
+    found = dfb.find_deepface_files("deepface", files, None, tmp_path)
+    assert found == {"gender": folder / "gender_model_weights.pth"}
+    assert dfb.find_deepface_files("deepface", files, {"gender": src}, None) == {"gender": src}
+    assert dfb.find_deepface_files("deepface", files, src, None) == {"gender": src}
     torch.save({"x": torch.zeros(2)}, tmp_path / "age_model_weights.pth")
     with pytest.raises(ValueError, match="not deepface's pytorch age model"):
         dfb.DeepFaceClassifier(weights=tmp_path, attributes=("age",))

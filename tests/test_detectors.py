@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from popalign_core.classify import detectors
-from popalign_core.classify.base import BackendUnavailable, Face, FaceDetector
+from popalign_core.classify.base import BackendUnavailable, Face, FaceDetector, pick_face
 
 # backend name -> the module it imports (for importorskip)
 MODULES = {
@@ -107,11 +107,11 @@ def test_pick_chooses_largest_clipped_box() -> None:
     """Backend-independent: candidates are clipped to the image, then the largest area wins whatever its score."""
     image = np.arange(100 * 120 * 3, dtype=np.uint8).reshape(100, 120, 3)
     candidates = [((10.2, 10, 30, 30), 0.99), ((-20, 50, 40.6, 130), 0.5), ((200, 200, 250, 250), 1.0)]
-    face = detectors._pick(image, candidates)
+    face = pick_face(image, candidates)
     assert face is not None and face.box == (0, 50, 41, 100) and face.score == 0.5
     assert np.array_equal(face.crop, image[50:100, 0:41])
-    assert detectors._pick(image, [((200, 200, 250, 250), 1.0)]) is None
-    assert detectors._pick(image, []) is None
+    assert pick_face(image, [((200, 200, 250, 250), 1.0)]) is None
+    assert pick_face(image, []) is None
 
 
 def test_rejects_bad_images(detector: FaceDetector) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +30,85 @@ def test_comfyui_entry_point_imports_as_a_package_and_lists_the_nodes():
     assert len(mod.NODE_CLASS_MAPPINGS) == 13 and set(mod.NODE_DISPLAY_NAME_MAPPINGS) == set(mod.NODE_CLASS_MAPPINGS)
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["popalign_core.classify.detectors", "popalign_core.classify.classifiers", "popalign_core.classify.base",
-     "popalign_core.toyworld.classifier", "popalign_core.models", "popalign_core.population"],
-)  # fmt: skip
-def test_module_imports_first_in_a_fresh_process(module):
-    """No circular import whichever module a process imports first (the registries import backends at their end)."""
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the modules of `packages` it imports, read from the source (ast): every import statement, at module
+    level or inside a function (a function-local import is an edge all the same). ``from a.b import c`` points at
+    ``a.b.c`` when that is a module, else at ``a.b``."""
+    files = {}
+    for pkg in packages:
+        for f in (root / pkg).rglob("*.py"):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        here = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                up = here[: len(here) - node.level + 1]
+                base = (".".join([*up, node.module or ""]) if node.level else node.module or "").strip(".")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: the import cycles."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_in_the_core_or_the_nodes():
+    graph = import_graph(ROOT, ("popalign_core", "nodes"))
+    assert len(graph) > 50 and "popalign_core.classify.base" in graph["popalign_core.classify.classifiers"]
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_finds_cycles(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from pkg.c import x\n")  # a function-local import counts
+    (pkg / "c.py").write_text("import pkg.a\nx = 1\n")
+    (pkg / "d.py").write_text("from . import a\n")  # imports into the cycle, is not part of it
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.d"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
 
 
 def test_core_never_imports_comfy():

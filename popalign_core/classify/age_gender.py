@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from popalign_core.attributes import AXES, GENDER
-from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector, largest
+from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector, check_image, largest
+from popalign_core.classify.detectors import resolve_detector
 
 # `classifiers` (check_image, the detector resolution) is imported inside the functions that use it, so that
 # `classifiers.py` can import this module at its top for the `CLASSIFIERS` registry without an import cycle.
@@ -84,8 +85,6 @@ class AgeGenderDetector:
         return None if i is None else [int(v) for v in rects[i]]
 
     def detect(self, image: np.ndarray) -> Face | None:
-        from popalign_core.classify.classifiers import check_image
-
         image = check_image(image)
         rect = self.detect_rect(image)
         if rect is None:
@@ -167,9 +166,7 @@ class AgeGenderClassifier:
         self.bundle = bundle
         self.device = "cpu"
         self.batch_size = int(batch_size)
-        from popalign_core.classify.classifiers import _resolve_detector
-
-        self.detector = AgeGenderDetector(self._frontend) if detector is None else _resolve_detector(detector)
+        self.detector = AgeGenderDetector(self._frontend) if detector is None else resolve_detector(detector)
         self.axes: dict[str, tuple[str, ...]] = {"gender": GENDER, "age": AXES["age"][age]}
         labels = tuple(self._engine.gender.spec.labels or ())
         if sorted(labels) != sorted(GENDER):
@@ -203,8 +200,6 @@ class AgeGenderClassifier:
         A found face gives {"rect": inclusive [l, t, r, b] given to the aligner, "box": half-open clipped box,
         "gender": the gender model's row [2] (manifest label order), "age": the age model's row [81]}.
         """
-        from popalign_core.classify.classifiers import check_image
-
         out: list[dict[str, Any]] = [{} for _ in images]
         found: list[tuple[int, Any]] = []
         for i, image in enumerate(images):

@@ -28,234 +28,29 @@ from typing import Any
 import numpy as np
 
 from popalign_core.attributes import AGE_FAIRFACE9, AXES, GENDER, RACE_FAIRFACE7, RACE_GROUP4
-from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector
-from popalign_core.userinput import check_device
+from popalign_core.classify.age_gender import AgeGenderClassifier
+from popalign_core.classify.base import (  # noqa: F401  (helpers re-exported: their home until this release)
+    CLASSIFIER_SUBDIR,
+    COMFY_FOLDER_HINT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackendUnavailable,
+    Classification,
+    Face,
+    FaceDetector,
+    FullImage,
+    check_image,
+    find_weights,
+    load_state_dict,
+    models_dir_candidates,
+)
+from popalign_core.classify.deepface_backend import DeepFaceClassifier
+from popalign_core.classify.detectors import resolve_detector  # noqa: F401
+from popalign_core.classify.torch_model import TorchAttributeClassifier
+from popalign_core.toyworld.classifier import ToyClassifier
 
-CLASSIFIER_SUBDIR = os.path.join("popalign", "classifiers")
-COMFY_FOLDER_HINT = "ComfyUI/models/popalign/classifiers/"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# ------------------------------------------------------------------------------------------------ detectors
-class FullImage:
-    """The "no detection" detector: the whole image is the face crop (box = the full image, score 1).
-
-    For images that are already face crops (aligned FairFace-style chips, the toy world's rendered faces) and for
-    tests. Every classifier uses it when built with ``detector=None``; real detectors come from
-    ``popalign_core.classify.detectors.make_detector``.
-    """
-
-    name = "full_image"
-
-    def detect(self, image: np.ndarray) -> Face | None:
-        """Return the whole image as the face (never None)."""
-        h, w = image.shape[:2]
-        return Face(box=(0, 0, int(w), int(h)), score=1.0, crop=image)
-
-
-def _resolve_detector(detector: FaceDetector | str | None) -> FaceDetector:
-    """`None` -> FullImage(); a registry name -> `detectors.make_detector(name)` (imported only then)."""
-    if detector is None:
-        return FullImage()
-    if isinstance(detector, str):
-        if detector in ("full_image", "none"):
-            return FullImage()
-        from popalign_core.classify.detectors import make_detector  # lazy: optional heavy backends
-
-        return make_detector(detector)
-    if not callable(getattr(detector, "detect", None)):
-        raise TypeError(f"detector must have a detect(image) -> Face | None method, got {type(detector).__name__}")
-    return detector
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def check_image(image: Any) -> np.ndarray:
-    """Validate one image and return it as [H, W, 3] uint8 RGB (grey [H, W] and RGBA are converted).
-
-    Raises ValueError with a message that says what is wrong (used as `Classification.error`).
-    """
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected a numpy array [H, W, 3] uint8 RGB, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected dtype uint8, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected shape [H, W, 3], got {tuple(image.shape)}")
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise ValueError(f"image too small: {tuple(image.shape)}")
-    return np.ascontiguousarray(image[:, :, :3])
-
-
-def models_dir_candidates(models_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for classifier weights: ``<models_dir>/popalign/classifiers`` when `models_dir` is given,
-    else ``$POPALIGN_MODELS_DIR/popalign/classifiers`` when that variable is set. (The core never imports ComfyUI:
-    the ComfyUI nodes pass ``models_dir=folder_paths.models_dir``.)"""
-    if models_dir is not None:
-        roots = [Path(models_dir)]
-    elif os.environ.get("POPALIGN_MODELS_DIR"):
-        roots = [Path(os.environ["POPALIGN_MODELS_DIR"])]
-    else:
-        roots = []
-    return [r / CLASSIFIER_SUBDIR for r in roots]
-
-
-def find_weights(
-    backend: str, file_names: Sequence[str], weights: str | os.PathLike | None, models_dir: str | os.PathLike | None
-) -> Path:
-    """The weight file: `weights` if given (must exist), else the first of `file_names` in the searched folders.
-
-    Raises BackendUnavailable naming the file and the folder to put it in.
-    """
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise BackendUnavailable(
-                f"{backend}: weight file {str(path)!r} not found. Pass an existing file, or put "
-                f"{file_names[0]!r} in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/)."
-            )
-        return path
-    folders = models_dir_candidates(models_dir)
-    for folder in folders:
-        for name in file_names:
-            if (folder / name).is_file():
-                return folder / name
-    searched = ", ".join(str(f) for f in folders) or "none (no models_dir given, $POPALIGN_MODELS_DIR unset)"
-    raise BackendUnavailable(
-        f"{backend}: weight file {file_names[0]!r} not found (also accepted: {', '.join(file_names[1:]) or '-'}). "
-        f"Put it in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/ with models_dir= or "
-        f"$POPALIGN_MODELS_DIR), or pass weights=PATH. Searched: {searched}."
-    )
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file or a torch state-dict file, read with ``weights_only=True`` (no arbitrary
-    pickled objects). A ``{"state_dict": ...}`` wrapper and a DataParallel ``module.`` prefix are removed."""
-    import torch
-
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        from ..fileio import CorruptFileError
-
-        raise CorruptFileError(
-            f"cannot read weight file {str(path)!r} as a safetensors file or a torch state dict "
-            f"(torch.load weights_only=True): {type(e).__name__}: {e}; the file is damaged, truncated or of another "
-            "format: copy it again from its source"
-        ) from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"weight file {str(path)!r} holds no state dict (got {type(sd).__name__})")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-# ------------------------------------------------------------------------------------------------ base class
-class TorchAttributeClassifier:
-    """Shared machinery of the torch backends: detection + cropping, batching, validation, softmax.
-
-    Subclasses set `name`, `axes` and `self.input_size`, `self.mean`, `self.std`, and implement `_forward(x)`:
-    normalised [B, 3, S, S] -> {axis: logits [B, len(axes[axis])]} in the class order of `axes[axis]`.
-    """
-
-    name: str = ""
-    axes: dict[str, tuple[str, ...]] = {}
-    differentiable = True
-
-    def __init__(self, detector: FaceDetector | str | None = None, device: str = "cpu", batch_size: int = 32):
-
-        self.detector = _resolve_detector(detector)
-        self.device = check_device(device)
-        self.batch_size = int(batch_size)
-        self.input_size: tuple[int, int] = (224, 224)
-        self.mean: tuple[float, ...] = IMAGENET_MEAN
-        self.std: tuple[float, ...] = IMAGENET_STD
-
-    # -- differentiable path
-    def preprocess(self, x):
-        """[B, 3, H, W] in [0, 1] -> resized (bilinear, antialiased) to `input_size` and normalised."""
-        import torch
-        import torch.nn.functional as F
-
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"{self.name}: expected images [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
-        x = x.to(self.device, torch.float32)
-        if tuple(x.shape[-2:]) != tuple(self.input_size):
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def logits(self, images) -> dict[str, Any]:
-        """Face crops [B, 3, H, W] in [0, 1] -> {axis: logits [B, n_classes]} (class order = `axes[axis]`).
-
-        Differentiable end to end: gradients flow to `images` (the model's own weights are frozen)."""
-        return self._forward(self.preprocess(images))
-
-    def probs(self, images) -> dict[str, Any]:
-        """softmax of `logits(images)` per axis (differentiable)."""
-        return {axis: t.softmax(dim=-1) for axis, t in self.logits(images).items()}
-
-    def _forward(self, x) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    # -- audit path
-    def classify(self, images: list[np.ndarray]) -> list[Classification]:
-        """images: list of [H, W, 3] uint8 RGB. One Classification per image: largest face -> probabilities per
-        axis; no face -> face_found=False; invalid image or failing detector -> face_found=False + error."""
-        import torch
-
-        results: list[Classification | None] = [None] * len(images)
-        crops: list[tuple[int, Face]] = []
-        for i, image in enumerate(images):
-            try:
-                image = check_image(image)
-                face = self.detector.detect(image)
-            except Exception as e:  # noqa: BLE001 - one bad image must not stop an audit
-                results[i] = Classification(face_found=False, error=f"{type(e).__name__}: {e}")
-                continue
-            if face is None or face.crop is None or face.crop.size == 0 or min(face.crop.shape[:2]) < 2:
-                results[i] = Classification(face_found=False)
-                continue
-            crops.append((i, face))
-        for start in range(0, len(crops), self.batch_size):
-            chunk = crops[start : start + self.batch_size]
-            with torch.no_grad():
-                x = torch.cat([self._crop_to_tensor(face.crop) for _, face in chunk])
-                probs = {axis: p.float().cpu().numpy() for axis, p in self.probs(x).items()}
-            for j, (i, face) in enumerate(chunk):
-                results[i] = Classification(
-                    face_found=True,
-                    box=tuple(int(v) for v in face.box),
-                    probs={axis: p[j].astype(np.float64) / p[j].sum() for axis, p in probs.items()},
-                )
-        return results  # type: ignore[return-value]
-
-    def _crop_to_tensor(self, crop: np.ndarray):
-        """uint8 [h, w, 3] crop -> [1, 3, S, S] float in [0, 1], resized like `preprocess` does."""
-        import torch
-        import torch.nn.functional as F
-
-        t = torch.from_numpy(np.ascontiguousarray(crop[:, :, :3])).permute(2, 0, 1)[None].float() / 255.0
-        return F.interpolate(t, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-
-    def _freeze(self, model):
-        model.eval().requires_grad_(False)
-        return model.to(self.device)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(detector={getattr(self.detector, 'name', '?')}, device={self.device})"
 
 
 # ------------------------------------------------------------------------------------------------ FairFace
@@ -541,9 +336,6 @@ class ClipZeroShotClassifier(TorchAttributeClassifier):
 
 
 # ------------------------------------------------------------------------------------------------ registry
-from popalign_core.classify.age_gender import AgeGenderClassifier  # noqa: E402  (imports this module lazily)
-from popalign_core.classify.deepface_backend import DeepFaceClassifier  # noqa: E402  (subclasses the base above)
-from popalign_core.toyworld.classifier import ToyClassifier  # noqa: E402
 
 CLASSIFIERS: dict[str, Callable[..., Any]] = {
     "fairface": FairFaceClassifier,

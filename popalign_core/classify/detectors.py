@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendUnavailable, Face, FaceDetector, largest
+from .base import BackendUnavailable, Face, FaceDetector, FullImage, as_rgb, pick_face
+from .deepface_detectors import DeepFaceOpenCVDetector, DeepFaceRetinaFaceDetector, DeepFaceYuNetDetector
 
 __all__ = [
     "DETECTORS",
@@ -73,46 +74,6 @@ def _import(module: str, backend: str) -> ModuleType:
             f"face detector {backend!r} needs the Python module {module!r}, which cannot be imported ({err}). "
             f"Install it with: {INSTALL[backend]}"
         ) from err
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """Validate a detector input: [H, W, 3] uint8 RGB (a [H, W] grey or [H, W, 4] RGBA image is converted)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"face detectors take uint8 images (0..255), got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"face detectors take [H, W, 3] RGB images, got shape {image.shape}")
-    return np.ascontiguousarray(image)
-
-
-def _clip_box(box: Any, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """Round a float (x0, y0, x1, y1) box to ints clipped to the image; None if nothing of it is left inside."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
-    x1, y1 = min(width, int(round(x1))), min(height, int(round(y1)))
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return x0, y0, x1, y1
-
-
-def _pick(image: np.ndarray, candidates: list[tuple[Any, float]]) -> Face | None:
-    """Clip candidate (box, score) pairs to the image and return the largest as a Face (crop = the box)."""
-    height, width = image.shape[:2]
-    boxes_scores = []
-    for box, score in candidates:
-        clipped = _clip_box(box, width, height)
-        if clipped is not None:
-            boxes_scores.append((clipped, float(score)))
-    index = largest(boxes_scores)
-    if index is None:
-        return None
-    box, score = boxes_scores[index]
-    x0, y0, x1, y1 = box
-    return Face(box=box, score=score, crop=np.ascontiguousarray(image[y0:y1, x0:x1]))
 
 
 class OpenCVHaarDetector:
@@ -157,7 +118,7 @@ class OpenCVHaarDetector:
 
     def detect(self, image: np.ndarray) -> Face | None:
         """Largest frontal face of an [H, W, 3] uint8 RGB image, or None."""
-        image = _as_rgb(image)
+        image = as_rgb(image)
         grey = self._cv2.cvtColor(image, self._cv2.COLOR_RGB2GRAY)
         if self.equalize:
             grey = self._cv2.equalizeHist(grey)
@@ -165,7 +126,7 @@ class OpenCVHaarDetector:
             grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=self.min_size
         )
         candidates = [((x, y, x + w, y + h), float(n)) for (x, y, w, h), n in zip(rects, neighbours)]
-        return _pick(image, candidates)
+        return pick_face(image, candidates)
 
 
 class MTCNNDetector:
@@ -199,13 +160,13 @@ class MTCNNDetector:
         """Largest face of an [H, W, 3] uint8 RGB image, or None."""
         import torch
 
-        image = _as_rgb(image)
+        image = as_rgb(image)
         with torch.no_grad():
             boxes, probs = self._mtcnn.detect(image)
         if boxes is None:
             return None
         candidates = [(box, float(p)) for box, p in zip(boxes, probs) if p is not None and p >= self.min_score]
-        return _pick(image, candidates)
+        return pick_face(image, candidates)
 
 
 class MediaPipeDetector:
@@ -232,7 +193,7 @@ class MediaPipeDetector:
 
     def detect(self, image: np.ndarray) -> Face | None:
         """Largest face of an [H, W, 3] uint8 RGB image, or None."""
-        image = _as_rgb(image)
+        image = as_rgb(image)
         height, width = image.shape[:2]
         result = self._detector.process(image)
         candidates = []
@@ -245,21 +206,12 @@ class MediaPipeDetector:
                 (rel.ymin + rel.height) * height,
             )
             candidates.append((box, float(detection.score[0]) if detection.score else 0.0))
-        return _pick(image, candidates)
+        return pick_face(image, candidates)
 
     def close(self) -> None:
         """Release the MediaPipe graph (also done when the object is garbage-collected)."""
         self._detector.close()
 
-
-# `classifiers` first: deepface_backend subclasses its classes and `classifiers` registers deepface_backend's
-# classifier at its end, so importing this module first must not enter that cycle through deepface_backend
-from . import classifiers as _classifiers  # noqa: E402, F401
-from .deepface_backend import (  # noqa: E402  (it imports this module lazily only)
-    DeepFaceOpenCVDetector,
-    DeepFaceRetinaFaceDetector,
-    DeepFaceYuNetDetector,
-)
 
 DETECTORS: dict[str, Callable[..., FaceDetector]] = {
     "opencv_haar": OpenCVHaarDetector,
@@ -282,3 +234,16 @@ def make_detector(name: str, **options: Any) -> FaceDetector:
     except KeyError:
         raise ValueError(f"unknown face detector {name!r}; valid names: {', '.join(sorted(DETECTORS))}") from None
     return factory(**options)
+
+
+def resolve_detector(detector: FaceDetector | str | None) -> FaceDetector:
+    """`None` -> FullImage(); a registry name -> `make_detector(name)`."""
+    if detector is None:
+        return FullImage()
+    if isinstance(detector, str):
+        if detector in ("full_image", "none"):
+            return FullImage()
+        return make_detector(detector)
+    if not callable(getattr(detector, "detect", None)):
+        raise TypeError(f"detector must have a detect(image) -> Face | None method, got {type(detector).__name__}")
+    return detector

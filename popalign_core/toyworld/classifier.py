@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..classify.base import BackendUnavailable, Classification
+from ..classify.base import BackendUnavailable, Classification, check_image
 from ..userinput import check_device
 from .render import Spec, render
 from .world import CONCEPTS, ROLE_NAMES, TOY_AXES
@@ -362,8 +362,6 @@ class ToyClassifier:
     # -- audit path
     def classify(self, images: list[np.ndarray]) -> list[Classification]:
         import torch
-
-        from ..classify.classifiers import check_image
 
         results: list[Classification | None] = [None] * len(images)
         ok = []

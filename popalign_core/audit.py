@@ -146,7 +146,7 @@ def read_image_manifest(manifest: str | os.PathLike, images_dir: str | os.PathLi
     """Rows {image (resolved path), prompt, index, seed, identity} of a JSONL / CSV manifest.
 
     Relative `image` paths are resolved against `images_dir` when given, else against the manifest's folder."""
-    from .data import _read_csv, _read_jsonl
+    from .data import read_manifest_csv, read_manifest_jsonl
 
     m = Path(manifest)
     if m.is_dir():
@@ -157,7 +157,7 @@ def read_image_manifest(manifest: str | os.PathLike, images_dir: str | os.PathLi
     suffix = m.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise ValueError(f"manifest {str(m)!r}: unknown suffix {m.suffix!r}; valid: ('.jsonl', '.csv')")
-    columns, rows = (_read_jsonl if suffix == ".jsonl" else _read_csv)(m)
+    columns, rows = (read_manifest_jsonl if suffix == ".jsonl" else read_manifest_csv)(m)
     missing = [c for c in ("image", "prompt") if c not in columns]
     if missing:
         raise ValueError(f"manifest {str(m)!r} lacks column(s) {missing}; it has {columns}")

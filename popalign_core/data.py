@@ -180,7 +180,7 @@ def _read_text(manifest: Path) -> str:
         raise ValueError(f"{manifest}: not UTF-8 text (byte {exc.start}): {exc.reason}") from exc
 
 
-def _read_jsonl(manifest: Path) -> tuple[list[str], list[_Row]]:
+def read_manifest_jsonl(manifest: Path) -> tuple[list[str], list[_Row]]:
     problems = _Problems(manifest)
     rows: list[_Row] = []
     columns: dict[str, None] = {}
@@ -205,7 +205,7 @@ def _read_jsonl(manifest: Path) -> tuple[list[str], list[_Row]]:
     return list(columns), rows
 
 
-def _read_csv(manifest: Path) -> tuple[list[str], list[_Row]]:
+def read_manifest_csv(manifest: Path) -> tuple[list[str], list[_Row]]:
     problems = _Problems(manifest)
     reader = csv.reader(io.StringIO(_read_text(manifest), newline=""))
     header: list[str] | None = None
@@ -462,7 +462,7 @@ def load_preference_data(
         raise FileNotFoundError(f"{manifest}: manifest file not found")
     if not manifest.is_file():
         raise ValueError(f"{manifest}: manifest is not a file")
-    columns, rows = _read_jsonl(manifest) if suffix == ".jsonl" else _read_csv(manifest)
+    columns, rows = read_manifest_jsonl(manifest) if suffix == ".jsonl" else read_manifest_csv(manifest)
     if not rows:
         raise ValueError(f"{manifest}: manifest is empty (no data rows)")
     if kind is None:

@@ -36,14 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from popalign_core.classify.base import BackendUnavailable
-from popalign_core.classify.classifiers import (
-    CLASSIFIER_SUBDIR,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
+from popalign_core.classify.base import CLASSIFIER_SUBDIR, IMAGENET_MEAN, IMAGENET_STD, BackendUnavailable
+from popalign_core.classify.classifiers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from popalign_core.fileio import load_rgb
 from popalign_core.userinput import check_device
 
 __all__ = [
@@ -608,14 +603,6 @@ def make_embedder(
 
 
 # ------------------------------------------------------------------------------------------------ face bank
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return np.array(im.convert("RGB"), dtype=np.uint8)
-
-
 def _list_images(folder: Path, recursive: bool) -> list[Path]:
     it = folder.rglob("*") if recursive else folder.iterdir()
     out = []
@@ -748,7 +735,7 @@ class FaceBank:
 
         for n, (rel, path) in enumerate(zip(rels, files)):
             try:
-                a = _read_rgb(path)
+                a = load_rgb(path)
                 if min(a.shape[:2]) < 2:
                     raise ValueError(f"image too small: {a.shape[1]}x{a.shape[0]}")
             except Exception as e:  # noqa: BLE001 - an unreadable file is counted, never fatal

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import claim_output_dir, publish_together
+from .fileio import claim_output_dir, load_rgb, publish_together
 from .userinput import check_containers, coerce_numbers
 
 __all__ = ["FILTERED", "FilterConfig", "check_rows", "filter_population"]
@@ -60,14 +60,6 @@ class FilterConfig:
             raise ValueError(f"threshold: expected a number in (0, 1], got {t!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
-
-
-def _load(path: Path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
 
 
 def decide(row: dict, result: Any, classifier_axes: dict, cfg: FilterConfig) -> str:
@@ -172,7 +164,7 @@ def filter_population(
         images, ok = [], []
         for r in chunk:
             try:
-                images.append(_load(samples / r["image"]))
+                images.append(load_rgb(samples / r["image"]))
                 ok.append(True)
             except Exception:  # noqa: BLE001 - an unreadable image is a reason, not a crash
                 ok.append(False)

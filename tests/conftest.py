@@ -79,6 +79,4 @@ def comfy_pack_server(comfy_pack_env, comfy_dir, comfy_version):
                "custom_nodes": env["custom_nodes"]}  # fmt: skip
     work = env["root"] / f"work-{comfy_version}"
     with cs.comfy_server(comfy_dir, work, folders=folders, threads=2) as srv:
-        srv.version, srv.frontend = cs.comfyui_version(comfy_dir), cs.frontend_of(comfy_dir)
-        srv.loras = work / "ComfyUI" / "models" / "loras"
         yield srv

@@ -12,7 +12,7 @@ node does: the checkpoint is loaded with the stock CheckpointLoaderSimple, the r
   share ComfyUI's weight storage; inference tensors replaced one at a time), a LoRA (rank 8, UNet attention), 3
   PopAlign training steps;
 - ``copy`` (the baseline: a trainer that loads its own model): the same checkpoint loaded again by the core's
-  diffusers loader (`popalign_core.models.load_model`), the same LoRA and steps.
+  diffusers loader (`popalign_core.models.loading.load_model`), the same LoRA and steps.
 
 Printed: the model's size (UNet + text encoder(s) + VAE as ComfyUI holds them), the RSS increase over the RSS after
 ComfyUI's load (`+peak`, the process high-water mark, reset before the variant starts), that increase as a multiple of
@@ -64,8 +64,8 @@ def job(job: dict, log) -> dict:
     spec = importlib.util.spec_from_file_location("pa_ca", ROOT / "nodes" / "comfy_adapter.py")
     ca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ca)
-    from popalign_core.lora_io import LoraSpec, add_lora
-    from popalign_core.objective import preference_loss
+    from popalign_core.lora.files import LoraSpec, add_lora
+    from popalign_core.train.objective import preference_loss
 
     model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(job["ckpt"])[:3]
     ca.load_for_training(model, clip.patcher, vae.patcher)  # as ComfyUI loads for sampling: counted in the base
@@ -80,7 +80,7 @@ def job(job: dict, log) -> dict:
         if job["variant"] == "views":
             adapter = ca.adapter_from_comfy(model, clip, vae)
         else:
-            from popalign_core.models import load_model
+            from popalign_core.models.loading import load_model
 
             adapter = load_model(job["path"], config_dir=job.get("config_dir"))
         setup = _rss()
@@ -114,8 +114,8 @@ def build_full_sd15(path: Path, config_dir: Path) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from popalign_core.checkpoints import save_single_file
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
+    from popalign_core.models.single_file import save_single_file
 
     shutil.copytree(FAMILY_CONFIG_DIRS["sd15"], config_dir, dirs_exist_ok=True)
     comps = cs.tiny_sd15_components(0)

@@ -52,7 +52,7 @@ def _reset_peak() -> bool:
 def _adapter(args):
     import torch
 
-    from popalign_core.testing import get_dummy_adapter
+    from popalign_core.models.tiny import get_dummy_adapter
 
     ad = get_dummy_adapter("sd15", seed=0)
     if args.unet == "full":
@@ -72,7 +72,7 @@ def child(args) -> dict:
     import torch
 
     from popalign_core import dft, sampling
-    from popalign_core.lora_io import LoraSpec, add_lora
+    from popalign_core.lora.files import LoraSpec, add_lora
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ad = _adapter(args)

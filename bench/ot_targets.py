@@ -38,7 +38,7 @@ def _timed(fn, *args, **kwargs):
 def grid(ns, ks, draws: int, ref_draws: int) -> list[dict]:
     import numpy as np
 
-    from popalign_core.ot import expected_ot_targets
+    from popalign_core.dal.ot import expected_ot_targets
 
     rows = []
     for n in ns:
@@ -78,7 +78,7 @@ def grid(ns, ks, draws: int, ref_draws: int) -> list[dict]:
 def scaling(ns, k: int, draws: int) -> list[dict]:
     import numpy as np
 
-    from popalign_core.ot import expected_ot_targets
+    from popalign_core.dal.ot import expected_ot_targets
 
     rows = []
     for n in ns:

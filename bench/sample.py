@@ -33,14 +33,14 @@ TARGET_RATIO = 3.0  # population / loop, toy model, CPU
 
 def _pipeline(model: str, device: str, dtype: str):
     """(diffusers pipeline, adapter over the same modules, model id)."""
-    from popalign_core.adapters.diffusers import DiffusersAdapter
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
 
     if model == "tiny-sd15":
-        from popalign_core.testing import get_dummy_pipeline
+        from popalign_core.models.tiny import get_dummy_pipeline
 
         pipe, family = get_dummy_pipeline("sd15", seed=0), "sd15"
     else:
-        from popalign_core.models import load_pipeline
+        from popalign_core.models.loading import load_pipeline
 
         pipe, family = load_pipeline(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
@@ -62,8 +62,8 @@ def _jobs(n: int) -> list[dict]:
 def bench(model: str, images: int, steps: int, guidance: float, batch_size: int, device: str, dtype: str) -> dict:
     import torch
 
-    from popalign_core.pop_sample import image_name, sample_population
-    from popalign_core.sampling import SamplerConfig, derive_seed, resolve_size
+    from popalign_core.models.sampling import SamplerConfig, derive_seed, resolve_size
+    from popalign_core.population.sample import image_name, sample_population
 
     pipe, adapter = _pipeline(model, device, dtype)
     jobs = _jobs(images)

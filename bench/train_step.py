@@ -19,7 +19,7 @@ during the timed steps alone (VmHWM after resetting it through /proc/self/clear_
 
 The parent prints a table, the ratios adapter/copy (targets: memory <= 0.6x, time <= 1.05x; copy/adapter is printed
 too) with PASS/FAIL, and one JSON line at the end. The UNet is full size (from popalign_core/configs/<family>/unet);
-text conditioning is random (no real text encoder / VAE: the tiny seeded ones from popalign_core.testing fill the
+text conditioning is random (no real text encoder / VAE: the tiny seeded ones from popalign_core.models.tiny fill the
 adapter's slots and are never run). With --dtype bf16/fp16 the frozen base weights are cast to that dtype, the LoRA
 weights stay fp32 and the step runs under autocast (the diffusers LoRA training scripts' recipe).
 """
@@ -89,7 +89,7 @@ def _build_unet(args, device):
     from diffusers import UNet2DConditionModel
 
     if args.tiny:  # smoke test of the script itself: numbers are meaningless
-        from popalign_core.testing import tiny_unet_config
+        from popalign_core.models.tiny import tiny_unet_config
 
         config = tiny_unet_config(args.family)
     else:
@@ -109,11 +109,11 @@ def run_variant(args) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
-    from popalign_core.adapters.base import Conditioning
-    from popalign_core.adapters.diffusers import DiffusersAdapter
-    from popalign_core.lora_io import LoraSpec, add_lora
-    from popalign_core.objective import preference_loss
-    from popalign_core.testing import get_dummy_components, tiny_scheduler_config
+    from popalign_core.lora.files import LoraSpec, add_lora
+    from popalign_core.models.adapter import Conditioning
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
+    from popalign_core.models.tiny import get_dummy_components, tiny_scheduler_config
+    from popalign_core.train.objective import preference_loss
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

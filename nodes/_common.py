@@ -87,7 +87,7 @@ def register_routes() -> None:
 
     @inst.routes.get("/popalign/losses")
     async def _losses(request):
-        from popalign_core.losses import LOSSES, loss_defaults
+        from popalign_core.train.losses import LOSSES, loss_defaults
 
         return web.json_response({n: {"defaults": loss_defaults(n), "summary": s.summary} for n, s in LOSSES.items()})
 
@@ -149,7 +149,7 @@ def resolve_subdir(kind: str, name: str) -> str:
 def safe_name(value: str, arg: str) -> str:
     """A plain file-name stem: letters, digits, '.', '_' and '-', no path separators, no leading dot (the core's
     `userinput.check_name`; a trailing .safetensors is dropped)."""
-    from popalign_core.userinput import check_name
+    from popalign_core.common.userinput import check_name
 
     return check_name(value, arg, strip_suffix=".safetensors")
 
@@ -180,7 +180,7 @@ def parse_json(text: str, arg: str, default=None):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        from popalign_core.userinput import parse_yaml
+        from popalign_core.common.userinput import parse_yaml
 
         try:
             value = parse_yaml(text, arg)

@@ -229,7 +229,7 @@ class PopAlignFilterPopulation:
         import numpy as np
         import torch
 
-        from popalign_core.pop_filter import FilterConfig, decide
+        from popalign_core.population.filter import FilterConfig, decide
 
         rows = C.check_population(images, population)
         clf = classifier.get()

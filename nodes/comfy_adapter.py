@@ -1,6 +1,6 @@
 """The core's model adapter over ComfyUI's MODEL / CLIP / VAE (the only module of the pack that knows comfy internals).
 
-`adapter_from_comfy(model, clip, vae)` returns a `popalign_core.adapters.diffusers.DiffusersAdapter` whose UNet,
+`adapter_from_comfy(model, clip, vae)` returns a `popalign_core.models.diffusers_adapter.DiffusersAdapter` whose UNet,
 text encoders and VAE are diffusers / transformers **views of ComfyUI's own weights**: each module is built on the
 ``meta`` device and filled with ``load_state_dict(..., assign=True)`` from the tensors of ComfyUI's modules, so the
 two share every weight storage (no copy of the model). Everything the core does (losses, samplers, DAL, adjusted DFT)
@@ -219,7 +219,7 @@ def unet_view(model, family: str):
     """A diffusers UNet2DConditionModel sharing the weight storage of the MODEL's ``diffusion_model``."""
     from diffusers import UNet2DConditionModel
 
-    from popalign_core.checkpoints import _apply_module_map, unet_module_map
+    from popalign_core.models.single_file import _apply_module_map, unet_module_map
 
     unet_config = dict(model.model.model_config.unet_config)
     cfg = diffusers_unet_config(unet_config, family)
@@ -299,7 +299,7 @@ def text_encoder_views(clip, family: str) -> list:
     """transformers CLIP text models sharing the weights of the CLIP's ComfyUI text encoders (core order)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
 
     views = []
     csm = clip.cond_stage_model
@@ -334,8 +334,8 @@ def vae_view(vae, family: str, scaling_factor: float):
 
     from diffusers import AutoencoderKL
 
-    from popalign_core.checkpoints import _apply_module_map, vae_module_map
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
+    from popalign_core.models.single_file import _apply_module_map, vae_module_map
 
     fsm = vae.first_stage_model
     comfy_sd = fsm.state_dict(keep_vars=True)
@@ -448,8 +448,8 @@ def adapter_from_comfy(model, clip, vae, *, trainable: bool = True):
     trainable: first turn ComfyUI's inference-tensor weights into ordinary tensors (`make_weights_trainable`),
     which backward needs. Must be called outside ``torch.inference_mode()``.
     """
-    from popalign_core.adapters.diffusers import DiffusersAdapter
-    from popalign_core.models import _tokenizers
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
+    from popalign_core.models.loading import _tokenizers
 
     if torch.is_inference_mode_enabled():
         raise RuntimeError("adapter_from_comfy must run outside torch.inference_mode() (wrap it in "

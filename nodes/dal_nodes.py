@@ -93,9 +93,9 @@ class PopAlignDistributionalAlignment:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from popalign_core.dal_train import TRAIN_TARGETS
-        from popalign_core.dft import GRADIENTS
-        from popalign_core.embedders import EMBEDDERS
+        from popalign_core.dal.dft import GRADIENTS
+        from popalign_core.dal.embedders import EMBEDDERS
+        from popalign_core.dal.trainer import TRAIN_TARGETS
 
         trainable = [t for t in TRAIN_TARGETS if t != "prefix"]
         return {
@@ -183,7 +183,7 @@ class PopAlignDistributionalAlignment:
               images_per_prompt, sampler_steps, guidance, gradient, threshold, embedder, face_bank, face_detection,
               resolution, micro_batch, seed, checkpoint_every, restart, unique_id=None):  # fmt: skip
 
-        from popalign_core.dal_train import DALConfig, DALTrainer
+        from popalign_core.dal.trainer import DALConfig, DALTrainer
 
         from .comfy_adapter import family_of
 

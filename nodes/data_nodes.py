@@ -14,10 +14,10 @@ def _write_population(images, rows: list[dict], folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from popalign_core.data import write_manifest
-    from popalign_core.fileio import atomic_path
-    from popalign_core.pop_filter import FILTERED
-    from popalign_core.pop_sample import image_name, png_complete
+    from popalign_core.common.fileio import atomic_path
+    from popalign_core.population.filter import FILTERED
+    from popalign_core.population.sample import image_name, png_complete
+    from popalign_core.train.data import write_manifest
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     out = []
@@ -49,7 +49,7 @@ class PopAlignBuildPreferenceData:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from popalign_core.pop_build import BUILD_RULES
+        from popalign_core.population.build import BUILD_RULES
 
         return {
             "required": {
@@ -72,7 +72,7 @@ class PopAlignBuildPreferenceData:
         }
 
     def run(self, images, population, name, set_size, rule, on_short, seed):
-        from popalign_core.pop_build import BuildConfig, build_preferences
+        from popalign_core.population.build import BuildConfig, build_preferences
 
         name = C.safe_name(name, "name")
         rows = C.check_population(images, population)
@@ -124,7 +124,7 @@ class PopAlignLoadPreferenceData:
         return json.dumps([(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()])
 
     def run(self, path, kind):
-        from popalign_core.data import load_preference_data
+        from popalign_core.train.data import load_preference_data
 
         p = _resolve(path)
         if p.is_dir():

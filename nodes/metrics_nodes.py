@@ -114,7 +114,7 @@ class PopAlignBiasMetrics:
             unique_id=None):  # fmt: skip
         import numpy as np
 
-        from popalign_core.metrics import bias_pairwise, per_prompt_report
+        from popalign_core.evaluate.metrics import bias_pairwise, per_prompt_report
 
         n = int(images.shape[0]) if images is not None and images.ndim == 4 else 0
         if n == 0:

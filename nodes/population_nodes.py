@@ -67,8 +67,8 @@ class PopAlignAugmentPrompts:
         }
 
     def run(self, prompts, keywords, axes, samples_per_prompt, seed, template=""):
-        from popalign_core.population import keyword_sets
-        from popalign_core.prompts import AugmentConfig, augment_prompts
+        from popalign_core.population.pipeline import keyword_sets
+        from popalign_core.population.prompts import AugmentConfig, augment_prompts
 
         aug_kw, detect, default_axes = keyword_sets(keywords)
         names = tuple(a.strip() for a in str(axes).split(",") if a.strip()) or default_axes
@@ -148,7 +148,7 @@ class PopAlignPopulationSampler:
         import comfy.sample
         import torch
 
-        from popalign_core.sampling import derive_seed
+        from popalign_core.models.sampling import derive_seed
 
         jobs = _jobs(prompts, neutral_per_prompt)
         if width % 8 or height % 8:
@@ -188,7 +188,7 @@ class PopAlignPopulationSampler:
 
 
 def _jobs(text: str, neutral_per_prompt: int) -> list[dict]:
-    from popalign_core.pop_sample import population_jobs
+    from popalign_core.population.sample import population_jobs
 
     text = str(text or "").strip()
     if not text:

@@ -46,7 +46,7 @@ def publish_lora(src: Path, name: str) -> Path:
     dest_dir = C.loras_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{name}.safetensors"
-    from popalign_core.fileio import atomic_copy
+    from popalign_core.common.fileio import atomic_copy
 
     atomic_copy(src, dest)
     try:
@@ -140,7 +140,7 @@ class PopAlignLoRATrainer:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from popalign_core.losses import LOSSES
+        from popalign_core.train.losses import LOSSES
 
         return {
             "required": {
@@ -202,7 +202,7 @@ class PopAlignLoRATrainer:
               batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart,
               unique_id=None):  # fmt: skip
 
-        from popalign_core.train import TrainConfig, Trainer
+        from popalign_core.train.trainer import TrainConfig, Trainer
 
         from .comfy_adapter import family_of
 
@@ -228,7 +228,7 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     docstring), views of the MODEL, the core trainer with progress / cancel, then the LoRA published and applied."""
     import torch
 
-    from popalign_core.train import config_fingerprint
+    from popalign_core.train.trainer import config_fingerprint
 
     from .comfy_adapter import adapter_from_comfy, load_for_training
 
@@ -239,8 +239,8 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     run_dir = C.output_root() / kind / f"{name}-{key[:10]}"
     cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
     if restart and run_dir.exists():
-        from popalign_core.fileio import clear_output_dir
-        from popalign_core.train import train_outputs
+        from popalign_core.common.fileio import clear_output_dir
+        from popalign_core.train.trainer import train_outputs
 
         layout = train_outputs(cfg.lora_name)  # only the run's own files; else nothing is deleted
         clear_output_dir(run_dir, trainer_cls.COMMAND, layout, arg="run folder", signature=trainer_cls.SIGNATURE)
@@ -258,7 +258,7 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     out_model, out_clip = apply_lora(model, clip, dest)
     summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
                    **peak_memory())  # fmt: skip
-    from popalign_core.fileio import atomic_write_text
+    from popalign_core.common.fileio import atomic_write_text
 
     atomic_write_text(run_dir / "node_summary.json", json.dumps(summary, indent=2))
     ui = loss_curve_ui(run_dir, read_metric_rows(run_dir), unique_id)
@@ -283,12 +283,12 @@ class PopAlignLossDefaults:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from popalign_core.losses import LOSSES
+        from popalign_core.train.losses import LOSSES
 
         return {"required": {"loss": C.tip(list(LOSSES), "loss of the zoo", default="popalign")}}
 
     def run(self, loss):
-        from popalign_core.losses import loss_defaults
+        from popalign_core.train.losses import loss_defaults
 
         return (json.dumps(loss_defaults(loss), indent=2),)
 

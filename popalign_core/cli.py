@@ -1,12 +1,12 @@
 """`popalign` command line: one entry point, one sub-command per job (`COMMANDS`; ``popalign --help`` lists them).
 
-popalign demo [...]              the demo on the embedded default (popalign_core/demo.py)
-popalign train --config F        LoRA / full fine-tuning with a loss of the zoo (popalign_core/train.py)
-popalign dal --config F          distributional alignment to a stated target (popalign_core/dal_train.py)
+popalign demo [...]              the demo on the embedded default (popalign_core/experiments/demo.py)
+popalign train --config F        LoRA / full fine-tuning with a loss of the zoo (popalign_core/train/trainer.py)
+popalign dal --config F          distributional alignment to a stated target (popalign_core/dal/trainer.py)
 popalign dal-toy [...]           the DAL acceptance run on the toy world (popalign_core/experiments/dal_toy.py)
 popalign efficacy run|report|list   the efficacy study: what limits held-out transfer (experiments/efficacy.py)
-popalign data augment|sample|filter|build|pipeline   population data (popalign_core/population.py)
-popalign audit [...]             bias audit of a model or an image folder; audit compare A B (popalign_core/audit.py)
+popalign data augment|sample|filter|build|pipeline   population data (popalign_core/population/pipeline.py)
+popalign audit [...]             bias audit of a model or an image folder; audit compare A B (evaluate/audit.py)
 popalign losses [--json]         the loss zoo with each loss's default hyper-parameters
 popalign mog [...]               PopAlign Sec. 5: the 1-D mixture-of-Gaussians experiment
 popalign toyworld build|check|render   the toy world (popalign_core/toyworld/)
@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from .userinput import ArgumentParser, command
+from popalign_core.common.userinput import ArgumentParser, command
 
 
 @command("popalign losses")
@@ -31,7 +31,7 @@ def _losses(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     import dataclasses
 
-    from .losses import LOSSES, loss_config
+    from popalign_core.train.losses import LOSSES, loss_config
 
     table = {}
     for name, spec in LOSSES.items():
@@ -55,13 +55,19 @@ def _losses(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "demo": ("popalign_core.demo", "the demo on the embedded default"),
-    "train": ("popalign_core.train", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
-    "dal": ("popalign_core.dal_train", "distributional alignment (DAL + adjusted DFT) to a stated target (--config)"),
+    "demo": ("popalign_core.experiments.demo", "the demo on the embedded default"),
+    "train": ("popalign_core.train.trainer", "LoRA / full fine-tuning with a loss of the zoo (--config run.yaml)"),
+    "dal": (
+        "popalign_core.dal.trainer",
+        "distributional alignment (DAL + adjusted DFT) to a stated target (--config)",
+    ),
     "dal-toy": ("popalign_core.experiments.dal_toy", "DAL acceptance run on the toy world (results.json)"),
     "efficacy": ("popalign_core.experiments.efficacy", "efficacy study on the toy world: run | report | list"),
-    "data": ("popalign_core.population", "population data: augment | sample | filter | build | pipeline"),
-    "audit": ("popalign_core.audit", "bias audit of a model or an image folder (audit compare A B: before/after)"),
+    "data": ("popalign_core.population.pipeline", "population data: augment | sample | filter | build | pipeline"),
+    "audit": (
+        "popalign_core.evaluate.audit",
+        "bias audit of a model or an image folder (audit compare A B: before/after)",
+    ),
     "losses": (None, "list the loss zoo and its defaults"),
     "mog": ("popalign_core.experiments.mog", "PopAlign Sec. 5 1-D mixture-of-Gaussians experiment"),
     "toyworld": ("popalign_core.toyworld", "toy world: build (seeded, --preset full|ci), check, render"),

@@ -20,7 +20,7 @@ What it provides (see tests/test_comfyui_lora.py for a user):
 - `build_tiny_sd15_checkpoint()` / `write_tiny_sd15_config_dir()`: a seeded, original-layout SD1.5 checkpoint that
   ComfyUI detects as ``SD15`` (model_channels 320, context_dim 768, conv ``proj_in``; a one-level UNet of 13.6M
   parameters with no mid block, a full CLIP-L-shaped text encoder and a full SD VAE, random weights), and the
-  diffusers config folder `popalign_core.models.load_model(path, config_dir=...)` (and the trainer's
+  diffusers config folder `popalign_core.models.loading.load_model(path, config_dir=...)` (and the trainer's
   ``model_config_dir``) needs for it.
 - `setup_comfy()`: import ComfyUI's modules in the current process the safe way (CPU mode set before
   ``comfy.model_management`` is imported, no argv parsing, no custom nodes, model folders redirected, log capture).
@@ -327,7 +327,7 @@ TINY_SD15_IMAGE_SIZE = 64  # sample_size 8 latents * VAE factor 8
 def write_tiny_sd15_config_dir(path: str | os.PathLike) -> Path:
     """The diffusers config folder of the tiny SD1.5 checkpoint: the shipped sd15 configs (full VAE, CLIP-L text
     encoder, scheduler) with `TINY_SD15_UNET_CONFIG` as the UNet's. Returns the folder."""
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
 
     path = Path(path)
     shutil.copytree(FAMILY_CONFIG_DIRS["sd15"], path, dirs_exist_ok=True)
@@ -341,7 +341,7 @@ def tiny_sd15_components(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
 
     cfg_dir = FAMILY_CONFIG_DIRS["sd15"]
     unet_cfg = {k: v for k, v in TINY_SD15_UNET_CONFIG.items() if not k.startswith("_")}
@@ -359,10 +359,10 @@ def tiny_sd15_components(seed: int = 0) -> dict:
 def build_tiny_sd15_checkpoint(
     path: str | os.PathLike, *, seed: int = 0, dtype: str = "fp16", config_dir: str | os.PathLike | None = None
 ) -> Path:
-    """Write the tiny, ComfyUI-detected SD1.5 checkpoint (`popalign_core.checkpoints.save_single_file`) to `path`
+    """Write the tiny, ComfyUI-detected SD1.5 checkpoint (`models.single_file.save_single_file`) to `path`
     (a ``.safetensors``); with `config_dir`, also its diffusers config folder there. ~220M parameters (fp16: 440 MB),
     built in a few seconds. Returns the checkpoint path."""
-    from popalign_core.checkpoints import save_single_file
+    from popalign_core.models.single_file import save_single_file
 
     if config_dir is not None:
         write_tiny_sd15_config_dir(config_dir)

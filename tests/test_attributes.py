@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from popalign_core.attributes import (
+from popalign_core.common.attributes import (
     AGE_BINARY,
     AXES,
     GENDER,

@@ -1,4 +1,4 @@
-"""Tests of `popalign audit` (popalign_core.audit) and its reports (popalign_core.report), on the tiny sd15 model."""
+"""Tests of `popalign audit` (evaluate.audit) and its reports (evaluate.report), on the tiny sd15 model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from popalign_core.audit import compare_audits, main, read_prompts, run_audit
+from popalign_core.evaluate.audit import compare_audits, main, read_prompts, run_audit
 
 pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
@@ -192,8 +192,8 @@ def test_compare_and_cli(sampled, weights, tmp_path):
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
     res3 = compare_audits(res, b, tmp_path / "cmp2", report=False)
     assert res3["warnings"] == []
-    from popalign_core.audit import AUDIT_OUTPUTS, COMPARE_OUTPUTS
-    from popalign_core.fileio import foreign_entries
+    from popalign_core.common.fileio import foreign_entries
+    from popalign_core.evaluate.audit import AUDIT_OUTPUTS, COMPARE_OUTPUTS
 
     # the declared layouts cover every output (what --out checks against)
     assert foreign_entries(tmp_path / "cmp", COMPARE_OUTPUTS) == [] and foreign_entries(out, AUDIT_OUTPUTS) == []
@@ -249,7 +249,7 @@ def test_clip_score_in_audit_matches_hand_computation(sampled, classifier, tmp_p
     res = run_audit(images_dir=out, manifest=out / "images.jsonl", classifier=classifier, out_dir=tmp_path / "o",
                     n_boot=N_BOOT, clip_score=opts)  # fmt: skip
     clip = make_classifier("clip", **opts)
-    from popalign_core.audit import load_rgb
+    from popalign_core.evaluate.audit import load_rgb
 
     for p in PROMPTS:
         recs = [r for r in res["images"] if r["prompt"] == p]

@@ -1,4 +1,4 @@
-"""Diffusers -> original-layout conversion (`popalign_core.checkpoints`), checked against diffusers' own single-file
+"""Diffusers -> original-layout conversion (`models.single_file`), checked against diffusers' own single-file
 conversion (the inverse direction), against OpenCLIP's text tower, and against the shipped full-size configs
 (built on the meta device: no memory, no weights)."""
 
@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from popalign_core.checkpoints import (
+from popalign_core.models.loading import FAMILY_CONFIG_DIRS
+from popalign_core.models.single_file import (
     CLIP_PREFIXES,
     OPENCLIP_PREFIXES,
     UNET_PREFIX,
@@ -19,8 +20,7 @@ from popalign_core.checkpoints import (
     unet_to_original,
     vae_to_original,
 )
-from popalign_core.models import FAMILY_CONFIG_DIRS
-from popalign_core.testing import get_dummy_components
+from popalign_core.models.tiny import get_dummy_components
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 
@@ -277,7 +277,7 @@ def _run_blocks(tower, ids, n_blocks):
 @torch.no_grad()
 def test_openclip_layout_matches_open_clip_text_tower():
     """The written OpenCLIP state dicts load into open_clip's own text tower and compute what diffusers computes."""
-    from popalign_core.tokenizers import clip_tokenizer
+    from popalign_core.models.tokenizers import clip_tokenizer
 
     ids = clip_tokenizer("openclip")(["a photo of a doctor", "x"], padding="max_length", return_tensors="pt").input_ids
     # SD2: N+1 blocks, the extra all-zero block is an identity
@@ -351,7 +351,7 @@ DIFFUSERS_MODEL_TYPE = {"sd15": "v1", "sd2": "v2", "sdxl": "xl_base"}
 def test_shipped_configs_agree_with_converter_and_diffusers(family):
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    from popalign_core.models import detect_family
+    from popalign_core.models.loading import detect_family
 
     comps = meta_components(family)
     assert all(p.is_meta for m in ("unet", "vae") for p in comps[m].parameters())

@@ -45,7 +45,7 @@ def test_every_command_module_has_a_main(name):
 
 
 def test_losses_json_is_the_registry_with_its_defaults(capsys):
-    from popalign_core.losses import LOSSES, loss_config
+    from popalign_core.train.losses import LOSSES, loss_config
 
     assert cli.main(["losses", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
@@ -57,7 +57,7 @@ def test_losses_json_is_the_registry_with_its_defaults(capsys):
 
 
 def test_losses_table_prints_each_loss_and_its_parameters(capsys):
-    from popalign_core.losses import LOSSES
+    from popalign_core.train.losses import LOSSES
 
     assert cli.main(["losses"]) == 0
     out = capsys.readouterr().out

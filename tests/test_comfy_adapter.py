@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 
 
 def add_seeded_lora(adapter) -> None:
-    from popalign_core.lora_io import LoraSpec, add_lora
+    from popalign_core.lora.files import LoraSpec, add_lora
 
     torch.manual_seed(123)
     add_lora(adapter, LoraSpec(rank=4, alpha=4.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -52,12 +52,12 @@ def add_seeded_lora(adapter) -> None:
 
 
 def losses(adapter, t: dict) -> dict:
-    from popalign_core.objective import preference_loss
+    from popalign_core.train.objective import preference_loss
 
     cond = adapter.encode_prompt(PROMPTS)
     out = preference_loss(adapter, t["latents"], cond, torch.tensor(LABELS), "popalign", noise=t["noise"],
                           timesteps=t["timesteps"])  # fmt: skip
-    from popalign_core.losses import per_sample_error
+    from popalign_core.train.losses import per_sample_error
 
     x_t = adapter.add_noise(t["latents"], t["noise"], t["timesteps"])
     target = adapter.target(t["latents"], t["noise"], t["timesteps"])
@@ -113,7 +113,7 @@ def comfy_job(job: dict, log) -> dict:
         out.update(losses(adapter, t))
         # one optimiser step works (backward through shared, formerly inference, weights)
         params = [p for p in adapter.trainable_parameters() if p.requires_grad]
-        from popalign_core.objective import preference_loss
+        from popalign_core.train.objective import preference_loss
 
         loss = preference_loss(adapter, t["latents"], adapter.encode_prompt(PROMPTS), torch.tensor(LABELS),
                                "popalign", noise=t["noise"], timesteps=t["timesteps"]).loss  # fmt: skip
@@ -126,7 +126,7 @@ def comfy_job(job: dict, log) -> dict:
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_comfy_adapter_gives_the_diffusers_adapters_losses(tiny, prediction, comfy_dir, tmp_path):
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     ours = load_model(tiny["ckpt"], config_dir=tiny["config"], prediction_type=prediction)
     add_seeded_lora(ours)
@@ -175,8 +175,8 @@ def layout_job(job: dict, log) -> dict:
     spec = importlib.util.spec_from_file_location("pa_ca_layout", Path(job["repo"]) / "nodes" / "comfy_adapter.py")
     ca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ca)
-    from popalign_core.checkpoints import _apply_module_map, unet_module_map, unet_to_original
-    from popalign_core.models import FAMILY_CONFIG_DIRS
+    from popalign_core.models.loading import FAMILY_CONFIG_DIRS
+    from popalign_core.models.single_file import _apply_module_map, unet_module_map, unet_to_original
 
     out = {}
     for family in ("sd15", "sd2", "sdxl"):
@@ -283,8 +283,8 @@ def upstream_lora_job(job: dict, log) -> dict:
 
 
 def test_a_lora_loaded_upstream_is_part_of_the_trained_model(tiny, comfy_dir, tmp_path):
-    from popalign_core.lora_io import save_lora
-    from popalign_core.models import load_model
+    from popalign_core.lora.files import save_lora
+    from popalign_core.models.loading import load_model
 
     ours = load_model(tiny["ckpt"], config_dir=tiny["config"])
     add_seeded_lora(ours)

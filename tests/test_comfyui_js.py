@@ -315,7 +315,7 @@ def test_extension_loads(server, page):
 
 
 def test_switching_the_loss_fills_its_default_hyper_parameters(page):
-    from popalign_core.losses import loss_defaults
+    from popalign_core.train.losses import loss_defaults
 
     got = page.js(
         "const n = LiteGraph.createNode('PopAlignLoRATrainer'); app.graph.add(n);"

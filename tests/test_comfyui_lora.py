@@ -80,7 +80,7 @@ def _population_data(folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from popalign_core.data import write_manifest
+    from popalign_core.train.data import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -102,7 +102,7 @@ def trained(tiny_model, tmp_path_factory) -> dict:
     fixed inputs the ComfyUI job also gets."""
     from safetensors.torch import save_file
 
-    from popalign_core.train import Trainer, load_config
+    from popalign_core.train.trainer import Trainer, load_config
 
     root = tmp_path_factory.mktemp("train")
     cfg = load_config(

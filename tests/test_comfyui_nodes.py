@@ -119,13 +119,13 @@ def test_object_info_lists_every_node_with_tooltips(object_info, server):
     for name in ("PopAlignLoRATrainer", "PopAlignDistributionalAlignment", "PopAlignBiasMetrics"):
         assert object_info[name]["output_node"] is True, name
     # the loss dropdown is the core's registry
-    from popalign_core.losses import LOSSES
+    from popalign_core.train.losses import LOSSES
 
     assert object_info["PopAlignLoRATrainer"]["input"]["required"]["loss"][0] == list(LOSSES)
 
 
 def test_loss_defaults_route(server):
-    from popalign_core.losses import LOSSES, loss_defaults
+    from popalign_core.train.losses import LOSSES, loss_defaults
 
     got = server.get("/popalign/losses")
     assert list(got) == list(LOSSES)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from popalign_core.dal import dal_loss
+from popalign_core.dal.loss import dal_loss
 
 
 def _logits(p0: list[float]) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_images_without_a_face_are_excluded_and_not_counted():
 
 def test_several_axes_sum_per_axis_losses():
     from popalign_core import attributes as A
-    from popalign_core.ot import expected_ot_targets_axes
+    from popalign_core.dal.ot import expected_ot_targets_axes
 
     g = torch.Generator().manual_seed(0)
     lg = {"gender": torch.randn(6, 2, generator=g, requires_grad=True),

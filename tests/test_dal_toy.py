@@ -44,7 +44,7 @@ def test_target_errors_by_hand():
 def test_quick_run_writes_results(tmp_path, capsys):
     assert X.main(["--out", str(tmp_path / "q"), "--quick"]) == 0
     res = json.loads((tmp_path / "q" / "results.json").read_text())
-    from popalign_core.fileio import foreign_entries
+    from popalign_core.common.fileio import foreign_entries
 
     assert foreign_entries(tmp_path / "q", X._outputs()) == []  # the declared layout covers every output
     assert set(res["target_error_mean"]) == {"form", "stature"}

@@ -1,4 +1,4 @@
-"""The DAL trainer (popalign_core.dal_train, `popalign dal`) on the toy world: bad input before any work, a run
+"""The DAL trainer (popalign_core.dal.trainer, `popalign dal`) on the toy world: bad input before any work, a run
 with resume equal to an uninterrupted run, micro-batching equal to one batch, the prefix target, skipped no-face
 batches, the gradient mask of the face region, and the CLI."""
 
@@ -104,7 +104,7 @@ def full_run(tmp_path_factory):
 
 
 def test_run_writes_outputs_and_metrics(full_run):
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     cfg, summary = full_run
     assert summary["steps"] == 3 and summary["method"] == "dal" and summary["skipped_groups"] == 0
@@ -121,7 +121,7 @@ def test_run_writes_outputs_and_metrics(full_run):
 
 def test_resume_equals_uninterrupted(full_run, tmp_path):
     """2 steps, then resume to 3: the same LoRA as 3 steps in one go (same noise, targets and optimiser state)."""
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     cfg, summary = full_run
     first = D.run_dal(small(tmp_path, steps=2))
@@ -156,11 +156,11 @@ def test_micro_batches_give_the_same_gradient(tmp_path):
 
 
 def test_prefix_target_saves_a_textual_inversion(tmp_path):
-    from popalign_core.prefix import SoftPrefix
+    from popalign_core.dal.prefix import SoftPrefix
 
     s = D.run_dal(small(tmp_path, train="prefix", steps=1, prefix_tokens=3))
     path = s["outputs"]["embedding"]
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     ad = load_model("toyworld")
     pre = SoftPrefix.load(path, ad)

@@ -1,4 +1,4 @@
-"""Preference data on disk (popalign_core.data): manifests, validation, pairing, hashing, image loading."""
+"""Preference data on disk (popalign_core.train.data): manifests, validation, pairing, hashing, image loading."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from popalign_core.data import (
+from popalign_core.train.data import (
     DATA_KINDS,
     PreferenceData,
     Sample,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from popalign_core.demo import (
+from popalign_core.experiments.demo import (
     _disc,
     _stage_reduction,
     bootstrap,
@@ -201,8 +201,8 @@ def test_demo_cli_refuses_a_non_empty_output_and_unknown_methods(demo_run, capsy
 
 def test_overwrite_would_clear_exactly_an_earlier_demo_run(demo_run):
     """--overwrite's rule on a real demo output: every entry is the demo's; one foreign file anywhere stops it."""
-    from popalign_core.demo import _outputs
-    from popalign_core.fileio import check_clearable, foreign_entries
+    from popalign_core.common.fileio import check_clearable, foreign_entries
+    from popalign_core.experiments.demo import _outputs
 
     out, _ = demo_run
     assert foreign_entries(out, _outputs()) == [] and check_clearable(out, "demo", _outputs())
@@ -216,7 +216,7 @@ def test_overwrite_would_clear_exactly_an_earlier_demo_run(demo_run):
 
 
 def test_demo_loras_load_with_the_stock_format(demo_run):
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     out, _ = demo_run
     sd, meta, fmt = read_lora(out / "popalign_lora.safetensors")
@@ -242,7 +242,7 @@ def test_demo_data_feeds_the_example_training_config(demo_run, tmp_path):
     """examples/train_demo.yaml trains on the population data the demo builds (reduced to 2 steps)."""
     from pathlib import Path
 
-    from popalign_core.train import load_config, train
+    from popalign_core.train.trainer import load_config, train
 
     out, _ = demo_run
     example = Path(__file__).resolve().parents[1] / "examples" / "train_demo.yaml"

@@ -1,4 +1,4 @@
-"""Direct finetuning through the sampler (popalign_core.dft): forward parity with `sampling.sample`, the solver's
+"""Direct finetuning through the sampler (popalign_core.dal.dft): forward parity with `sampling.sample`, the solver's
 coefficients against finite differences, and the hooked (adjusted) gradient against an independent step-by-step
 construction sum_i C_i a_i (d eps_i / d theta)^T dL/dz_0 on a tiny model."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from popalign_core import dft, sampling
-from popalign_core.adapters.base import Conditioning
-from popalign_core.testing import get_dummy_adapter
+from popalign_core.models.adapter import Conditioning
+from popalign_core.models.tiny import get_dummy_adapter
 
 REQ = [("a photo of a cat", 0), ("a photo of a dog", 1)]
 

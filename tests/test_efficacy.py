@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from popalign_core.demo import load_demo_config, train_roles
 from popalign_core.experiments import dal_toy
 from popalign_core.experiments import efficacy as E
+from popalign_core.experiments.demo import load_demo_config, train_roles
 from popalign_core.toyworld.world import HELD_OUT_ROLES, TRAIN_ROLES
 
 ROWS = [(study, label, o) for study, spec in E.STUDIES.items() for label, o in spec]
@@ -110,7 +110,7 @@ def test_code_span_of_nested_role_subsets():
     a larger subspace), and each fraction is in [0, 1]."""
     import numpy as np
 
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     model = load_model("toyworld")
     d = E.code_span(model)

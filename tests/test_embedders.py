@@ -1,4 +1,4 @@
-"""Image-embedding providers and the face bank (`popalign_core.embedders`): every `EMBEDDERS` entry built through
+"""Image-embedding providers and the face bank (`popalign_core.dal.embedders`): every `EMBEDDERS` entry built through
 `make_embedder` from real weight files (the shipped toy world; a tiny random-weight open_clip model and a tiny
 `Dinov2Model` saved to tmp), compared with the models' own preprocessing + forward; the face-bank cache."""
 
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from popalign_core.classify.base import BackendUnavailable  # noqa: E402
-from popalign_core.embedders import EMBEDDERS, FaceBank, Preprocess, make_embedder  # noqa: E402
+from popalign_core.dal.embedders import EMBEDDERS, FaceBank, Preprocess, make_embedder  # noqa: E402
 from popalign_core.toyworld.classifier import ToyClassifier, labelled_renders  # noqa: E402
 
 # a tiny open_clip model: ViT-B-32's code path, 1-layer 32-wide towers, 32x32 input

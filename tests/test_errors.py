@@ -269,7 +269,7 @@ def test_numbers_as_users_write_them_in_flags_loss_params_and_yaml(pop_data, tmp
 )  # fmt: skip
 def test_every_command_parses_scientific_notation(build, argv, attr, value):
     if build == "dal":
-        from popalign_core.dal_train import build_parser, load_dal_config
+        from popalign_core.dal.trainer import build_parser, load_dal_config
 
         a = vars(build_parser().parse_args(argv))
         cfg = load_dal_config(None, model="toyworld", prompts=["a photo of a baker"], target={"form": [0.5, 0.5]},
@@ -279,8 +279,8 @@ def test_every_command_parses_scientific_notation(build, argv, attr, value):
         from importlib import import_module
 
         mod = {
-            "audit": "popalign_core.audit",
-            "data": "popalign_core.population",
+            "audit": "popalign_core.evaluate.audit",
+            "data": "popalign_core.population.pipeline",
             "mog": "popalign_core.experiments.mog",
         }
         m = import_module(mod[build])
@@ -520,8 +520,8 @@ def test_damaged_checkpoint_names_the_file_and_the_older_one(pop_data, tmp_path,
 
 
 def test_damaged_lora_file_names_the_file(tmp_path):
-    from popalign_core.fileio import CorruptFileError
-    from popalign_core.lora_io import read_lora
+    from popalign_core.common.fileio import CorruptFileError
+    from popalign_core.lora.files import read_lora
 
     bad = tmp_path / "lora.safetensors"
     bad.write_bytes(b"half a file")
@@ -677,14 +677,14 @@ def test_compare_of_audits_without_a_shared_prompt_is_an_error(tmp_path, capsys)
 
 # ================================================================================================ 5. consistency
 def _step_of(path: Path) -> str:
-    from popalign_core.fileio import safetensors_keys
+    from popalign_core.common.fileio import safetensors_keys
 
     return safetensors_keys(path)[1]["popalign_step"]
 
 
 def test_lora_formats_stay_one_step_after_a_kill_between_them(pop_data, tmp_path, monkeypatch):
     from popalign_core import fileio
-    from popalign_core.train import TrainConfig, Trainer
+    from popalign_core.train.trainer import TrainConfig, Trainer
 
     def cfg(steps):
         return TrainConfig(model="tiny:sd15", data=str(pop_data), output_dir=str(tmp_path), steps=steps, batch_size=2,

@@ -1,4 +1,4 @@
-"""LoRA creation and the diffusers / kohya files (popalign_core.lora_io), on the tiny seeded models of every family."""
+"""LoRA creation and the diffusers / kohya files (lora.files), on the tiny seeded models of every family."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from popalign_core import lora_io as L
-from popalign_core.adapters.diffusers import DiffusersAdapter
-from popalign_core.testing import get_dummy_adapter, get_dummy_pipeline
+from popalign_core.models.diffusers_adapter import DiffusersAdapter
+from popalign_core.models.tiny import get_dummy_adapter, get_dummy_pipeline
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 PROMPTS = ["a photo of a doctor", ""]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from popalign_core.losses import LOSSES, LossInputs, compute_loss, loss_config, loss_defaults
+from popalign_core.train.losses import LOSSES, LossInputs, compute_loss, loss_config, loss_defaults
 
 B_PAIRS = 3
 SHAPE = (2 * B_PAIRS, 4, 3, 3)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from popalign_core.attributes import conditional, uniform
-from popalign_core.metrics import (
+from popalign_core.common.attributes import conditional, uniform
+from popalign_core.evaluate.metrics import (
     METRICS,
     POOLED_NOTE,
     ambiguity,

@@ -1,4 +1,4 @@
-"""Offline model loading (`popalign_core.models`): single-file round trips for the three families, family detection,
+"""Offline model loading (`models.loading`): single-file round trips for the three families, family detection,
 prediction-type and dtype options, diffusers folders, and the error messages users see."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from popalign_core.checkpoints import save_single_file, to_original_state_dict
-from popalign_core.models import DTYPES, FAMILY_CONFIG_DIRS, detect_family, load_model, load_pipeline
-from popalign_core.testing import get_dummy_adapter, get_dummy_components, get_dummy_pipeline
+from popalign_core.models.loading import DTYPES, FAMILY_CONFIG_DIRS, detect_family, load_model, load_pipeline
+from popalign_core.models.single_file import save_single_file, to_original_state_dict
+from popalign_core.models.tiny import get_dummy_adapter, get_dummy_components, get_dummy_pipeline
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 
@@ -91,7 +91,7 @@ def test_config_dir_needs_no_tokenizer_and_works_with_pipeline_from_single_file(
     """
     from diffusers import StableDiffusionPipeline
 
-    from popalign_core.tokenizers import clip_tokenizer
+    from popalign_core.models.tokenizers import clip_tokenizer
 
     cfg, ckpt = tiny["sd2"]
     assert not (cfg / "tokenizer").exists()
@@ -291,7 +291,7 @@ def test_shipped_config_dirs_hold_configs_only():
         assert files == sorted([*want, "unet/config.json", "vae/config.json"]), family
         index = json.loads((root / "model_index.json").read_text())
         assert index["_class_name"] == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
-        assert index["tokenizer"] == [None, None]  # never loaded from here: passed in from popalign_core.tokenizers
+        assert index["tokenizer"] == [None, None]  # never loaded from here: passed in from models.tokenizers
     sched = json.loads((FAMILY_CONFIG_DIRS["sd2"] / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
 
@@ -343,7 +343,7 @@ def test_full_size_sd15_checkpoint_loads_with_shipped_config(tmp_path):
     # the shipped folder also configures diffusers' whole-pipeline loader, offline, given our tokenizer
     from diffusers import StableDiffusionPipeline
 
-    from popalign_core.tokenizers import clip_tokenizer
+    from popalign_core.models.tokenizers import clip_tokenizer
 
     pipe = StableDiffusionPipeline.from_single_file(
         str(ckpt), config=str(root), local_files_only=True, torch_dtype=torch.bfloat16, tokenizer=clip_tokenizer()
@@ -353,7 +353,7 @@ def test_full_size_sd15_checkpoint_loads_with_shipped_config(tmp_path):
 
 
 def test_toyworld_spec_names_the_shipped_model(monkeypatch, tmp_path):
-    from popalign_core.models import resolve_model_path
+    from popalign_core.models.loading import resolve_model_path
     from popalign_core.toyworld import classifier
 
     assert resolve_model_path("toyworld") == classifier.default_toyworld_dir()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from popalign_core.losses import LossInputs, compute_loss
+from popalign_core.train.losses import LossInputs, compute_loss
 
 from .test_train import make_population_data  # noqa: E402  (shared fixture data builder)
 
@@ -139,13 +139,13 @@ def test_dal_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "popalign_core.dal_train", *common, "--output-dir", str(tmp_path / "two")],
+         "-m", "popalign_core.dal", *common, "--output-dir", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     one = subprocess.run(
-        [sys.executable, "-m", "popalign_core.dal_train", *common, "--output-dir", str(tmp_path / "one")],
+        [sys.executable, "-m", "popalign_core.dal", *common, "--output-dir", str(tmp_path / "one")],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]

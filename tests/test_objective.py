@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from popalign_core.lora_io import LoraSpec, add_lora
-from popalign_core.losses import LOSSES
-from popalign_core.objective import preference_loss, shared_noise_and_timesteps
-from popalign_core.testing import get_dummy_adapter
+from popalign_core.lora.files import LoraSpec, add_lora
+from popalign_core.models.tiny import get_dummy_adapter
+from popalign_core.train.losses import LOSSES
+from popalign_core.train.objective import preference_loss, shared_noise_and_timesteps
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 
@@ -39,7 +39,7 @@ def batch(request):
 
 
 def _margin(adapter, latents, cond, label, seed=7):
-    from popalign_core.losses import per_sample_error
+    from popalign_core.train.losses import per_sample_error
 
     with torch.no_grad():
         noise, t = shared_noise_and_timesteps(
@@ -108,7 +108,7 @@ def test_training_steps_raise_the_margin_and_keep_base_and_reference(batch, loss
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_reference_anchor_target_is_distillation_to_the_frozen_model(init):
-    from popalign_core.objective import Anchor
+    from popalign_core.train.objective import Anchor
 
     torch.manual_seed(0)
     ad = get_dummy_adapter("sd15", seed=0)

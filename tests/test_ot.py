@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from popalign_core.ot import METHODS, _costs, dynamic_targets, expected_ot_targets
+from popalign_core.dal.ot import METHODS, _costs, dynamic_targets, expected_ot_targets
 
 
 def brute_force(p: np.ndarray, t: np.ndarray, seed: int = 0, cost: np.ndarray | None = None) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_fast_is_the_monte_carlo_estimator_exactly():
 
 
 def test_warm_started_reassignment_equals_a_fresh_assignment():
-    from popalign_core.ot import _assign_counts, _reassign
+    from popalign_core.dal.ot import _assign_counts, _reassign
 
     rng = np.random.default_rng(0)
     for trial in range(60):
@@ -132,7 +132,7 @@ def _two_axis_probs(n: int, seed: int) -> dict[str, np.ndarray]:
 
 def test_per_axis_mode_matches_brute_force_with_the_summed_cost():
     from popalign_core import attributes as A
-    from popalign_core.ot import _l2_costs, _perturb, expected_ot_targets_axes
+    from popalign_core.dal.ot import _l2_costs, _perturb, expected_ot_targets_axes
 
     probs = _two_axis_probs(4, 0)
     target = A.conditional("age:binary", "gender", {"female": [0.75, 0.25], "male": [0.5, 0.5]})
@@ -150,7 +150,7 @@ def test_per_axis_mode_matches_brute_force_with_the_summed_cost():
 
 def test_joint_mode_is_the_single_axis_method_on_product_probabilities():
     from popalign_core import attributes as A
-    from popalign_core.ot import expected_ot_targets_axes
+    from popalign_core.dal.ot import expected_ot_targets_axes
 
     probs = _two_axis_probs(6, 3)
     target = A.per_axis({"gender": [0.5, 0.5], "age:binary": [0.75, 0.25]})
@@ -161,7 +161,7 @@ def test_joint_mode_is_the_single_axis_method_on_product_probabilities():
 
 def test_one_axis_per_axis_mode_equals_the_single_axis_api():
     from popalign_core import attributes as A
-    from popalign_core.ot import expected_ot_targets_axes
+    from popalign_core.dal.ot import expected_ot_targets_axes
 
     p = _probs(9, 2, 4)
     out = expected_ot_targets_axes({"gender": p}, A.uniform("gender"), "per_axis", "fast", draws=50, seed=5)
@@ -170,7 +170,7 @@ def test_one_axis_per_axis_mode_equals_the_single_axis_api():
 
 def test_several_axes_bad_input():
     from popalign_core import attributes as A
-    from popalign_core.ot import expected_ot_targets_axes
+    from popalign_core.dal.ot import expected_ot_targets_axes
 
     t = A.uniform(["gender", "age:binary"])
     with pytest.raises(ValueError, match=r"one array per target axis \['gender', 'age'\]"):
@@ -184,7 +184,7 @@ def test_several_axes_bad_input():
 
 
 def test_check_exact_size_by_hand():
-    from popalign_core.ot import check_exact_size
+    from popalign_core.dal.ot import check_exact_size
 
     check_exact_size(16, 4)  # C(19, 3) = 969
     check_exact_size(10_000, 2)  # K = 2: closed form, never enumerated

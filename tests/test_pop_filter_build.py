@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from popalign_core.data import load_preference_data
-from popalign_core.pop_build import BuildConfig, build_preferences
-from popalign_core.pop_filter import FilterConfig, decide, filter_population
-from popalign_core.pop_sample import population_jobs, sample_population
-from popalign_core.sampling import SamplerConfig
+from popalign_core.models.sampling import SamplerConfig
+from popalign_core.population.build import BuildConfig, build_preferences
+from popalign_core.population.filter import FilterConfig, decide, filter_population
+from popalign_core.population.sample import population_jobs, sample_population
+from popalign_core.train.data import load_preference_data
 
 
 # ------------------------------------------------------------------------------------------------ filter
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A toy-world population run: 8 augmented + 8 neutral baker images, and 4 'tree' images (no figure)."""
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     out = tmp_path_factory.mktemp("run")
     aug = [{"neutral": "a photo of a baker", "prompt": f"a photo of {'an' if f == 'angular' else 'a'} {f} baker",

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from popalign_core.pop_sample import (
+from popalign_core.models.sampling import SamplerConfig, derive_seed
+from popalign_core.population.sample import (
     MANIFEST,
     SamplingStopped,
     image_name,
@@ -21,7 +22,6 @@ from popalign_core.pop_sample import (
     read_samples,
     sample_population,
 )
-from popalign_core.sampling import SamplerConfig, derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 AUG = [
@@ -35,7 +35,7 @@ CFG = SamplerConfig(steps=3, guidance_scale=2.0, scheduler="ddim", seed=5, batch
 
 @pytest.fixture(scope="module")
 def toy():
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     return load_model("toyworld")
 
@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_images(tmp_path, toy):
 
 
 def test_write_error_leaves_manifest_consistent(tmp_path, toy, monkeypatch):
-    import popalign_core.pop_sample as ps
+    import popalign_core.population.sample as ps
 
     real, calls = ps._save_png, {"n": 0}
 
@@ -147,7 +147,7 @@ def test_write_error_leaves_manifest_consistent(tmp_path, toy, monkeypatch):
 
 
 def test_manifest_append_failure_cuts_back_the_file(tmp_path, monkeypatch):
-    import popalign_core.pop_sample as ps
+    import popalign_core.population.sample as ps
 
     p = tmp_path / "m.jsonl"
     ps._append_rows(p, [{"image": "a", "prompt": "p", "index": 0}])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from popalign_core.cli import main as cli_main
-from popalign_core.population import keyword_sets, read_prompt_file
+from popalign_core.population.pipeline import keyword_sets, read_prompt_file
 
 
 def test_prompt_file_reports_blank_and_duplicate_lines(tmp_path):
@@ -66,8 +66,8 @@ def test_data_augment_toy_and_file_keywords(tmp_path, capsys):
 def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
     from pathlib import Path
 
-    from popalign_core.data import load_preference_data
-    from popalign_core.population import load_pipeline_config
+    from popalign_core.population.pipeline import load_pipeline_config
+    from popalign_core.train.data import load_preference_data
 
     example = Path(__file__).resolve().parents[1] / "examples" / "pipeline_toy.yaml"
     cfg = load_pipeline_config(example, out=str(tmp_path / "p"))
@@ -87,8 +87,8 @@ def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
     assert s["augment"]["skipped"][0]["prompt"] == "a photo of a round pilot"  # names a toy identity
     data = load_preference_data(tmp_path / "p" / "data" / "population.jsonl")
     assert {x.caption for x in data.samples} <= {"a photo of a baker", "a photo of a pilot"}
-    from popalign_core.fileio import foreign_entries, read_marker
-    from popalign_core.population import PIPELINE_OUTPUTS
+    from popalign_core.common.fileio import foreign_entries, read_marker
+    from popalign_core.population.pipeline import PIPELINE_OUTPUTS
 
     assert foreign_entries(tmp_path / "p", PIPELINE_OUTPUTS) == []  # the declared layout covers every output
     assert read_marker(tmp_path / "p")["command"] == "data pipeline"
@@ -113,7 +113,7 @@ def test_pipeline_config_and_cli_end_to_end(tmp_path, capsys):
 
 
 def test_pipeline_config_errors(tmp_path):
-    from popalign_core.population import load_pipeline_config
+    from popalign_core.population.pipeline import load_pipeline_config
 
     f = tmp_path / "c.yaml"
     f.write_text("model: toyworld\nprompts: [a]\nout: x\nsampel: {}\n")

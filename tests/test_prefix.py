@@ -1,4 +1,4 @@
-"""Soft prompt prefix (popalign_core.prefix.SoftPrefix): training mechanics, and the saved textual-inversion file
+"""Soft prompt prefix (popalign_core.dal.prefix.SoftPrefix): training mechanics, and the saved textual-inversion file
 means in diffusers and in a real ComfyUI exactly what was trained.
 
 - mechanics (tiny seeded models): only the prefix vectors get gradients, also through a frozen encoder; the token
@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from popalign_core.prefix import SoftPrefix, expand_token
-from popalign_core.testing import get_dummy_adapter, get_dummy_pipeline
+from popalign_core.dal.prefix import SoftPrefix, expand_token
+from popalign_core.models.tiny import get_dummy_adapter, get_dummy_pipeline
 
 PROMPT = "a photo of a doctor"
 PLAIN = [PROMPT, "", "a person, photo"]
@@ -325,7 +325,7 @@ def comfy_case(comfy_dir, tmp_path_factory) -> dict:
     with `load_model`, a trained 5-token prefix and our encodings; then ComfyUI's side in a child process."""
     from safetensors.torch import load_file
 
-    from popalign_core.models import load_model
+    from popalign_core.models.loading import load_model
 
     root = tmp_path_factory.mktemp("prefix_comfy")
     emb_dir = root / "embeddings"

@@ -1,10 +1,10 @@
-"""Identity-specific prompt detection (`popalign_core.prompts`)."""
+"""Identity-specific prompt detection (`popalign_core.population.prompts`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from popalign_core.prompts import DEFAULT_KEYWORDS, find_identity_terms, is_identity_specific
+from popalign_core.population.prompts import DEFAULT_KEYWORDS, find_identity_terms, is_identity_specific
 from popalign_core.toyworld.world import KEYWORDS as TOY_KEYWORDS
 
 
@@ -92,7 +92,7 @@ def test_bad_prompt():
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
-from popalign_core.prompts import AugmentConfig, augment, augment_prompts, subject_of  # noqa: E402
+from popalign_core.population.prompts import AugmentConfig, augment, augment_prompts, subject_of  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""popalign_core.report on hand-built audit / compare dicts: tables (values, CI text, headline row, escaping),
+"""popalign_core.evaluate.report on hand-built audit / compare dicts: tables (values, CI text, headline row, escaping),
 the written files (report.md / .html with inlined plots, compare.*) and what is left out when data is missing."""
 
 from __future__ import annotations

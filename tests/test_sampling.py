@@ -1,4 +1,4 @@
-"""Tests of the seeded batched sampler (popalign_core.sampling)."""
+"""Tests of the seeded batched sampler (popalign_core.models.sampling)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import fields, replace
 import pytest
 import torch
 
-from popalign_core.adapters.base import Conditioning
-from popalign_core.sampling import (
+from popalign_core.models.adapter import Conditioning
+from popalign_core.models.sampling import (
     OUTPUTS,
     SCHEDULERS,
     SamplerConfig,
@@ -25,7 +25,7 @@ from popalign_core.sampling import (
     initial_noise,
     sample,
 )
-from popalign_core.testing import get_dummy_adapter, get_dummy_pipeline, tiny_scheduler_config
+from popalign_core.models.tiny import get_dummy_adapter, get_dummy_pipeline, tiny_scheduler_config
 
 REQUESTS = [
     ("a photo of a doctor", 0),
@@ -84,7 +84,7 @@ def test_derive_seed_matches_documented_encoding(args, expected):
 @pytest.mark.parametrize("hashseed", ["0", "4242"])
 def test_derive_seed_stable_across_processes(hashseed):
     code = (
-        "import json, sys; from popalign_core.sampling import derive_seed; "
+        "import json, sys; from popalign_core.models.sampling import derive_seed; "
         "cases = json.loads(sys.stdin.read()); print(json.dumps([derive_seed(*c) for c in cases]))"
     )
     env = dict(os.environ, PYTHONHASHSEED=hashseed)
@@ -299,7 +299,7 @@ def test_scheduler_samples_target_distribution_eps_and_v(scheduler):
 def test_matches_diffusers_pipeline(family, scheduler):
     from diffusers import EulerAncestralDiscreteScheduler
 
-    from popalign_core.adapters.diffusers import DiffusersAdapter
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
 
     pipe = get_dummy_pipeline(family)  # its own scheduler is a DDIMScheduler
     pipe.set_progress_bar_config(disable=True)
@@ -354,7 +354,7 @@ def test_guidance_scale_one_skips_unconditional_pass(adapters):
 
 
 def test_guidance_scale_one_matches_pipeline():
-    from popalign_core.adapters.diffusers import DiffusersAdapter
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
 
     pipe = get_dummy_pipeline("sd2")
     pipe.set_progress_bar_config(disable=True)

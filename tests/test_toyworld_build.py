@@ -34,7 +34,7 @@ def test_build_layout_and_refusals(built, tmp_path):
     assert any("vae step" in m for m in lines) and any("unet step" in m for m in lines)
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         build(out, BuildConfig(**PRESETS["ci"]))
-    from popalign_core.fileio import check_clearable
+    from popalign_core.common.fileio import check_clearable
     from popalign_core.toyworld.build import COMMAND, OUTPUTS
 
     assert check_clearable(out, COMMAND, OUTPUTS)  # --overwrite may replace exactly this build
@@ -80,7 +80,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     with pytest.raises(FileExistsError, match="'stray.txt'"):
         build(out, BuildConfig(n_images=300, vae_steps=2, unet_steps=3, unet_batch=8), classifiers=False)
     (partial / "stray.txt").unlink()
-    from popalign_core.fileio import check_clearable
+    from popalign_core.common.fileio import check_clearable
     from popalign_core.toyworld.build import COMMAND, OUTPUTS
 
     assert check_clearable(partial, COMMAND, OUTPUTS) is not None  # the next build may clear it: all of it is ours
@@ -112,8 +112,8 @@ def test_classifiers_only_retrains_the_classifiers_of_a_build(built, tmp_path):
 
 
 def test_model_loads_and_samples_through_the_sd15_path(built):
-    from popalign_core.models import load_model
-    from popalign_core.sampling import SamplerConfig, sample
+    from popalign_core.models.loading import load_model
+    from popalign_core.models.sampling import SamplerConfig, sample
 
     out, _ = built
     adapter = load_model(str(out))
@@ -184,7 +184,7 @@ def test_check_runs_and_reports_every_field(built):
 def test_audit_of_the_toy_model_folder_with_the_toy_backend(built, tmp_path):
     """`popalign audit` on a model folder loaded from disk (the toy world) with the `toy` classifier and the toy
     axes, a non-uniform target on one of them."""
-    from popalign_core.audit import main
+    from popalign_core.evaluate.audit import main
 
     out, _ = built
     rc = main(["--model", str(out), "--prompts", str(_prompts(tmp_path)), "--images-per-prompt", "3",

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from popalign_core.losses import LOSSES
-from popalign_core.train import TrainConfig, Trainer, TrainingError, load_config, main
+from popalign_core.train.losses import LOSSES
+from popalign_core.train.trainer import TrainConfig, Trainer, TrainingError, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_text_encoder_lora_trains_with_its_own_reference(data, tmp_path):
     te_names = [n for n in tr.param_names if n.startswith("text_encoder")]
     assert any(n.startswith("text_encoder.") for n in te_names)
     assert any(n.startswith("text_encoder_2.") for n in te_names)
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     sd, _, _ = read_lora(tmp_path / "popalign_lora.safetensors")
     assert any(k.startswith("lora_te1_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
@@ -113,7 +113,7 @@ def test_text_encoder_only_lora(data, tmp_path):
     tr = Trainer(cfg, log=lambda m: None)
     tr.run()
     assert tr.param_names and all(n.startswith("text_encoder") for n in tr.param_names)
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     sd, _, _ = read_lora(tmp_path / "popalign_lora.safetensors")
     assert sd and all(k.startswith("lora_te") for k in sd)
@@ -151,7 +151,7 @@ def test_anchor_reaches_a_text_encoder_lora(data, tmp_path):
     """With a text-encoder-only LoRA the anchor conditions the trained model with the *trained* encoder (grad) and
     the reference with the frozen one: the anchor term changes what is learned (it once used the frozen encoder's
     cached states for both, so it had no path to the LoRA and changed nothing)."""
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     common = dict(loss="sft", train_unet=False, train_text_encoder=True, lr=1e-2, anchor_prompts=["a photo of a tree"],
                   anchor_images_per_prompt=2, anchor_sampler_steps=2)  # fmt: skip
@@ -271,7 +271,7 @@ def test_cli_yaml_config_with_flag_overrides(data, tmp_path, capsys):
     assert summary["steps"] == 2
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "beta: 100.0" in saved and "alpha: 0.3" in saved and "lora_rank: 2" in saved
-    from popalign_core.lora_io import read_lora
+    from popalign_core.lora.files import read_lora
 
     _, meta, _ = read_lora(tmp_path / "out" / "popalign_lora.safetensors")
     assert meta["loss"] == "popalign" and json.loads(meta["hyperparameters"])["beta"] == 100.0

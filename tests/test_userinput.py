@@ -9,13 +9,13 @@ import re
 import pytest
 
 from popalign_core import userinput as U
-from popalign_core.dal_train import DALConfig
-from popalign_core.dft import DFTConfig
-from popalign_core.losses import LOSSES, loss_config
-from popalign_core.pop_build import BuildConfig
-from popalign_core.pop_filter import FilterConfig
-from popalign_core.sampling import SamplerConfig
-from popalign_core.train import TrainConfig
+from popalign_core.dal.dft import DFTConfig
+from popalign_core.dal.trainer import DALConfig
+from popalign_core.models.sampling import SamplerConfig
+from popalign_core.population.build import BuildConfig
+from popalign_core.population.filter import FilterConfig
+from popalign_core.train.losses import LOSSES, loss_config
+from popalign_core.train.trainer import TrainConfig
 
 WRITTEN = {"1e-4": 1e-4, "5e-5": 5e-5, "2.0e-3": 2e-3, "5e3": 5000.0, "3.0e-3": 3e-3, "1E-4": 1e-4, "+5e3": 5000.0,
            "-1e-3": -1e-3, ".5": 0.5, "1.": 1.0, "0.0001": 1e-4}  # fmt: skip
@@ -132,7 +132,7 @@ def test_coercion_leaves_bad_values_for_validation_to_name():
     with pytest.raises(ValueError, match=r"data=\['a', 'b'\] is invalid: expected text \(a list was given\)"):
         TrainConfig(model="tiny:sd15", data=["a", "b"])  # `data: [a, b]` in a YAML file
     assert TrainConfig(model="tiny:sd15", data="x.jsonl", output_dir=2024).output_dir == "2024"
-    from popalign_core.pop_sample import population_jobs
+    from popalign_core.population.sample import population_jobs
 
     rows = [{"neutral": "a photo of a baker", "prompt": "a photo of a round baker", "index": 0}]
     assert len(population_jobs(rows, neutral_per_prompt=2e0)) == 3  # `neutral_per_prompt: 2e0` in a pipeline YAML
@@ -175,8 +175,8 @@ def test_user_errors_are_one_line_with_status_2(capsys, exc):
 
 def test_registered_runtime_errors_are_user_errors(capsys):
     from popalign_core.classify.base import BackendUnavailable
-    from popalign_core.pop_sample import SamplingStopped
-    from popalign_core.train import TrainingError
+    from popalign_core.population.sample import SamplingStopped
+    from popalign_core.train.trainer import TrainingError
 
     for cls in (TrainingError, BackendUnavailable, SamplingStopped):
         assert _cmd(cls("what to do"))([]) == 2
@@ -202,7 +202,7 @@ def test_ctrl_c_and_disk_full(capsys):
 
 
 def test_flags_of_text_fields_keep_the_text_and_negative_numbers_are_values():
-    from popalign_core.train import build_parser
+    from popalign_core.train.trainer import build_parser
 
     a = build_parser().parse_args(["--lora-name", "007", "--output-dir", "#run1", "--steps", "010", "--lr", "-1e-4",
                                    "--unet-targets", "[to_q, to_k]", "--progress", "false"])  # fmt: skip

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from popalign_core.attributes import AXES, GENDER
 from popalign_core.classify.base import BackendUnavailable, Classification, Face, FaceDetector, check_image, largest
 from popalign_core.classify.detectors import resolve_detector
+from popalign_core.common.attributes import AXES, GENDER
 
 # `classifiers` (check_image, the detector resolution) is imported inside the functions that use it, so that
 # `classifiers.py` can import this module at its top for the `CLASSIFIERS` registry without an import cycle.

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..userinput import user_error
+from popalign_core.common.userinput import user_error
 
 
 @user_error
@@ -51,7 +51,7 @@ class Classification:
 @runtime_checkable
 class AttributeClassifier(Protocol):
     name: str
-    axes: dict[str, tuple[str, ...]]  # axis -> class names (from popalign_core.attributes)
+    axes: dict[str, tuple[str, ...]]  # axis -> class names (from popalign_core.common.attributes)
     differentiable: bool
 
     def classify(self, images: list[np.ndarray]) -> list[Classification]:
@@ -173,7 +173,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        from ..fileio import CorruptFileError
+        from popalign_core.common.fileio import CorruptFileError
 
         raise CorruptFileError(
             f"cannot read weight file {str(path)!r} as a safetensors file or a torch state dict "

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from popalign_core.attributes import AGE_FAIRFACE9, AXES, GENDER, RACE_FAIRFACE7, RACE_GROUP4
 from popalign_core.classify.age_gender import AgeGenderClassifier
 from popalign_core.classify.base import (  # noqa: F401  (helpers re-exported: their home until this release)
     CLASSIFIER_SUBDIR,
@@ -47,6 +46,7 @@ from popalign_core.classify.base import (  # noqa: F401  (helpers re-exported: t
 from popalign_core.classify.deepface_backend import DeepFaceClassifier
 from popalign_core.classify.detectors import resolve_detector  # noqa: F401
 from popalign_core.classify.torch_model import TorchAttributeClassifier
+from popalign_core.common.attributes import AGE_FAIRFACE9, AXES, GENDER, RACE_FAIRFACE7, RACE_GROUP4
 from popalign_core.toyworld.classifier import ToyClassifier
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

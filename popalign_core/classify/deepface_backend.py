@@ -27,7 +27,7 @@ DEEPFACE_HOME defaulting to the home folder (``deepface/commons/folder_utils.py`
 ``allow_download=True``; then deepface's own downloader (``deepface/commons/weight_utils.py``) fetches the missing
 files into ``$DEEPFACE_HOME/.deepface/weights/``.
 
-Mapping to our class sets (``popalign_core.attributes``):
+Mapping to our class sets (``popalign_core.common.attributes``):
 
 - gender: Woman -> ``female``, Man -> ``male`` (`GENDER` order, same as deepface's).
 - race: deepface's six labels -> `RACE_PAPER6` (white, black, latino_hispanic, asian, indian, middle_eastern),
@@ -67,7 +67,6 @@ from typing import Any
 
 import numpy as np
 
-from popalign_core.attributes import AGE_BINARY, AGE_FAIRFACE9, GENDER, RACE_PAPER6
 from popalign_core.classify.base import BackendUnavailable, FaceDetector, load_state_dict
 from popalign_core.classify.deepface_detectors import (  # noqa: F401  (the detectors: re-exported, documented here)
     DEEPFACE_INSTALL,
@@ -80,6 +79,7 @@ from popalign_core.classify.deepface_detectors import (  # noqa: F401  (the dete
     find_deepface_files,
 )
 from popalign_core.classify.torch_model import TorchAttributeClassifier
+from popalign_core.common.attributes import AGE_BINARY, AGE_FAIRFACE9, GENDER, RACE_PAPER6
 
 __all__ = [
     "DEEPFACE_FILES",

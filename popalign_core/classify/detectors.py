@@ -42,8 +42,12 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendUnavailable, Face, FaceDetector, FullImage, as_rgb, pick_face
-from .deepface_detectors import DeepFaceOpenCVDetector, DeepFaceRetinaFaceDetector, DeepFaceYuNetDetector
+from popalign_core.classify.base import BackendUnavailable, Face, FaceDetector, FullImage, as_rgb, pick_face
+from popalign_core.classify.deepface_detectors import (
+    DeepFaceOpenCVDetector,
+    DeepFaceRetinaFaceDetector,
+    DeepFaceYuNetDetector,
+)
 
 __all__ = [
     "DETECTORS",

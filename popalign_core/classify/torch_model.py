@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..userinput import check_device
-from .base import IMAGENET_MEAN, IMAGENET_STD, Classification, Face, FaceDetector, check_image
-from .detectors import resolve_detector
+from popalign_core.classify.base import IMAGENET_MEAN, IMAGENET_STD, Classification, Face, FaceDetector, check_image
+from popalign_core.classify.detectors import resolve_detector
+from popalign_core.common.userinput import check_device
 
 
 class TorchAttributeClassifier:

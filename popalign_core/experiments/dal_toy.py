@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..userinput import ArgumentParser, command, read_yaml
+from popalign_core.common.userinput import ArgumentParser, command, read_yaml
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -76,8 +76,8 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 #: What `popalign dal-toy` writes in its output folder (`fileio.claim_output_dir`).
 def _outputs() -> dict:
-    from ..dal_train import DALConfig
-    from ..train import train_outputs
+    from popalign_core.dal.trainer import DALConfig
+    from popalign_core.train.trainer import train_outputs
 
     name = DALConfig.__dataclass_fields__["lora_name"].default
     return {"eval_base.json": None, "results.json": None, "dal": train_outputs(name)}
@@ -99,7 +99,7 @@ def tv_floor(target: np.ndarray, n: int, rng: np.random.Generator, draws: int = 
 
 def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, list[float]], seed: int) -> dict:
     """Per axis: per-role shares and errors, their mean over roles, and the finite-sample floor."""
-    from ..toyworld.world import TOY_AXES
+    from popalign_core.toyworld.world import TOY_AXES
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -119,16 +119,16 @@ def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, li
 
 
 def run(out: str | Path, config: dict | None = None, log=print) -> dict:
-    from ..dal_train import load_dal_config, run_dal
-    from ..demo import evaluate, train_roles
-    from ..fileio import atomic_write_text, claim_output_dir
-    from ..models import load_model
-    from ..toyworld.classifier import ToyClassifier
-    from ..toyworld.world import caption
+    from popalign_core.common.fileio import atomic_write_text, claim_output_dir
+    from popalign_core.dal.trainer import load_dal_config, run_dal
+    from popalign_core.experiments.demo import evaluate, train_roles
+    from popalign_core.models.loading import load_model
+    from popalign_core.toyworld.classifier import ToyClassifier
+    from popalign_core.toyworld.world import caption
 
     cfg = config or DEFAULTS
     out = Path(out)
-    from ..toyworld.world import TOY_AXES
+    from popalign_core.toyworld.world import TOY_AXES
 
     # everything is validated before any work: the eval sizes, the identity prompts and the DAL config
     for k in ("n_per_role", "n_per_identity", "n_per_concept", "steps"):
@@ -184,12 +184,12 @@ def run(out: str | Path, config: dict | None = None, log=print) -> dict:
     t = time.time()
     model = load_model("toyworld")
     if dcfg.train == "prefix":
-        from ..prefix import SoftPrefix
+        from popalign_core.dal.prefix import SoftPrefix
 
         pre = SoftPrefix.load(summary["outputs"]["embedding"], model)
         model = _Prefixed(model, pre)
     else:
-        from ..lora_io import load_lora
+        from popalign_core.lora.files import load_lora
 
         load_lora(model, summary["outputs"]["kohya"])
     ev = evaluate(model, cfg, cfg["seed"], eval_clf)

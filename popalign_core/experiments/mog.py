@@ -18,7 +18,7 @@ Data (Section 5 of the PopAlign paper, as set up there):
   reference over all three components, drawn once.
 
 Training uses the exact per-sample log-likelihood ratio ``logratio = log P_theta(x) - log P_ref(x)`` (the 1-D
-analogue of the per-step diffusion ratio in Eq. 11) fed to the project's loss zoo (`popalign_core.losses`):
+analogue of the per-step diffusion ratio in Eq. 11) fed to the project's loss zoo (`popalign_core.train.losses`):
 
 * ``popalign``: Eq. 11, ``-log sigmoid(gamma * beta * (logratio - mu))`` with ``gamma = +1/-1`` for the
   winning/losing population and ``mu = alpha * mean_w + (1 - alpha) * mean_l`` of the batch (detached, App. A.3);
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_write_text, check_replaceable, claim_output_dir, png_software
-from ..userinput import ArgumentParser, command, integer, number
+from popalign_core.common.fileio import atomic_write_text, check_replaceable, claim_output_dir, png_software
+from popalign_core.common.userinput import ArgumentParser, command, integer, number
 
 #: What `popalign mog` writes in its --out folder (`fileio.claim_output_dir`).
 MOG_OUTPUTS = {"result_*.json": None, "mog_*.png": None}
@@ -221,7 +221,7 @@ def _check_args(loss: str, anchor_weight: float, steps: int, lr: float, batch_si
 
 
 def _loss_fn(loss: str, beta: float, alpha: float, anchor_weight: float):
-    from popalign_core.losses import LossInputs, compute_loss
+    from popalign_core.train.losses import LossInputs, compute_loss
 
     kwargs: dict = {}
     if loss == "popalign":
@@ -470,7 +470,7 @@ def plot_result(result: dict, data: MoGData, path: str | Path, title: str | None
     default_title = f"{cfg['loss']}{anchor} ({beta}lr {cfg['lr']:g}, seed {cfg['seed']}): final w = [{w}]"
     fig.suptitle(title or default_title, fontsize=10)
     fig.tight_layout()
-    from ..fileio import atomic_path
+    from popalign_core.common.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=72, format="png", metadata={"Software": "popalign mog"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..userinput import ArgumentParser, UsageError, command, integer
+from popalign_core.common.userinput import ArgumentParser, UsageError, command, integer
 
 
 def _prog(argv: list[str]) -> str:
@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = argv[0] if argv else ""
     if sub == "check":
-        from .check import main as check_main
+        from popalign_core.toyworld.check import main as check_main
 
         return check_main(argv[1:])
     if sub == "build":
-        from .build import PRESETS, BuildConfig, build
+        from popalign_core.toyworld.build import PRESETS, BuildConfig, build
 
         ap = ArgumentParser(prog="popalign toyworld build", description="Seeded toy-world build.")
         ap.add_argument("--out", required=True, help="output folder (a diffusers folder + classifiers/)")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         a = ap.parse_args(argv[1:])
         if a.classifiers_only:
-            from .build import rebuild_classifiers
+            from popalign_core.toyworld.build import rebuild_classifiers
 
             rebuild_classifiers(a.out, progress=lambda m: print(m, file=sys.stderr, flush=True))
             return 0
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
         from PIL import Image
 
-        from .render import render, spec_from_caption
+        from popalign_core.toyworld.render import render, spec_from_caption
 
         ap = ArgumentParser(prog="popalign toyworld render", description="Render toy captions faithfully.")
         ap.add_argument("--prompt", action="append", required=True, help="a toy caption (repeatable)")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--n {a.n}: expected an integer in [1, 1000] (images per prompt, one grid row)")
         from PIL.PngImagePlugin import PngInfo
 
-        from ..fileio import PNG_SOFTWARE_KEY, atomic_path, check_replaceable, png_software
+        from popalign_core.common.fileio import PNG_SOFTWARE_KEY, atomic_path, check_replaceable, png_software
 
         tag = "popalign toyworld render"
         check_replaceable(a.out, tag, lambda p: png_software(p) == tag)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import Spec, render, sample_identity
-from .world import CONCEPTS, KEYWORDS, ROLE_NAMES, TOY_AXES, caption, concept_caption
+from popalign_core.toyworld.render import Spec, render, sample_identity
+from popalign_core.toyworld.world import CONCEPTS, KEYWORDS, ROLE_NAMES, TOY_AXES, caption, concept_caption
 
 
 @dataclass(frozen=True)

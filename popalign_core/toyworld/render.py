@@ -18,7 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import CONCEPT_BACKGROUND, CONCEPTS, HUE, ROLE_BY_NAME, SETTINGS, SHADES, TOY_AXES, parse_caption
+from popalign_core.toyworld.world import (
+    CONCEPT_BACKGROUND,
+    CONCEPTS,
+    HUE,
+    ROLE_BY_NAME,
+    SETTINGS,
+    SHADES,
+    TOY_AXES,
+    parse_caption,
+)
 
 SIZE = 32
 SS = 2  # supersampling factor

@@ -1,0 +1,5 @@
+"""Helpers every step of the flow shares: files on disk (`fileio`), what users type (`userinput`), the attribute axes
+and their target distributions (`attributes`), lazy package exports (`lazy`).
+
+Imports nothing else from the core: every other package may import `common`, `common` imports none of them.
+"""

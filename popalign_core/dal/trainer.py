@@ -1,0 +1,884 @@
+"""`popalign dal`: distributional alignment by adjusted direct finetuning (patent [0103]-[0114], Algorithm A.1).
+
+    popalign dal --config examples/dal_toy.yaml          # every config key is also a flag: --steps 200 ...
+
+One optimiser step, for each of `prompts_per_step` neutral prompts drawn from `prompts`:
+
+1. N = `images_per_prompt` initial noises, seeded per (seed, step, prompt, k) with `sampling.derive_seed`.
+2. Originals o_i: the frozen model (LoRA disabled, no prefix) from the same noises, without gradient; classified
+   (face, box, class probabilities) and embedded once.
+3. Current images x_i (DFT sampler, `dft.generate`); the classifier's probabilities on their faces give the dynamic
+   OT targets (y_i, c_i) of the whole group (`dal.dal_targets`, patent [0105]-[0106]); a group without any face is
+   skipped with a warning and counted (`skipped_groups`).
+4. The loss, in micro-batches of `micro_batch` images that are regenerated with gradient (exact: the targets are
+   fixed for the step, and every term is a sum over images):
+
+       L = L_align + L_img + lambda_face * L_face                                                   ([0109])
+       L_align = 1/N_f sum_i 1[c_i >= C] CE(h(face(x_i)), y_i)                                         (Eq. 6)
+       L_img   = 1/N sum_i w_i sum_e (1 - cos(e(x_i), e(o_i)))          e in `embedders` (CLIP, DINOv2; Eq. 7)
+       L_face  = 1/N_f sum_i (1 - cos(emb(face(x_i)), emb(F_i)))                                       ([0108])
+
+   w_i = lambda_img1 where the targets agree with the original's classes (h(face(o_i)), every used axis), else
+   lambda_img2, with the gradient inside the face box scaled by lambda_img3 / lambda_img2 (so the face region has
+   weight lambda_img3: [0109]; the public code scales the gradient in the box the same way). Images without a face
+   in x_i get only L_img (weight lambda_img1). F_i is the nearest face of the reference bank (max cosine; the
+   patent's "min" of a cosine is read as the closest face), or o_i's own face when o_i already has the target class
+   with confidence >= `face_own_threshold` (public code). N is the number of images of the step, N_f the faces.
+5. Backward through the sampler with the adjusted gradient of `gradient` (`dft.GRADIENTS`), clip, AdamW step.
+
+What is trained (`train`): "text_encoder" (LoRA on attention + MLP, the patent's main setting), "unet", "both",
+or "prefix" (a soft prompt prefix of `prefix_tokens` tokens, saved as a textual-inversion embedding). Checkpoints
+(trainable weights + optimiser) every `checkpoint_every` steps; `resume: auto` continues from the latest one, with the
+same images and targets as an uninterrupted run. Metrics per step go to metrics.jsonl / metrics.csv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from popalign_core.common.fileio import atomic_write_text
+from popalign_core.common.userinput import (
+    ArgumentParser,
+    check_containers,
+    check_name,
+    coerce_numbers,
+    coerce_strings,
+    command,
+    flag_type,
+)
+from popalign_core.dal.dft import GRADIENTS, DFTConfig
+from popalign_core.dal.ot import METHODS, MODES
+from popalign_core.train.trainer import (
+    LORA_FORMAT_CHOICES,
+    Trainer,
+    TrainingError,
+    _Dist,
+    config_fingerprint,
+    load_training_model,
+    load_yaml_config,
+)
+
+__all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
+
+TRAIN_TARGETS = {
+    "text_encoder": "LoRA on the text encoder(s): attention and MLP (the patent's main setting)",
+    "unet": "LoRA on the UNet attention layers",
+    "both": "LoRA on the text encoder(s) and the UNet",
+    "prefix": "a soft prompt prefix (textual inversion), prepended to every prompt",
+}
+
+
+def _help(text: str, **kw):
+    return dataclasses.field(metadata={"help": text}, **kw)
+
+
+@dataclasses.dataclass
+class DALConfig:
+    """A distributional-alignment run; YAML keys and CLI flags share the names (dashes for underscores)."""
+
+    # model
+    model: str = _help("base model: a checkpoint, a diffusers folder, 'toyworld' or 'tiny:<family>'", default="")
+    family: str = _help("model family: auto, sd15, sd2, sdxl", default="auto")
+    model_config_dir: str | None = _help("diffusers config folder for a single-file checkpoint", default=None)
+    prediction_type: str | None = _help("override the prediction type: epsilon or v_prediction", default=None)
+    # prompts and target
+    prompts: list = _help("neutral training prompts (or use prompts_file)", default_factory=list)
+    prompts_file: str | None = _help("text file with one neutral training prompt per line", default=None)
+    target: dict = _help(
+        "target distribution: {axis: [p_1, ..., p_K] or {class: p}} (independent axes), or "
+        "{joint: {axes: [a, b], probs: {'c1|c2': p, ...}}}; axes and classes are the classifier's",
+        default_factory=dict,
+    )
+    prompt_targets: dict = _help(
+        "prompts with their own target, merged per axis over `target`, e.g. {'a photo of a female doctor': "
+        "{gender: [1, 0]}}: identity-specific prompts that must keep their identity while neutral prompts are "
+        "aligned (they join the training prompts)",
+        default_factory=dict,
+    )
+    neutral_share: float = _help(
+        "with prompt_targets: the probability that a step's prompt is drawn from the neutral prompts", default=0.5
+    )
+    threshold: float = _help("confidence threshold C of the dynamic targets, in (0, 1]", default=0.8)
+    ot_method: str = _help(f"expected-OT method: {', '.join(METHODS)}", default="exact")
+    ot_mode: str = _help(f"several axes: {', '.join(MODES)}", default="per_axis")
+    ot_draws: int = _help("target draws of the monte_carlo / fast methods", default=256)
+    # classifier
+    classifier: str = _help("attribute classifier (registry name; must be differentiable), e.g. toy, fairface",
+                            default="toy")  # fmt: skip
+    classifier_weights: str | None = _help("classifier weights (file or folder; default: the backend's)", default=None)
+    classifier_options: dict = _help("extra classifier options, e.g. {which: train} for toy", default_factory=dict)
+    detector: str | None = _help("face detector for non-toy classifiers (registry name; none = whole image)",
+                                 default=None)  # fmt: skip
+    # semantics and face realism
+    embedders: list = _help("image-embedding providers of L_img (e.g. [clip, dinov2]; [] = no L_img)",
+                            default_factory=lambda: ["toy"])  # fmt: skip
+    embedder_weights: dict = _help("weights per embedder name (file or folder)", default_factory=dict)
+    lambda_img1: float = _help("L_img weight where the target agrees with the original's class", default=8.0)
+    lambda_img2: float = _help("L_img weight outside the face where it does not (patent: 0.2 x lambda_img1)",
+                               default=1.6)  # fmt: skip
+    lambda_img3: float = _help("L_img weight inside the face box where it does not (patent: 0.2 x lambda_img2)",
+                               default=0.32)  # fmt: skip
+    lambda_face: float = _help("weight of the face-realism loss (0 = off)", default=1.0)
+    face_embedder: str | None = _help("embedder of L_face (default: the first of `embedders`)", default=None)
+    face_bank: str | None = _help("folder of real face images (embeddings cached), or 'toy' (the toy world's bank)",
+                                  default=None)  # fmt: skip
+    face_own_threshold: float = _help(
+        "use the original's own face as the L_face reference when it already has the target class with at least "
+        "this confidence",
+        default=0.9,
+    )
+    # sampler (DFT)
+    sampler_steps: int = _help("DFT sampling steps (DPM-Solver++ ~20)", default=20)
+    guidance_scale: float = _help("classifier-free guidance of the DFT sampler", default=7.5)
+    scheduler: str = _help("DFT scheduler (deterministic)", default="dpmpp_2m")
+    gradient: str = _help(f"gradient through the sampler: {', '.join(GRADIENTS)}", default="a1")
+    checkpointing: bool = _help("gradient checkpointing of the UNet calls and the VAE decoder", default=True)
+    resolution: int | None = _help("image side in pixels (default: the model's native size)", default=None)
+    # what is trained
+    train: str = _help(f"what is trained: {', '.join(TRAIN_TARGETS)}", default="text_encoder")
+    lora_rank: int = _help("LoRA rank (patent: 50)", default=50)
+    lora_alpha: float | None = _help("LoRA alpha (default: the rank)", default=None)
+    unet_targets: list = _help(
+        "UNet modules with a LoRA", default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    text_encoder_targets: list = _help(
+        "text-encoder modules with a LoRA",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    )
+    prefix_tokens: int = _help("soft prefix length (train: prefix)", default=5)
+    prefix_token: str = _help("placeholder token of the soft prefix", default="<popalign>")
+    prefix_init: str = _help("text whose token embeddings initialise the prefix", default="person")
+    # optimisation
+    steps: int = _help("optimiser steps", default=100)
+    images_per_prompt: int = _help("N: images per prompt and step (the OT batch)", default=8)
+    prompts_per_step: int = _help("prompts per step (each gets its own OT batch)", default=1)
+    micro_batch: int = _help("images generated with gradient at once (0 = all of a prompt's N)", default=0)
+    lr: float = _help("learning rate (patent: 5e-5, AdamW)", default=5e-5)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
+    seed: int = _help("seed: LoRA init, prompt order, noise, OT tie-breaking", default=0)
+    # output
+    output_dir: str = _help("output folder", default="runs/dal")
+    lora_name: str = _help("file name stem of the saved LoRA / embedding", default="popalign_dal")
+    lora_formats: list = _help("LoRA layouts: kohya, diffusers", default_factory=lambda: ["kohya", "diffusers"])
+    checkpoint_every: int = _help("steps between resumable checkpoints (0 = only at the end)", default=25)
+    keep_checkpoints: int = _help("recent checkpoints kept", default=2)
+    resume: str | None = _help("'auto', a checkpoint folder, or none", default="auto")
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> DALConfig:
+        from popalign_core.classify.classifiers import CLASSIFIERS
+
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
+
+        coerce_numbers(self)
+        check_containers(self)
+        coerce_strings(self)
+
+        def num(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                bad(name, f"must be {'>' if lo_open else '>='} {lo}")
+            if hi is not None and v > hi:
+                bad(name, f"must be <= {hi}")
+
+        def integer(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(name, f"must be an integer >= {lo}")
+
+        if self.train not in TRAIN_TARGETS:
+            bad("train", f"valid values: {', '.join(TRAIN_TARGETS)}")
+        if self.family not in ("auto", "sd15", "sd2", "sdxl"):
+            bad("family", "valid values: auto, sd15, sd2, sdxl")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            bad("prediction_type", "valid values: epsilon, v_prediction")
+        if self.classifier not in CLASSIFIERS:
+            bad("classifier", f"valid values: {', '.join(CLASSIFIERS)}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            bad("threshold", "expected a confidence threshold C in (0, 1]")
+        if not 0 < float(self.threshold) <= 1:
+            bad("threshold", "expected a confidence threshold C in (0, 1]")
+        if self.ot_method not in METHODS:
+            bad("ot_method", f"valid values: {', '.join(METHODS)}")
+        if self.ot_mode not in MODES:
+            bad("ot_mode", f"valid values: {', '.join(MODES)}")
+        if self.gradient not in GRADIENTS:
+            bad("gradient", f"valid values: {', '.join(GRADIENTS)}")
+        for name in ("lambda_img1", "lambda_img2", "lambda_img3", "lambda_face", "weight_decay", "max_grad_norm"):
+            num(name, lo=0)
+        num("lr", lo=0, lo_open=True)
+        num("face_own_threshold", lo=0, hi=1)
+        num("neutral_share", lo=0, hi=1)
+        if not isinstance(self.prompt_targets, dict) or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, dict) for k, v in self.prompt_targets.items()
+        ):
+            bad("prompt_targets", "expected a mapping {prompt: {axis: probabilities}}")
+        num("guidance_scale", lo=0)
+        for name in ("steps", "images_per_prompt", "prompts_per_step", "lora_rank", "prefix_tokens", "ot_draws",
+                     "sampler_steps"):  # fmt: skip
+            integer(name, 1)
+        for name in ("micro_batch", "checkpoint_every", "keep_checkpoints", "seed"):
+            integer(name, 0)
+        if not isinstance(self.target, dict) or not self.target:
+            bad("target", "expected a non-empty mapping (see the help of `target`)")
+        if not isinstance(self.embedders, list):
+            bad("embedders", "expected a list of embedder names")
+        if not isinstance(self.classifier_options, dict) or not isinstance(self.embedder_weights, dict):
+            raise ValueError("classifier_options and embedder_weights must be mappings")
+        fmts = list(self.lora_formats)
+        if not fmts or any(f not in LORA_FORMAT_CHOICES for f in fmts):
+            bad("lora_formats", f"a non-empty list of: {', '.join(LORA_FORMAT_CHOICES)}")
+        check_name(self.lora_name, "lora_name")
+        if self.lambda_face > 0 and self.face_bank is None:
+            bad("face_bank", "lambda_face > 0 needs a face bank folder (or 'toy'); set lambda_face: 0 to disable")
+        DFTConfig(steps=self.sampler_steps, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
+                  gradient=self.gradient, checkpointing=self.checkpointing)  # fmt: skip
+        return self
+
+    def dft(self) -> DFTConfig:
+        return DFTConfig(
+            steps=self.sampler_steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            gradient=self.gradient,
+            checkpointing=self.checkpointing,
+            height=self.resolution,
+            width=self.resolution,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.to_dict())
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def load_dal_config(path: str | os.PathLike | None = None, **overrides) -> DALConfig:
+    """A DALConfig from a YAML file (optional) and keyword overrides; unknown keys are errors. `prompts_file` and
+    `face_bank` written relative in the file are relative to the file."""
+    return load_yaml_config(DALConfig, path, overrides, relative_keys=("prompts_file", "face_bank"))
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def build_target(spec: dict, axes: dict[str, tuple[str, ...]]):
+    """An `attributes.Target` over the classifier's `axes` from the config's `target` (see DALConfig.target)."""
+    from popalign_core.common import attributes as A
+
+    def axis(name):
+        if name not in axes:
+            raise ValueError(f"target: axis {name!r} is not an axis of the classifier; valid axes: {list(axes)}")
+        return A.Axis(name, "classifier", tuple(axes[name]))
+
+    if "joint" in spec:
+        j = spec["joint"]
+        if set(spec) != {"joint"} or not isinstance(j, dict) or set(j) != {"axes", "probs"}:
+            raise ValueError("target: a joint target is {joint: {axes: [...], probs: ...}} and nothing else")
+        return A.joint([axis(a) for a in j["axes"]], j["probs"])
+    return A.per_axis({axis(a): v for a, v in spec.items()})
+
+
+# ------------------------------------------------------------------------------------------------ face model
+class _FaceModel:
+    """The classifier as DAL needs it: detection (face flag, box) without gradient, and differentiable logits and
+    face crops. The toy classifier's face head is its detector and its probabilities come from the whole image;
+    other backends detect with their detector (`classify`) and get the box crop, resized, with gradient."""
+
+    def __init__(self, clf):
+        if not getattr(clf, "differentiable", False) or not callable(getattr(clf, "logits", None)):
+            raise ValueError(
+                f"classifier {getattr(clf, 'name', type(clf).__name__)!r} is not differentiable: DAL back-propagates "
+                "through the classifier; use toy, fairface, clip or deepface"
+            )
+        self.clf = clf
+        self.toy = hasattr(clf, "heads")
+        self.axes = {a: tuple(c) for a, c in clf.axes.items()}
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """images [B, 3, H, W] in [0, 1] -> (face [B] bool, boxes [B, 4] as fractions x0, y0, x1, y1)."""
+        if self.toy:
+            out, _ = self.clf.heads(images)
+            face = (torch.sigmoid(out["face"][:, 0]) >= self.clf.face_threshold).cpu().numpy()
+            return face, torch.sigmoid(out["box"]).double().cpu().numpy()
+        u8 = list(images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        res = self.clf.classify(u8)
+        h, w = images.shape[-2:]
+        face = np.array([bool(r.face_found and r.box is not None) for r in res])
+        boxes = np.array([[r.box[0] / w, r.box[1] / h, r.box[2] / w, r.box[3] / h] if f else [0, 0, 1, 1]
+                          for r, f in zip(res, face)], dtype=np.float64)  # fmt: skip
+        return face, boxes
+
+    def crops(self, images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """Face crops with gradient (the toy world: the whole image)."""
+        if self.toy:
+            return images
+        h, w = images.shape[-2:]
+        out = []
+        for img, b in zip(images, boxes):
+            x0, y0 = int(b[0] * w), int(b[1] * h)
+            x1, y1 = max(int(math.ceil(b[2] * w)), x0 + 1), max(int(math.ceil(b[3] * h)), y0 + 1)
+            out.append(F.interpolate(img[None, :, y0:y1, x0:x1], size=(h, w), mode="bilinear", align_corners=False))
+        return torch.cat(out)
+
+    def logits(self, images: torch.Tensor, boxes: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.clf.logits(self.crops(images, boxes))
+
+
+def _box_mask(boxes: np.ndarray, shape, inside: torch.Tensor, device) -> torch.Tensor:
+    """[B, 1, H, W] multiplier: `inside[b]` in the face box of row b, 1 elsewhere."""
+    b, _, h, w = shape
+    ys = (torch.arange(h, device=device).float() + 0.5) / h
+    xs = (torch.arange(w, device=device).float() + 0.5) / w
+    bx = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+    in_y = (ys[None, :] >= bx[:, 1:2]) & (ys[None, :] <= bx[:, 3:4])
+    in_x = (xs[None, :] >= bx[:, 0:1]) & (xs[None, :] <= bx[:, 2:3])
+    box = (in_y[:, :, None] & in_x[:, None, :])[:, None].float()
+    return 1.0 + box * (inside.to(device).view(b, 1, 1, 1) - 1.0)
+
+
+class _GradMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, m):
+        ctx.save_for_backward(m)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (m,) = ctx.saved_tensors
+        return g * m, None
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class DALTrainer(Trainer):
+    """Runs one DAL job (module docstring). Reuses the LoRA trainer's checkpoint and metrics files."""
+
+    def __init__(self, cfg: DALConfig, log=None, on_step=None, adapter=None):
+        self.cfg = cfg.validate()
+        self._given_adapter = adapter  # an already loaded model (ComfyUI's); it stays on its own device
+        if not str(cfg.output_dir).strip():
+            raise ValueError("output_dir is empty: name the run's folder (an empty path would mean the current one)")
+        self.out = Path(cfg.output_dir)
+        self.dist = _Dist("no")
+        self.log = log or (lambda m: print(m, file=sys.stderr))
+        self.on_step = on_step  # on_step(step, total, metrics): an exception it raises cancels (checkpoint kept)
+        self.prefix = None
+
+    # ---------------------------------------------------------------------------------------- setup
+    def _prompts(self) -> list[str]:
+        cfg = self.cfg
+        prompts = [str(p) for p in cfg.prompts]
+        if cfg.prompts_file:
+            p = Path(cfg.prompts_file)
+            if not p.is_file():
+                raise FileNotFoundError(f"prompts_file={cfg.prompts_file!r} does not exist")
+            prompts += [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        prompts = list(dict.fromkeys(prompts))
+        if not prompts:
+            raise ValueError("prompts: no training prompt (give prompts or prompts_file)")
+        return prompts
+
+    def _setup_classifier(self):
+        from popalign_core.classify.classifiers import make_classifier
+
+        cfg = self.cfg
+        opts = dict(cfg.classifier_options)
+        if cfg.classifier == "toy":
+            opts.setdefault("which", "train")
+        kwargs = {} if cfg.classifier == "toy" else {"detector": cfg.detector}
+        clf = make_classifier(cfg.classifier, weights=cfg.classifier_weights, device=str(self.dist.device), **kwargs,
+                              **opts)  # fmt: skip
+        self.face = _FaceModel(clf)
+        self.target = build_target(cfg.target, self.face.axes)
+        self.t_axes = [a.name for a in self.target.axes]
+        if cfg.ot_method == "exact":  # refused now, not after the first sampled batch
+            from popalign_core.dal.ot import check_exact_size
+
+            try:
+                check_exact_size(cfg.images_per_prompt, len(self.target.probs))
+            except ValueError as exc:
+                raise ValueError(
+                    f"ot_method='exact' with images_per_prompt={cfg.images_per_prompt} and the "
+                    f"target's {len(self.target.probs)} joint classes: {exc}"
+                ) from None
+        if "joint" in cfg.target and cfg.prompt_targets:
+            raise ValueError("prompt_targets: only with a per-axis `target` (not a joint one)")
+        self.prompt_target = {}
+        for prompt, spec in cfg.prompt_targets.items():
+            unknown = sorted(set(spec) - set(self.t_axes))
+            if unknown:
+                raise ValueError(f"prompt_targets[{prompt!r}]: axes {unknown} are not axes of `target` {self.t_axes}")
+            try:
+                self.prompt_target[prompt] = build_target({**cfg.target, **spec}, self.face.axes)
+            except ValueError as exc:
+                raise ValueError(f"prompt_targets[{prompt!r}]: {exc}") from None
+
+    def _setup_embedders(self):
+        cfg = self.cfg
+        self.embedders = {}
+        names = list(cfg.embedders)
+        face_name = cfg.face_embedder or (names[0] if names else None)
+        if cfg.lambda_face > 0 and face_name is None:
+            raise ValueError("face_embedder: lambda_face > 0 needs an embedder (set face_embedder or embedders)")
+        from popalign_core.dal.embedders import FaceBank, make_embedder
+
+        for name in dict.fromkeys([*names, *([face_name] if cfg.lambda_face > 0 else [])]):
+            w = cfg.embedder_weights.get(name)
+            if name == "toy" and w is None and cfg.classifier == "toy":
+                w = cfg.classifier_weights
+            self.embedders[name] = make_embedder(name, weights=w, device=str(self.dist.device))
+        self.img_embedders = names
+        self.face_embedder = face_name if cfg.lambda_face > 0 else None
+        self.bank = None
+        if self.face_embedder is not None:
+            emb = self.embedders[self.face_embedder]
+            if cfg.face_bank == "toy":
+                from popalign_core.toyworld.classifier import ToyClassifier
+
+                if self.face_embedder != "toy":
+                    raise ValueError("face_bank='toy' holds toy-embedder vectors: set face_embedder: toy")
+                self.bank = FaceBank.from_tensor(ToyClassifier(cfg.classifier_weights, which="train").face_bank())
+                self.bank = self.bank.to(self.dist.device)
+            else:
+                self.bank = FaceBank.from_folder(cfg.face_bank, emb).to(self.dist.device)
+
+    def _setup_model(self):
+        from popalign_core.lora.files import LoraSpec, add_lora
+
+        cfg = self.cfg
+        self.adapter = adapter = self._given_adapter or load_training_model(cfg)
+        if self._given_adapter is None:
+            for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
+                m.to(self.dist.device)
+        adapter.unet.requires_grad_(False)
+        adapter.vae.requires_grad_(False)
+        for te in adapter.text_encoders:
+            te.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        if cfg.train == "prefix":
+            from popalign_core.dal.prefix import SoftPrefix
+
+            self.prefix = SoftPrefix.attach(adapter, n_tokens=cfg.prefix_tokens, token=cfg.prefix_token,
+                                            init_text=cfg.prefix_init)  # fmt: skip
+            self.params = list(self.prefix.parameters())
+        else:
+            spec = LoraSpec(
+                rank=cfg.lora_rank,
+                alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
+                unet_targets=tuple(cfg.unet_targets) if cfg.train in ("unet", "both") else None,
+                text_encoder_targets=tuple(cfg.text_encoder_targets)
+                if cfg.train in ("text_encoder", "both")
+                else None,
+            )
+            add_lora(adapter, spec)
+            self.params = [p for p in adapter.trainable_parameters() if p.requires_grad]
+        self.param_names = [
+            f"{rn}.{k}" for rn, r in self._roots() for k, p in r.named_parameters() if p.requires_grad
+        ]  # fmt: skip
+        if not self.params:
+            raise TrainingError("no trainable parameter: check unet_targets / text_encoder_targets")
+
+    def _roots(self):
+        if self.prefix is not None:
+            yield "prefix", self.prefix
+            return
+        yield from super()._roots()
+
+    def _setup_optimizer(self):
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    # ---------------------------------------------------------------------------------------- one step
+    def _apply(self, prompts: list[str]) -> list[str]:
+        return self.prefix.apply(prompts) if self.prefix is not None else prompts
+
+    def _noise(self, step: int, prompt: str, n: int) -> torch.Tensor:
+        from popalign_core.models.sampling import SamplerConfig, initial_noise
+
+        sc = SamplerConfig(seed=self.cfg.seed, height=self.cfg.resolution, width=self.cfg.resolution)
+        return initial_noise(self.adapter, [(f"{prompt}\n#dal-step {step}", k) for k in range(n)], sc)
+
+    def _step_prompts(self, step: int) -> list[str]:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        if not self.prompt_target:
+            k = min(self.cfg.prompts_per_step, len(self.prompts))
+            return [self.prompts[i] for i in rng.choice(len(self.prompts), size=k, replace=False)]
+        ident = list(self.prompt_target)
+        return [self.prompts[rng.integers(len(self.prompts))] if rng.random() < self.cfg.neutral_share
+                else ident[rng.integers(len(ident))] for _ in range(self.cfg.prompts_per_step)]  # fmt: skip
+
+    def _embed(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        return self.embedders[name].embed(images)
+
+    def _group(self, step: int, g: int, prompt: str, keep_graph: bool = False) -> dict[str, Any] | None:
+        """Originals, targets and weights of one prompt's N images. keep_graph: generate the current images with
+        gradient once and keep them for the loss (one micro-batch per prompt); else without gradient (the loss
+        regenerates them in micro-batches)."""
+        from popalign_core.dal.dft import generate
+        from popalign_core.dal.loss import dal_targets
+
+        cfg, n = self.cfg, self.cfg.images_per_prompt
+        noise = self._noise(step, prompt, n)
+        dcfg = self.dft_cfg
+        with torch.no_grad():
+            with self.adapter.reference():
+                orig = generate(self.adapter, [prompt] * n, noise, dcfg)
+            face_o, box_o = self.face.detect(orig)
+            p_o = {a: t.float().softmax(-1).double().cpu().numpy() for a, t in
+                   self.face.logits(orig, box_o).items()}  # fmt: skip
+            with torch.enable_grad() if keep_graph else contextlib.nullcontext():
+                x_graph = generate(self.adapter, self._apply([prompt] * n), noise, dcfg)
+            cur = x_graph.detach()
+            face_x, box_x = self.face.detect(cur)
+            p_x = {a: t.float().softmax(-1).double().cpu().numpy() for a, t in
+                   self.face.logits(cur, box_x).items()}  # fmt: skip
+            emb_o = {e: self._embed(e, orig) for e in self.img_embedders}
+            own = None
+            if self.face_embedder is not None:
+                own = self.embedders[self.face_embedder].embed(self.face.crops(orig, box_o))
+        if not face_x.any():
+            return {"skipped": True, "n": n, "faces": 0}
+        target = self.prompt_target.get(prompt, self.target)
+        t = dal_targets({a: p_x[a] for a in self.t_axes}, target, threshold=cfg.threshold, face=face_x,
+                        method=cfg.ot_method, mode=cfg.ot_mode, seed=cfg.seed * 1_000_003 + step * 101 + g,
+                        draws=cfg.ot_draws)  # fmt: skip
+        # dynamic weights: agree = on every used axis the target is the original's class (originals with a face)
+        cls_o = {a: p_o[a].argmax(1) for a in self.t_axes}
+        agree = np.ones(n, bool)
+        for a in self.t_axes:
+            agree &= ~t.used[a] | (face_o & (cls_o[a] == t.targets[a]))
+        conf_o = np.ones(n)
+        for a in self.t_axes:
+            conf_o = np.minimum(conf_o, p_o[a][np.arange(n), np.maximum(t.targets[a], 0)])
+        use_own = face_o & face_x & agree & (conf_o >= cfg.face_own_threshold)
+        shares = {a: np.bincount(p_x[a][face_x].argmax(1), minlength=len(self.face.axes[a])) / max(face_x.sum(), 1)
+                  for a in self.t_axes}  # fmt: skip
+        return {
+            "skipped": False, "prompt": prompt, "noise": noise, "n": n, "faces": int(face_x.sum()),
+            "face_x": face_x, "box_x": box_x, "box_o": box_o, "targets": t, "agree": agree, "use_own": use_own,
+            "emb_o": emb_o, "own": own, "shares": shares, "x": x_graph if keep_graph else None, "target": target,
+            "neutral": prompt not in self.prompt_target,
+        }  # fmt: skip
+
+    def _micro_loss(self, grp: dict, rows: np.ndarray, n_total: int, n_faces: int) -> tuple[torch.Tensor, dict]:
+        from popalign_core.dal.dft import generate
+
+        cfg = self.cfg
+        if grp["x"] is not None and len(rows) == grp["n"]:
+            x = grp["x"]  # generated with gradient in `_group` (one micro-batch per prompt)
+        else:
+            x = generate(self.adapter, self._apply([grp["prompt"]] * len(rows)), grp["noise"][rows], self.dft_cfg)
+        dev = x.device
+        face_x, t = grp["face_x"][rows], grp["targets"]
+        loss = x.new_zeros(())
+        parts = {"align": 0.0, "img": 0.0, "face": 0.0}
+        # L_align (Eq. 6): CE on the faces with a confident target, divided by the step's faces
+        fr = np.flatnonzero(face_x)
+        if len(fr):
+            logits = self.face.logits(x[fr], grp["box_x"][rows][fr])
+            for a in self.t_axes:
+                ok = t.used[a][rows][fr]
+                if ok.any():
+                    y = torch.as_tensor(t.targets[a][rows][fr][ok], device=dev)
+                    ce = F.cross_entropy(logits[a][torch.as_tensor(np.flatnonzero(ok), device=dev)].float(), y,
+                                         reduction="sum") / n_faces  # fmt: skip
+                    loss = loss + ce
+                    parts["align"] += float(ce.detach())
+        # L_img (Eq. 7) with the dynamic weights of [0109]
+        if self.img_embedders:
+            agree = grp["agree"][rows] | ~face_x
+            w = torch.as_tensor(np.where(agree, cfg.lambda_img1, cfg.lambda_img2), dtype=torch.float32, device=dev)
+            ratio = cfg.lambda_img3 / cfg.lambda_img2 if cfg.lambda_img2 > 0 else 0.0
+            inside = torch.as_tensor(np.where(agree, 1.0, ratio), dtype=torch.float32)
+            xm = _GradMask.apply(x, _box_mask(grp["box_x"][rows], x.shape, inside, dev))
+            for e in self.img_embedders:
+                cos = (self._embed(e, xm) * grp["emb_o"][e][rows].to(dev)).sum(-1)
+                li = (w * (1 - cos)).sum() / n_total
+                loss = loss + li
+                parts["img"] += float(li.detach())
+        # L_face ([0108]): nearest bank face, or the original's own face
+        if self.face_embedder is not None and len(fr):
+            emb = self.embedders[self.face_embedder].embed(self.face.crops(x[fr], grp["box_x"][rows][fr]))
+            cos_bank, _ = self.bank.nearest(emb)
+            own = grp["use_own"][rows][fr]
+            cos_own = (emb * grp["own"][rows][fr].to(dev)).sum(-1)
+            cos = torch.where(torch.as_tensor(own, device=dev), cos_own, cos_bank)
+            lf = cfg.lambda_face * (1 - cos).sum() / n_faces
+            loss = loss + lf
+            parts["face"] += float(lf.detach())
+        return loss, parts
+
+    def _accumulate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+        """Gradients of step `step` in the parameters' .grad (zeroed first; with several processes, this process's
+        share of the sum: `_train_step` all-reduces); returns (metrics over all processes, this process's live
+        groups). The step's prompt groups are dealt round-robin to the processes; the normalisers N and N_f are
+        global, so the summed gradient equals one process's gradient on the whole step."""
+        cfg, dist = self.cfg, self.dist
+        single = not cfg.micro_batch or cfg.micro_batch >= cfg.images_per_prompt
+        mine = [(g, p) for g, p in enumerate(self._step_prompts(step)) if g % dist.world == dist.rank]
+        # one micro-batch per prompt: the images of the targets are kept with their graph (with checkpointing, the
+        # graph holds the per-step latents, not the UNet activations) and back-propagated after all targets are in
+        groups = [self._group(step, g, p, keep_graph=single) for g, p in mine]
+        live = [g for g in groups if not g["skipped"]]
+        counts = dist.sum(torch.tensor([len(groups) - len(live), sum(g["n"] for g in live),
+                                        sum(g["faces"] for g in live)], dtype=torch.float64))  # fmt: skip
+        skipped, n_total, n_faces = int(counts[0]), int(counts[1]), int(counts[2])
+        if len(groups) - len(live):
+            msg = f"step {step}: {len(groups) - len(live)} prompt batch(es) had no face and were skipped"
+            warnings.warn(msg, stacklevel=2)
+            self.log(f"[dal] warning: {msg}")
+        self.opt.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "align": 0.0, "img": 0.0, "face": 0.0}
+        mb = cfg.micro_batch or cfg.images_per_prompt
+        for grp in live:
+            for s in range(0, grp["n"], mb):
+                rows = np.arange(s, min(s + mb, grp["n"]))
+                loss, parts = self._micro_loss(grp, rows, n_total, n_faces)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is not finite (NaN/inf) at step {step}; lower lr")
+                if loss.requires_grad:
+                    loss.backward()
+                for k, v in parts.items():
+                    sums[k] += v
+                sums["loss"] += float(loss.detach())
+        # per-group statistics, averaged over the groups of all processes: (sum, count) pairs
+        stats: dict[str, list[float]] = {}
+        for a in self.t_axes:
+            i = self.t_axes.index(a)
+            stats[f"confident_{a}"] = [float(g["targets"].used[a].sum() / g["faces"]) for g in live]
+            # total-variation distance between the batch's class shares (training classifier) and the target:
+            # neutral prompts (batch_error) and prompts with their own target (identity_error)
+            for name, keep in (("batch_error", True), ("identity_error", False)):
+                stats[f"{name}_{a}"] = [
+                    float(np.abs(g["shares"][a] - g["target"].marginal(g["target"].axes[i]).probs).sum() / 2)
+                    for g in live if g["neutral"] == keep
+                ]  # fmt: skip
+        keys = sorted(stats)
+        flat = [*(sums[k] for k in sums), *(sum(stats[k]) for k in keys), *(len(stats[k]) for k in keys)]
+        red = dist.sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        row: dict[str, float] = {"skipped_groups": float(skipped), **dict(zip(sums, red[: len(sums)]))}
+        if n_total:
+            row["faces"] = n_faces / n_total
+        tot, cnt = red[len(sums) : len(sums) + len(keys)], red[len(sums) + len(keys) :]
+        for k, t, c in zip(keys, tot, cnt):
+            if c:
+                row[k] = t / c
+        return row, live if n_total else []
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        row, live = self._accumulate(step)
+        if not live and not row.get("faces"):
+            return row  # no face in the whole step (every process): no update
+        if self.dist.world > 1:  # sum of the processes' shares (global normalisers: no division)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+            flat = self.dist.sum(flat.float().cpu())
+            off = 0
+            for p in self.params:
+                n = p.numel()
+                p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
+                off += n
+        grad_norm = 0.0
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+            raise TrainingError(f"gradients are not finite at step {step}; the update was not applied")
+        self.opt.step()
+        row["grad_norm"] = grad_norm
+        return row
+
+    def setup(self) -> DALTrainer:
+        """Everything before the first step (also used by tests and the acceptance run to inspect gradients)."""
+        from popalign_core.lora.files import model_hash
+
+        cfg = self.cfg
+        self.prompts = self._prompts()
+        self._setup_classifier()  # bad targets / classes / non-differentiable classifiers fail before any model work
+        self.dft_cfg = cfg.dft()
+        self._setup_embedders()
+        self._setup_model()
+        self.base_hash = model_hash(self.adapter.unet)
+        self._setup_optimizer()
+        return self
+
+    # ---------------------------------------------------------------------------------------- outputs
+    def _save_outputs(self, step: int) -> dict[str, str]:
+        from popalign_core.lora.files import lora_metadata, save_lora_formats
+
+        cfg = self.cfg
+        if self.prefix is not None:
+            path = self.out / f"{cfg.lora_name}.safetensors"
+            self.prefix.save(path, metadata={"popalign_method": "dal", "popalign_step": str(step)})
+            return {"embedding": str(path)}
+        meta = lora_metadata(
+            loss="dal",
+            hyperparameters={
+                "target": cfg.target,
+                "threshold": cfg.threshold,
+                "gradient": cfg.gradient,
+                "lr": cfg.lr,
+                "steps": step,
+                "train": cfg.train,
+            },  # fmt: skip
+            base_model_hash=self.base_hash,
+            data_hash=hashlib.sha256("\n".join(self.prompts).encode()).hexdigest(),
+            popalign_step=str(step),
+        )
+        targets = {
+            fmt: self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
+            for fmt in cfg.lora_formats
+        }
+        return save_lora_formats(self.adapter, targets, metadata=meta)  # every layout from the same step, as one
+
+    def _plot(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from popalign_core.common.fileio import atomic_path
+
+        fig, axs = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+        steps = [r["step"] for r in rows]
+        for k in ("loss", "align", "img", "face"):
+            axs[0].plot(steps, [r.get(k, float("nan")) for r in rows], lw=1, label=k)
+        axs[0].set_xlabel("step")
+        axs[0].legend()
+        for a in self.t_axes:
+            axs[1].plot(steps, [r.get(f"batch_error_{a}", float("nan")) for r in rows], lw=1, label=a)
+        axs[1].set_xlabel("step")
+        axs[1].set_ylabel("batch class shares: distance to target")
+        axs[1].legend()
+        fig.tight_layout()
+        with atomic_path(self.out / "loss_curve.png") as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+    # ---------------------------------------------------------------------------------------- run
+    COMMAND = "dal"  # the same files as the LoRA trainer (the embedding of train=prefix is <lora_name>.safetensors)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        self._claim_output()
+        self.setup()
+        start, rows, bar = self._begin("dal", "dal")
+        step = start
+        skipped = sum(int(r.get("skipped_groups", 0)) for r in rows)
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                ts = time.time()
+                row = {"step": step, **self._train_step(step), "lr": cfg.lr, "step_seconds": time.time() - ts}
+                skipped += int(row["skipped_groups"])
+                self._record(step, row, rows, bar)
+        except BaseException as exc:
+            self._on_stop(exc, rows, start)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self._save_checkpoint(step)
+        written = self._save_outputs(step) if self.dist.main else {}
+        if self.dist.main:
+            self._plot(rows)
+        self.dist.barrier()
+        summary = {
+            "steps": step,
+            "resumed_from": start,
+            "method": "dal",
+            "train": cfg.train,
+            "first_loss": rows[0].get("loss") if rows else None,
+            "last_loss": rows[-1].get("loss") if rows else None,
+            "skipped_groups": skipped,
+            "outputs": written,
+            "seconds": round(time.time() - t0, 2),
+            "processes": self.dist.world,
+        }
+        if self.dist.main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def run_dal(cfg: DALConfig | None = None, log=None, on_step=None, adapter=None, **overrides) -> dict:
+    """Run a DAL job: `run_dal(DALConfig(...))` or `run_dal(model=..., prompts=[...], target={...})`."""
+    if cfg is None:
+        cfg = load_dal_config(None, **overrides)
+    elif overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return DALTrainer(cfg, log=log, on_step=on_step, adapter=adapter).run()
+
+
+def build_parser():
+    ap = ArgumentParser(
+        prog="popalign dal",
+        description="Distributional alignment (DAL) by adjusted direct finetuning. Every config key is also a flag; "
+        "list and mapping values are YAML (e.g. --target '{form: [0.5, 0.5]}').",
+    )
+    ap.add_argument("--config", help="YAML file with DALConfig keys (flags override it)")
+    ap.add_argument("--targets", help="the target as inline JSON or a .json file (same as --target)")
+    import typing
+
+    hints = typing.get_type_hints(DALConfig)
+    for f in dataclasses.fields(DALConfig):
+        flag = "--" + f.name.replace("_", "-")
+        choices = {"train": list(TRAIN_TARGETS), "gradient": list(GRADIENTS), "ot_method": list(METHODS),
+                   "ot_mode": list(MODES)}.get(f.name)  # fmt: skip
+        if choices:
+            ap.add_argument(flag, choices=choices, default=None, help=f.metadata.get("help", ""))
+        else:
+            ap.add_argument(flag, type=flag_type(hints[f.name]), default=None, metavar="VALUE",
+                            help=f.metadata.get("help", ""))  # fmt: skip
+    return ap
+
+
+def _read_targets(text: str) -> dict:
+    p = Path(text)
+    if text.endswith(".json") and not p.is_file():
+        raise FileNotFoundError(f"--targets: file {text!r} does not exist")
+    try:
+        raw = p.read_text(encoding="utf-8") if text.endswith(".json") else text
+        val = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--targets: not valid JSON or a readable .json file ({exc})") from None
+    if not isinstance(val, dict):
+        raise ValueError("--targets: expected a JSON object {axis: probabilities}")
+    return val
+
+
+@command("popalign dal")
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(a).items() if k not in ("config", "targets") and v is not None}
+    if a.targets is not None:
+        overrides["target"] = _read_targets(a.targets)
+    summary = DALTrainer(load_dal_config(a.config, **overrides)).run()
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,458 @@
+"""Offline model loading: a diffusers folder or a lone single-file ``.safetensors`` checkpoint -> `DiffusersAdapter`.
+
+Single files (the format of ComfyUI's ``models/checkpoints/``, A1111, CivitAI) are loaded with diffusers'
+own single-file conversion (`from_single_file`), configured from the small config folders shipped in
+``popalign_core/configs/{sd15,sd2,sdxl}`` (official SD1.5, SD2.1-768 and SDXL-base-1.0 values), so nothing is
+ever fetched from the hub. Tokenizers come from `popalign_core.models.tokenizers.clip_tokenizer` (one shipped CLIP BPE
+vocabulary), never from the config folders: their ``model_index.json`` lists the tokenizers as null, so diffusers'
+whole-pipeline ``from_single_file(path, config=<folder>, tokenizer=...)`` needs them passed in and raises without
+(diffusers 0.42.1: a TypeError from its own error path). Listed as CLIPTokenizer with no ``tokenizer/`` folder,
+diffusers would instead silently build a 2-token tokenizer.
+The safety checker and feature extractor are null too. Pickle files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)
+are refused: nothing here ever unpickles.
+
+Family detection (`detect_family`) reads only the checkpoint's key names (the safetensors header), by text encoder:
+SDXL ``conditioner.embedders.1.model.``, SD2.x ``cond_stage_model.model.``, SD1.x ``cond_stage_model.transformer.``.
+Keys cannot tell an SD2.x v-prediction model (768, e.g. SD2.1) from an epsilon one (SD2.x-base, 512): the shipped
+sd2 config is v-prediction, so load SD2-base checkpoints with ``prediction_type="epsilon"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from popalign_core.common.userinput import check_device
+from popalign_core.models.adapter import FAMILIES, PREDICTION_TYPES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+FAMILY_CONFIG_DIRS = {family: CONFIGS_DIR / family for family in FAMILIES}
+# text-encoder key prefix that identifies each family, checked in this order (an SDXL file has no cond_stage_model)
+FAMILY_KEY_MARKERS = {
+    "sdxl": "conditioner.embedders.1.model.",
+    "sd2": "cond_stage_model.model.",
+    "sd15": "cond_stage_model.transformer.",
+}
+# original-layout key prefixes each component is read from
+COMPONENT_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.",),
+    "text_encoder": {
+        "sd15": ("cond_stage_model.transformer.",),
+        "sd2": ("cond_stage_model.model.",),
+        "sdxl": ("conditioner.embedders.0.transformer.",),
+    },
+    "text_encoder_2": {"sdxl": ("conditioner.embedders.1.model.",)},
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+PIPELINE_CLASSES = {"StableDiffusionPipeline": ("sd15", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+
+_WHERE = (
+    "put a single-file checkpoint (.safetensors, e.g. in ComfyUI's models/checkpoints/ folder) at that path, "
+    "or a diffusers model folder containing model_index.json"
+)
+
+
+def _components(family: str) -> list[str]:
+    return ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+
+
+def _check_choice(name: str, value, valid: Iterable) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(str, valid))}")
+
+
+def detect_family(keys: Iterable[str] | Mapping) -> str:
+    """Family ("sd15", "sd2" or "sdxl") of an original-layout checkpoint from its key names.
+
+    keys: the checkpoint's keys (or the state dict itself). Only names are read.
+    SD2.x detection cannot tell v-prediction from epsilon (see the module docstring).
+    """
+    keys = list(keys)
+    for family, marker in FAMILY_KEY_MARKERS.items():
+        if any(k.startswith(marker) for k in keys):
+            return family
+    seen = Counter(".".join(k.split(".")[:2]) for k in keys)
+    shown = ", ".join(f"{p}.* ({n})" for p, n in seen.most_common(8)) or "no keys at all"
+    raise ValueError(
+        "cannot detect the model family from the checkpoint keys: expected text-encoder keys starting with "
+        + ", ".join(f"{m!r} ({f})" for f, m in FAMILY_KEY_MARKERS.items())
+        + f"; seen: {shown}. UNet-only files, diffusers-layout single files and SDXL refiners are not supported."
+    )
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON config file of a model folder; a damaged one is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"config file {str(path)!r} is damaged ({e}); copy the model folder again from its source"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r} is not a JSON object; copy the model folder again")
+    return d
+
+
+def _require_files(root: Path, rel_paths: Iterable[str], what: str) -> None:
+    for rel in rel_paths:
+        if not (root / rel).is_file():
+            raise FileNotFoundError(f"{what} {root} is missing {rel} (expected file: {root / rel})")
+
+
+def _config_files(family: str) -> list[str]:
+    return ["model_index.json", *[f"{c}/config.json" for c in _components(family)], "scheduler/scheduler_config.json"]
+
+
+def _scheduler_from_dir(root: Path, prediction_type: str | None):
+    import diffusers
+
+    cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    name = cfg.get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(
+            f"{root / 'scheduler' / 'scheduler_config.json'}: _class_name={name!r} is not a diffusers scheduler"
+        )
+    sched = cls.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
+    return _override_prediction_type(sched, prediction_type)
+
+
+def _override_prediction_type(scheduler, prediction_type: str | None):
+    if prediction_type is None or scheduler.config.prediction_type == prediction_type:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+
+
+def _tokenizers(family: str) -> dict:
+    from popalign_core.models.tokenizers import clip_tokenizer
+
+    if family == "sd15":
+        return {"tokenizer": clip_tokenizer("clip")}
+    if family == "sd2":
+        return {"tokenizer": clip_tokenizer("openclip")}
+    return {"tokenizer": clip_tokenizer("clip"), "tokenizer_2": clip_tokenizer("openclip")}
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _pipeline_extras(family: str) -> dict:
+    if family == "sdxl":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _check_materialised(modules: Mapping[str, torch.nn.Module], source: str) -> None:
+    for name, module in modules.items():
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{source}: no weights for {name} parameter(s) {shown}; the weight file and config disagree (a "
+                "file of another model, a LoRA, or a damaged copy): copy the model again"
+            )
+
+
+class _LoadLogFilter(logging.Filter):
+    """Drops diffusers' "modules that should be kept in float32: []" warning (logged on every dtype cast even when the
+    list is empty; nothing to act on) and keeps its "Some weights of X were not initialized from the model checkpoint"
+    warnings (a multi-line list of names) in `missing`: `_quiet_loading` turns them into one error."""
+
+    def __init__(self):
+        super().__init__()
+        self.missing: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "were not initialized from the model checkpoint" in msg:
+            self.missing.append(msg.split(" were not")[0].removeprefix("Some weights of ").strip())
+            return False
+        return "should be kept in float32: []" not in msg
+
+
+@contextmanager
+def _quiet_loading(source: object) -> Iterator[None]:
+    """Loading without diffusers' noise; a component whose weights were missing from its file (diffusers fills them
+    in at random with a warning) is a ValueError naming `source`."""
+    import warnings
+
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    flt = _LoadLogFilter()
+    log.addFilter(flt)
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; the older name works in every supported version
+            warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
+            yield
+    finally:
+        log.removeFilter(flt)
+    if flt.missing:
+        raise ValueError(
+            f"{source}: weights of {', '.join(flt.missing)} are missing from its weight file; the file does not "
+            "belong to this model (or is damaged): copy the model again"
+        )
+
+
+_DAMAGED_HINT = (
+    "the file is damaged or incomplete (compare its size with the original, download or copy it again) or is not a "
+    "safetensors checkpoint"
+)
+
+
+# ------------------------------------------------------------------------------------------------------ single file
+def _safetensors_keys(path: Path) -> list[str]:
+    from popalign_core.common.fileio import safetensors_keys
+
+    return safetensors_keys(path, "checkpoint", _DAMAGED_HINT)[0]
+
+
+def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    from popalign_core.common.fileio import read_safetensors
+
+    return read_safetensors(path, "checkpoint", _DAMAGED_HINT, keys=lambda k: k.startswith(prefixes))[0]
+
+
+def _load_single_file_pipeline(
+    path: Path, family: str, prediction_type: str | None, torch_dtype: torch.dtype, config_dir: Path
+):
+    """Build the pipeline component by component with diffusers' single-file loaders, reading each component's
+    tensors from the file separately (each tensor is read once; no full-checkpoint dict is held at once).
+
+    Text encoders get only their own prefix's tensors: diffusers' whole-pipeline `from_single_file` picks the text
+    encoder layout by probing keys and shapes, which is ambiguous when both SDXL encoders have the same width.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": torch_dtype}
+    comps = {}
+    for name in _components(family):
+        prefixes = COMPONENT_PREFIXES[name] if name in ("unet", "vae") else COMPONENT_PREFIXES[name][family]
+        sd = _read_prefixed(path, prefixes)
+        if not sd:
+            raise ValueError(f"{path}: no {name} weights (no keys starting with {' or '.join(prefixes)})")
+        try:
+            if name == "unet":
+                comps[name] = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
+            elif name == "vae":
+                comps[name] = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
+            else:
+                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+                comps[name] = create_diffusers_clip_model_from_ldm(cls, checkpoint=sd, subfolder=name, **common)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ValueError(f"{path}: cannot load the {name} with the {family} config in {config_dir}: {e}") from e
+        del sd
+    _check_materialised(comps, f"{path} with config {config_dir}")
+    comps["scheduler"] = _scheduler_from_dir(config_dir, prediction_type)
+    comps.update(_tokenizers(family))
+    return _pipeline_class(family)(**comps, **_pipeline_extras(family))
+
+
+# -------------------------------------------------------------------------------------------------- diffusers folder
+_WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+
+
+def _component_weights(root: Path, name: str, library: str) -> str:
+    """Check `root/name` holds safetensors weights; returns their variant: "" (plain) or "fp16" (only that)."""
+    folder = root / name
+    stem = _WEIGHT_NAMES.get(library, "diffusion_pytorch_model")
+    for variant in (None, "fp16"):
+        infix = f".{variant}" if variant else ""
+        single, sharded = folder / f"{stem}{infix}.safetensors", folder / f"{stem}.safetensors.index{infix}.json"
+        if single.is_file() or sharded.is_file():
+            return variant or ""
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise ValueError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); they are never loaded here (unsafe). "
+            "Convert them to .safetensors first (e.g. load and save_pretrained(..., safe_serialization=True))."
+        )
+    expected = folder / f"{stem}.safetensors"
+    raise FileNotFoundError(
+        f"diffusers folder {root} is missing {name}/{stem}.safetensors (expected file: {expected})"
+    )
+
+
+def _folder_family(root: Path, index: dict, family: str) -> str:
+    cls_name = index.get("_class_name")
+    if cls_name not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"{root / 'model_index.json'}: _class_name={cls_name!r} is not supported; "
+            f"valid values: {', '.join(PIPELINE_CLASSES)}"
+        )
+    if cls_name == "StableDiffusionXLPipeline":
+        guessed = "sdxl"
+    else:
+        te_cfg = root / "text_encoder" / "config.json"
+        act = _read_json(te_cfg).get("hidden_act", "quick_gelu") if te_cfg.is_file() else "quick_gelu"
+        guessed = "sd2" if act == "gelu" else "sd15"
+    if family == "auto":
+        return guessed
+    if family not in PIPELINE_CLASSES[cls_name]:
+        raise ValueError(f"family={family!r} does not match {root} ({cls_name}); valid values: auto, {guessed}")
+    return family
+
+
+def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, torch_dtype: torch.dtype):
+    index = _read_json(root / "model_index.json")
+    family = _folder_family(root, index, family)
+    names = _components(family)
+    _require_files(root, [f"{c}/config.json" for c in names] + ["scheduler/scheduler_config.json"], "diffusers folder")
+    variants = set()
+    for name in names:
+        library = (index.get(name) or ["diffusers"])[0]
+        variants.add(_component_weights(root, name, library))
+    variant = "fp16" if variants == {"fp16"} else None
+    from popalign_core.common.fileio import safetensors_keys
+
+    for name in names:  # a damaged weight file is named before diffusers reads it
+        for f in sorted((root / name).glob("*.safetensors")):
+            safetensors_keys(f, f"{name} weight file", _DAMAGED_HINT.replace("checkpoint", "diffusers model"))
+    extras = _pipeline_extras(family)
+    for tok_name, tok in _tokenizers(family).items():  # the folder's own tokenizer wins when it has one
+        tok_dir = root / tok_name
+        if not (tok_dir.is_dir() and any(tok_dir.iterdir())):
+            extras[tok_name] = tok
+    pipe = _pipeline_class(family).from_pretrained(
+        str(root), local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype, variant=variant, **extras
+    )
+    modules = {n: m for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
+    _check_materialised(modules, f"diffusers folder {root}")  # e.g. a weight file replaced by a LoRA
+    pipe.scheduler = _override_prediction_type(pipe.scheduler, prediction_type)
+    return pipe, family
+
+
+# --------------------------------------------------------------------------------------------------------------- API
+TOYWORLD = "toyworld"  # model spec of the toy world shipped with the package (docs/toyworld.md)
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path; the spec ``"toyworld"`` names the toy-world model shipped with the package."""
+    if str(path) == TOYWORLD:
+        from popalign_core.toyworld.classifier import default_toyworld_dir
+
+        p = default_toyworld_dir()
+        if not (p / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped toy world is missing from {p}: rebuild it with `popalign toyworld build --out {p}`"
+            )
+        return p
+    return Path(path).expanduser()
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    family: str = "auto",
+    prediction_type: str | None = None,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    config_dir: str | os.PathLike | None = None,
+):
+    """Load a diffusers `StableDiffusionPipeline` / `StableDiffusionXLPipeline`, offline; returns (pipeline, family).
+
+    Arguments as in `load_model`. Everything cheap (path, suffix, argument names, config files, checkpoint key names)
+    is validated before any weight is read.
+    """
+    _check_choice("family", family, ("auto", *FAMILIES))
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("prediction_type", prediction_type, (None, *PREDICTION_TYPES))
+    torch_dtype = DTYPES[dtype]
+    check_device(device)
+    p = resolve_model_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist: {_WHERE}")
+
+    if p.is_dir():
+        if config_dir is not None:
+            raise ValueError(
+                "config_dir: only used for single-file checkpoints; a diffusers folder has its own configs"
+            )
+        if not (p / "model_index.json").is_file():
+            found = sorted(x.name for x in p.glob("*.safetensors"))
+            hint = f" (it holds {', '.join(found[:5])}: pass one of those files instead)" if found else ""
+            raise FileNotFoundError(
+                f"{p} is a folder but has no model_index.json, so it is no diffusers model{hint}; {_WHERE}"
+            )
+        with _quiet_loading(f"diffusers folder {p}"):
+            pipe, family = _load_folder_pipeline(p, family, prediction_type, torch_dtype)
+    else:
+        suffix = p.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"{p}: {suffix} files are pickles and are never loaded here (loading one can run arbitrary code). "
+                "Convert it to .safetensors first (e.g. with a trusted converter script or ComfyUI's CheckpointSave)."
+            )
+        if suffix != ".safetensors":
+            raise ValueError(
+                f"{p}: unsupported file type {suffix or '(none)'!r}; valid: .safetensors or a diffusers folder"
+            )
+        detected = detect_family(_safetensors_keys(p))
+        if family not in ("auto", detected):
+            raise ValueError(
+                f"family={family!r} but {p} is a {detected!r} checkpoint by its keys; valid values: auto, {detected}"
+            )
+        family = detected
+        cfg = Path(config_dir).expanduser() if config_dir is not None else FAMILY_CONFIG_DIRS[family]
+        if not cfg.is_dir():
+            raise FileNotFoundError(
+                f"config_dir {str(cfg)!r} is not a folder (it needs {', '.join(_config_files(family))})"
+            )
+        _require_files(cfg, _config_files(family), "config folder")
+        with _quiet_loading(f"checkpoint {p}"):
+            pipe = _load_single_file_pipeline(p, family, prediction_type, torch_dtype, cfg)
+
+    if family == "sdxl" and torch_dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        # the SDXL VAE overflows in fp16 (NaN images); the adapter encodes/decodes in the VAE's own dtype
+        pipe.vae.to(torch.float32)
+    pipe.to(device)
+    return pipe, family
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    family: str = "auto",
+    prediction_type: str | None = None,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    config_dir: str | os.PathLike | None = None,
+):
+    """Load a Stable Diffusion model offline and wrap it in a `DiffusersAdapter`.
+
+    path: a single-file ``.safetensors`` checkpoint in the original layout (ComfyUI's ``models/checkpoints/``,
+        A1111, CivitAI), or a diffusers folder with ``model_index.json`` (loaded with ``from_pretrained``,
+        safetensors only; a folder without tokenizer files gets the shipped CLIP tokenizer), or ``"toyworld"``
+        (the toy world shipped with the package).
+    family: "auto" (detected from the checkpoint keys or the folder's configs), "sd15", "sd2" or "sdxl";
+        an explicit family must match what is detected.
+    prediction_type: None (the config's), "epsilon" or "v_prediction". SD2.x checkpoints cannot be told apart by
+        their keys: the shipped sd2 config is v-prediction (SD2.1-768); pass "epsilon" for SD2.x-base models.
+    dtype: "fp32", "fp16" or "bf16" (SDXL in fp16 keeps its VAE in fp32, as diffusers' ``force_upcast`` does).
+    device: where the models go ("cpu", "cuda", ...).
+    config_dir: diffusers config folder used for single files instead of the shipped one of the detected family
+        (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` [, ``text_encoder_2/``], ``scheduler/``).
+    Raises FileNotFoundError (missing path or config/component file, naming it), ValueError (bad argument, pickle
+    file, unknown layout).
+    """
+    from popalign_core.models.diffusers_adapter import DiffusersAdapter
+
+    pipe, family = load_pipeline(
+        path, family=family, prediction_type=prediction_type, dtype=dtype, device=device, config_dir=config_dir
+    )
+    return DiffusersAdapter.from_pipeline(pipe, family=family)

@@ -71,8 +71,9 @@ def _adapter(args):
 def child(args) -> dict:
     import torch
 
-    from popalign_core import dft, sampling
+    from popalign_core.dal import dft
     from popalign_core.lora.files import LoraSpec, add_lora
+    from popalign_core.models import sampling
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ad = _adapter(args)

@@ -1,4 +1,4 @@
-"""Shared helpers of the node modules: types, tooltips, model folders, progress/cancel, output folders.
+"""Shared helpers of the node modules: types, input tables, model folders, progress/cancel, output folders.
 
 Only this package imports ComfyUI (lazily, inside functions, so that importing a node module outside ComfyUI, e.g. in
 the static tests, works). `popalign_core` is the pack's own copy when it is not installed in the environment.
@@ -21,6 +21,19 @@ except ImportError:  # appended, not prepended: the pack root holds a folder nam
 CATEGORY = "PopAlign"
 # sub-categories along the data flow (the node library shows PopAlign > prompts, population, ...)
 SUBCATEGORIES = ("prompts", "population", "classify", "data", "train", "alignment", "audit")
+
+
+#: RETURN_TYPES, RETURN_NAMES and OUTPUT_TOOLTIPS of the two training nodes (LoRA Trainer, Distributional Alignment)
+TRAINED_OUTPUTS = (
+    ("MODEL", "CLIP", "STRING", "STRING"),
+    ("model", "clip", "lora_path", "summary"),
+    (
+        "the incoming MODEL with the trained LoRA applied",
+        "the incoming CLIP with the LoRA applied (unchanged when the text encoder is not trained)",
+        "the LoRA file: models/loras/popalign/<lora_name>.safetensors",
+        "what was trained: steps, losses, resumed_from, run folder, memory (JSON)",
+    ),
+)
 
 
 def category(sub: str) -> str:
@@ -54,6 +67,59 @@ def tip(kind, tooltip: str, **options):
     if not tooltip:
         raise ValueError("every input needs a tooltip")
     return (kind, {"tooltip": tooltip, **options})
+
+
+# ---------------------------------------------------------------------------------------------- input tables
+# A node declares its inputs as a tuple of rows (name, spec), one row per input in widget order (saved workflows
+# store widget values by position); `input_types` turns the tables into ComfyUI's INPUT_TYPES dict. The options of
+# a spec keep the order they are given in (the dict ComfyUI serves in /object_info).
+
+
+def row(name: str, kind, tooltip: str, **options) -> tuple:
+    """One input: (name, (kind, {"tooltip": ..., **options})); `kind` is a type name or a list of choices."""
+    return (name, tip(kind, tooltip, **options))
+
+
+def LINK(name: str, kind: str, tooltip: str) -> tuple:
+    """A connection (no widget): MODEL, IMAGE, a PopAlign type, ..."""
+    return row(name, kind, tooltip)
+
+
+def INT(name: str, tooltip: str, default: int, min: int, max: int, step: int | None = None) -> tuple:  # noqa: A002
+    return row(name, "INT", tooltip, default=default, min=min, max=max, **({} if step is None else {"step": step}))
+
+
+def FLOAT(name: str, tooltip: str, default: float, min: float, max: float, step: float, **more) -> tuple:  # noqa: A002
+    """A float widget; `more`: e.g. round=False (no rounding to `step`)."""
+    return row(name, "FLOAT", tooltip, default=default, min=min, max=max, step=step, **more)
+
+
+def BOOLEAN(name: str, tooltip: str, default: bool) -> tuple:
+    return row(name, "BOOLEAN", tooltip, default=default)
+
+
+def STRING(name: str, tooltip: str, default: str, **more) -> tuple:
+    """A text widget; `more`: multiline=True for a text box."""
+    return row(name, "STRING", tooltip, default=default, **more)
+
+
+def CHOICE(name: str, choices, tooltip: str, **more) -> tuple:
+    """A dropdown of `choices`; `more`: default=..."""
+    return row(name, list(choices), tooltip, **more)
+
+
+def input_types(required=(), optional=(), hidden: dict | None = None) -> dict:
+    """ComfyUI's INPUT_TYPES dict from input tables (rows of `row` / INT / ...); empty sections are left out."""
+    names = [name for name, _ in (*required, *optional)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"input {twice[0]!r} is declared twice")
+    out: dict = {"required": dict(required)}
+    if optional:
+        out["optional"] = dict(optional)
+    if hidden:
+        out["hidden"] = dict(hidden)
+    return out
 
 
 def register_folders() -> None:

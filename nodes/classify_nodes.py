@@ -38,13 +38,14 @@ class ClassifierHandle:
             from popalign_core.classify.classifiers import make_classifier
 
             det = self.detector.build() if self.detector is not None else None
-            self.instance = make_classifier(self.name, weights=self.weights, detector=det, device=self.device,
-                                            **self.options)  # fmt: skip
+            self.instance = make_classifier(
+                self.name, weights=self.weights, detector=det, device=self.device, **self.options
+            )
         return self.instance
 
     def describe(self) -> dict:
-        return {"name": self.name, "weights": os.path.basename(self.weights) if self.weights else None,
-                "detector": self.detector.name if self.detector else None}  # fmt: skip
+        weights = os.path.basename(self.weights) if self.weights else None
+        return {"name": self.name, "weights": weights, "detector": self.detector.name if self.detector else None}
 
 
 def _set_deepface_home() -> None:
@@ -76,14 +77,12 @@ class PopAlignFaceDetectorLoader:
     def INPUT_TYPES(cls):
         from popalign_core.classify.detectors import DETECTORS
 
-        return {
-            "required": {
-                "backend": C.tip(list(DETECTORS), "detector backend (see docs/classifiers.md)", default="opencv_haar"),
-                "options_json": C.tip(
-                    "STRING", 'backend options as JSON, e.g. {"min_neighbors": 5}; {} = defaults', default="{}"
-                ),  # fmt: skip
-            }
-        }
+        return C.input_types(
+            (
+                C.CHOICE("backend", DETECTORS, "detector backend (see docs/classifiers.md)", default="opencv_haar"),
+                C.STRING("options_json", 'backend options as JSON, e.g. {"min_neighbors": 5}; {} = defaults', "{}"),
+            )
+        )
 
     def load(self, backend, options_json):
         _set_deepface_home()
@@ -93,6 +92,10 @@ class PopAlignFaceDetectorLoader:
         handle = DetectorHandle(backend, opts)
         handle.build()  # fail here, naming the missing package, rather than in a later node
         return (handle,)
+
+
+BACKEND_TIP = "classifier backend: fairface (ResNet-34), clip (zero-shot), deepface, age_gender, toy (the toy world's)"
+WEIGHTS_TIP = "weight file in models/popalign/classifiers/; auto = the backend's default file name"
 
 
 class PopAlignClassifierLoader:
@@ -113,27 +116,14 @@ class PopAlignClassifierLoader:
     def INPUT_TYPES(cls):
         from popalign_core.classify.classifiers import CLASSIFIERS
 
-        return {
-            "required": {
-                "backend": C.tip(
-                    list(CLASSIFIERS),
-                    "classifier backend: fairface (ResNet-34), clip (zero-shot), "
-                    "deepface, age_gender, toy (the toy world's)",
-                    default="fairface",
-                ),  # fmt: skip
-                "weights": C.tip(
-                    [C.AUTO] + C.folder_files("popalign_classifiers"),
-                    "weight file in models/popalign/classifiers/; auto = the backend's default file name",
-                ),  # fmt: skip
-                "device": C.tip([C.AUTO, "cpu", "cuda"], "where the classifier runs; auto = ComfyUI's device"),
-                "options_json": C.tip(
-                    "STRING", 'backend options as JSON, e.g. {"arch": "ViT-B-32"}', default="{}"
-                ),  # fmt: skip
-            },
-            "optional": {
-                "detector": C.tip(C.DETECTOR, "face detector; unconnected = the whole image is the face crop"),
-            },
-        }
+        required = (
+            C.CHOICE("backend", CLASSIFIERS, BACKEND_TIP, default="fairface"),
+            C.CHOICE("weights", [C.AUTO] + C.folder_files("popalign_classifiers"), WEIGHTS_TIP),
+            C.CHOICE("device", [C.AUTO, "cpu", "cuda"], "where the classifier runs; auto = ComfyUI's device"),
+            C.STRING("options_json", 'backend options as JSON, e.g. {"arch": "ViT-B-32"}', "{}"),
+        )
+        optional = (C.LINK("detector", C.DETECTOR, "face detector; unconnected = the whole image is the face crop"),)
+        return C.input_types(required, optional)
 
     def load(self, backend, weights, device, options_json, detector=None):
         _set_deepface_home()
@@ -165,8 +155,8 @@ def classification_rows(handle: ClassifierHandle, images) -> list[dict]:
     for res in _classify(handle, images):
         probs = {a: [float(x) for x in p] for a, p in (res.probs or {}).items()}
         label = {a: clf.axes[a][max(range(len(p)), key=p.__getitem__)] for a, p in probs.items() if p}
-        rows.append({"face": bool(res.face_found), "box": list(res.box) if res.box else None, "probs": probs,
-                     "label": label, "error": res.error})  # fmt: skip
+        box = list(res.box) if res.box else None
+        rows.append({"face": bool(res.face_found), "box": box, "probs": probs, "label": label, "error": res.error})
     return rows
 
 
@@ -180,11 +170,19 @@ class PopAlignClassify:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": C.tip("IMAGE", "images to classify"),
-                             "classifier": C.tip(C.CLASSIFIER, "from PopAlign Classifier Loader")}}  # fmt: skip
+        return C.input_types(
+            (
+                C.LINK("images", "IMAGE", "images to classify"),
+                C.LINK("classifier", C.CLASSIFIER, "from PopAlign Classifier Loader"),
+            )
+        )
 
     def run(self, images, classifier):
         return (json.dumps(classification_rows(classifier, images)),)
+
+
+THRESHOLD_TIP = "minimum probability of the keyword's class on every named axis; 0 = only the argmax must match"
+REQUIRE_FACE_TIP = "drop images without a detected face (off: images without faces are classified whole)"
 
 
 class PopAlignFilterPopulation:
@@ -204,75 +202,38 @@ class PopAlignFilterPopulation:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": C.tip("IMAGE", "the population's images"),
-                "population": C.tip(C.POPULATION, "the population's metadata (same node as the images)"),
-                "classifier": C.tip(C.CLASSIFIER, "attribute classifier"),
-                "threshold": C.tip(
-                    "FLOAT",
-                    "minimum probability of the keyword's class on every named axis; 0 = only the argmax must match",
-                    default=0.8,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                ),  # fmt: skip
-                "require_face": C.tip(
-                    "BOOLEAN",
-                    "drop images without a detected face (off: images without faces are classified whole)",
-                    default=True,
-                ),  # fmt: skip
-            }
-        }
+        return C.input_types(
+            (
+                C.LINK("images", "IMAGE", "the population's images"),
+                C.LINK("population", C.POPULATION, "the population's metadata (same node as the images)"),
+                C.LINK("classifier", C.CLASSIFIER, "attribute classifier"),
+                C.FLOAT("threshold", THRESHOLD_TIP, 0.8, 0.0, 1.0, 0.01),
+                C.BOOLEAN("require_face", REQUIRE_FACE_TIP, True),
+            )
+        )
 
     def run(self, images, population, classifier, threshold, require_face):
-        import numpy as np
-        import torch
-
-        from popalign_core.population.filter import FilterConfig, decide
+        from popalign_core.population.filter import filter_batch
 
         rows = C.check_population(images, population)
-        clf = classifier.get()
-        caxes = {a: tuple(c) for a, c in clf.axes.items()}
-        for r in rows:
-            for axis, cls in (r.get("identity") or {}).items():
-                if axis not in caxes or cls not in caxes[axis]:
-                    raise ValueError(
-                        f"population: prompt {r['prompt']!r} names {axis}={cls!r}, which the {classifier.name} "
-                        f"classifier cannot read (its axes: { {a: list(c) for a, c in caxes.items()} })"
-                    )
-        cfg = FilterConfig(threshold=max(float(threshold), 1e-9))
-        results = _classify(classifier, images)
-        faceless = [k for k, res in enumerate(results) if res is not None and not res.face_found and not res.error]
-        if faceless and not require_face and hasattr(clf, "detector"):
-            from popalign_core.classify.classifiers import FullImage
+        keep, kept_rows, report = filter_batch(
+            rows, classifier.get(), _indexed(classifier, images), threshold, require_face, classifier.describe()
+        )
+        return (
+            images[keep],
+            {"rows": kept_rows, "settings": population.get("settings", {})},
+            json.dumps(report, indent=2),
+        )
 
-            own = clf.detector
-            clf.detector = FullImage()  # classify the whole image instead
-            try:
-                whole = _classify(classifier, images[torch.tensor(faceless)])
-            finally:
-                clf.detector = own
-            for k, res in zip(faceless, whole):
-                results[k] = res
-        keep, kept_rows, reasons = [], [], {}
-        for k, (r, res) in enumerate(zip(rows, results)):
-            reason = decide(r, res, caxes, cfg)
-            reasons[reason] = reasons.get(reason, 0) + 1
-            if reason == "kept":
-                keep.append(k)
-                attrs = {a: caxes[a][int(np.argmax(p))] for a, p in res.probs.items()}
-                kept_rows.append({**r, "attributes": attrs})
-        report = {"images": len(rows), "kept": len(keep), "reasons": dict(sorted(reasons.items())),
-                  "threshold": float(threshold), "require_face": bool(require_face),
-                  "classifier": classifier.describe()}  # fmt: skip
-        if not keep:
-            raise ValueError(
-                f"filter: no image was kept ({json.dumps(report['reasons'])}); lower the threshold, turn off "
-                "require_face for models that draw no faces, or sample more images"
-            )
-        kept = images[torch.tensor(keep)]
-        return (kept, {"rows": kept_rows, "settings": population.get("settings", {})}, json.dumps(report, indent=2))
+
+def _indexed(handle: ClassifierHandle, images):
+    """classify(indices) over an IMAGE batch, for the core's `filter_batch`."""
+    import torch
+
+    def classify(indices: list[int]) -> list:
+        return _classify(handle, images if len(indices) == int(images.shape[0]) else images[torch.tensor(indices)])
+
+    return classify
 
 
 NODE_CLASS_MAPPINGS = {

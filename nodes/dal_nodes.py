@@ -25,6 +25,12 @@ def check_target(spec) -> dict:
     return spec
 
 
+PROMPT_TARGETS_TIP = (
+    'per-prompt targets (conditional), e.g. {"a photo of a female doctor": {"gender": {"female": 1, "male": 0}}}; '
+    "{} = none"
+)
+
+
 class PopAlignTargetDistribution:
     DESCRIPTION = (
         "A target distribution over classifier classes: independent axes {axis: {class: share}}, a joint one "
@@ -42,22 +48,11 @@ class PopAlignTargetDistribution:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "target_json": C.tip(
-                    "STRING", "target shares per axis, e.g. " + DEFAULT_TARGET, default=DEFAULT_TARGET, multiline=True
-                ),  # fmt: skip
-            },
-            "optional": {
-                "prompt_targets_json": C.tip(
-                    "STRING",
-                    'per-prompt targets (conditional), e.g. {"a photo of a '
-                    'female doctor": {"gender": {"female": 1, "male": 0}}}; {} = none',
-                    default="{}",
-                    multiline=True,
-                ),  # fmt: skip
-            },
-        }
+        required = (
+            C.STRING("target_json", "target shares per axis, e.g. " + DEFAULT_TARGET, DEFAULT_TARGET, multiline=True),
+        )
+        optional = (C.STRING("prompt_targets_json", PROMPT_TARGETS_TIP, "{}", multiline=True),)
+        return C.input_types(required, optional)
 
     def run(self, target_json, prompt_targets_json="{}"):
         target = check_target(C.parse_json(target_json, "target_json"))
@@ -73,6 +68,18 @@ class PopAlignTargetDistribution:
         return (out, json.dumps(out))
 
 
+GRADIENT_TIP = (
+    "gradient through the sampler: a1 (adjusted, Algorithm A.1), solver (exact A_t = 1), exact (plain backprop)"
+)
+EMBEDDER_TIP = (
+    "image embedder of the semantics-preserving loss (weights in models/popalign/embedders/); none = no L_img"
+)
+FACE_BANK_TIP = "folder of real faces in models/popalign/face_banks/ for the face-realism loss; none = off"
+FACE_DETECTION_TIP = (
+    "use the classifier's face detector (off: the whole image is the face; for models that draw no faces)"
+)
+
+
 class PopAlignDistributionalAlignment:
     DESCRIPTION = (
         "Distributional alignment (OT dynamic targets, Eq. 6, with semantics and face-realism losses) trained by "
@@ -82,14 +89,7 @@ class PopAlignDistributionalAlignment:
     CATEGORY = C.category("alignment")
     FUNCTION = "train"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
-    RETURN_NAMES = ("model", "clip", "lora_path", "summary")
-    OUTPUT_TOOLTIPS = (
-        "the incoming MODEL with the trained LoRA applied",
-        "the incoming CLIP with the LoRA applied (unchanged when the text encoder is not trained)",
-        "the LoRA file: models/loras/popalign/<lora_name>.safetensors",
-        "what was trained: steps, losses, resumed_from, run folder, memory (JSON)",
-    )
+    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = C.TRAINED_OUTPUTS
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,117 +98,99 @@ class PopAlignDistributionalAlignment:
         from popalign_core.dal.trainer import TRAIN_TARGETS
 
         trainable = [t for t in TRAIN_TARGETS if t != "prefix"]
-        return {
-            "required": {
-                "model": C.tip("MODEL", "the model to align (left untouched; the output carries the LoRA)"),
-                "clip": C.tip("CLIP", "its text encoder"),
-                "vae": C.tip("VAE", "its VAE (the gradient flows through its decoder)"),
-                "prompts": C.tip(
-                    "STRING",
-                    "identity-neutral training prompts, one per line",
-                    multiline=True,
-                    default="a photo of a doctor\na photo of a nurse",
-                ),  # fmt: skip
-                "target": C.tip(C.TARGET, "target distribution (PopAlign Target Distribution)"),
-                "classifier": C.tip(C.CLASSIFIER, "a differentiable classifier (fairface, clip, deepface, toy)"),
-                "lora_name": C.tip("STRING", "file name in models/loras/popalign/", default="popalign_dal"),
-                "train": C.tip(
-                    trainable, "what gets a LoRA: text_encoder (patent default), unet or both", default="text_encoder"
-                ),  # fmt: skip
-                "steps": C.tip("INT", "optimiser steps", default=100, min=1, max=1000000),
-                "learning_rate": C.tip(
-                    "FLOAT",
-                    "AdamW learning rate (patent: 5e-5)",
-                    default=5e-5,
-                    min=1e-8,
-                    max=1.0,
-                    step=1e-6,
-                    round=False,
-                ),  # fmt: skip
-                "lora_rank": C.tip("INT", "LoRA rank (patent: 50)", default=50, min=1, max=256),
-                "images_per_prompt": C.tip(
-                    "INT", "N: images per prompt and step (the OT batch)", default=8, min=2, max=256
-                ),  # fmt: skip
-                "sampler_steps": C.tip(
-                    "INT", "DPM-Solver++ steps of the generation with gradient", default=20, min=1, max=200
-                ),  # fmt: skip
-                "guidance": C.tip(
-                    "FLOAT", "classifier-free guidance of that generation", default=7.5, min=0.0, max=30.0, step=0.1
-                ),  # fmt: skip
-                "gradient": C.tip(
-                    list(GRADIENTS),
-                    "gradient through the sampler: a1 (adjusted, Algorithm A.1), "
-                    "solver (exact A_t = 1), exact (plain backprop)",
-                    default="a1",
-                ),  # fmt: skip
-                "threshold": C.tip(
-                    "FLOAT", "confidence threshold of the dynamic targets", default=0.8, min=0.01, max=1.0, step=0.01
-                ),  # fmt: skip
-                "embedder": C.tip(
-                    ["none"] + list(EMBEDDERS),
-                    "image embedder of the semantics-preserving loss "
-                    "(weights in models/popalign/embedders/); none = no L_img",
-                    default="none",
-                ),  # fmt: skip
-                "face_bank": C.tip(
-                    ["none"] + C.folder_subdirs("popalign_face_banks"),
-                    "folder of real faces in models/popalign/face_banks/ for the face-realism loss; none = off",
-                ),  # fmt: skip
-                "face_detection": C.tip(
-                    "BOOLEAN",
-                    "use the classifier's face detector (off: the whole image is the "
-                    "face; for models that draw no faces)",
-                    default=True,
-                ),  # fmt: skip
-                "resolution": C.tip("INT", "image side in pixels; 0 = native", default=0, min=0, max=4096, step=8),
-                "micro_batch": C.tip(
-                    "INT",
-                    "images generated with gradient at once (0 = all N; lower = less memory)",
-                    default=0,
-                    min=0,
-                    max=256,
-                ),  # fmt: skip
-                "seed": C.tip(
-                    "INT", "seed of the LoRA init, prompt order and noise", default=0, min=0, max=0xFFFFFFFF
-                ),  # fmt: skip
-                "checkpoint_every": C.tip(
-                    "INT", "steps between resumable checkpoints", default=25, min=1, max=1000000
-                ),  # fmt: skip
-                "restart": C.tip("BOOLEAN", "start over instead of resuming the same run", default=False),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        required = (
+            C.LINK("model", "MODEL", "the model to align (left untouched; the output carries the LoRA)"),
+            C.LINK("clip", "CLIP", "its text encoder"),
+            C.LINK("vae", "VAE", "its VAE (the gradient flows through its decoder)"),
+            C.row(
+                "prompts",
+                "STRING",
+                "identity-neutral training prompts, one per line",
+                multiline=True,
+                default="a photo of a doctor\na photo of a nurse",
+            ),
+            C.LINK("target", C.TARGET, "target distribution (PopAlign Target Distribution)"),
+            C.LINK("classifier", C.CLASSIFIER, "a differentiable classifier (fairface, clip, deepface, toy)"),
+            C.STRING("lora_name", "file name in models/loras/popalign/", "popalign_dal"),
+            C.CHOICE(
+                "train",
+                trainable,
+                "what gets a LoRA: text_encoder (patent default), unet or both",
+                default="text_encoder",
+            ),
+            C.INT("steps", "optimiser steps", 100, 1, 1000000),
+            C.FLOAT("learning_rate", "AdamW learning rate (patent: 5e-5)", 5e-5, 1e-8, 1.0, 1e-6, round=False),
+            C.INT("lora_rank", "LoRA rank (patent: 50)", 50, 1, 256),
+            C.INT("images_per_prompt", "N: images per prompt and step (the OT batch)", 8, 2, 256),
+            C.INT("sampler_steps", "DPM-Solver++ steps of the generation with gradient", 20, 1, 200),
+            C.FLOAT("guidance", "classifier-free guidance of that generation", 7.5, 0.0, 30.0, 0.1),
+            C.CHOICE("gradient", GRADIENTS, GRADIENT_TIP, default="a1"),
+            C.FLOAT("threshold", "confidence threshold of the dynamic targets", 0.8, 0.01, 1.0, 0.01),
+            C.CHOICE("embedder", ["none"] + list(EMBEDDERS), EMBEDDER_TIP, default="none"),
+            C.CHOICE("face_bank", ["none"] + C.folder_subdirs("popalign_face_banks"), FACE_BANK_TIP),
+            C.BOOLEAN("face_detection", FACE_DETECTION_TIP, True),
+            C.INT("resolution", "image side in pixels; 0 = native", 0, 0, 4096, 8),
+            C.INT("micro_batch", "images generated with gradient at once (0 = all N; lower = less memory)", 0, 0, 256),
+            C.INT("seed", "seed of the LoRA init, prompt order and noise", 0, 0, 0xFFFFFFFF),
+            C.INT("checkpoint_every", "steps between resumable checkpoints", 25, 1, 1000000),
+            C.BOOLEAN("restart", "start over instead of resuming the same run", False),
+        )
+        return C.input_types(required, hidden={"unique_id": "UNIQUE_ID"})
 
-    def train(self, model, clip, vae, prompts, target, classifier, lora_name, train, steps, learning_rate, lora_rank,
-              images_per_prompt, sampler_steps, guidance, gradient, threshold, embedder, face_bank, face_detection,
-              resolution, micro_batch, seed, checkpoint_every, restart, unique_id=None):  # fmt: skip
+    def train(self, model, clip, vae, target, classifier, unique_id=None, **settings):
+        from popalign_core.dal.trainer import DALTrainer
 
-        from popalign_core.dal.trainer import DALConfig, DALTrainer
+        cfg = dal_config(model, target, classifier, **settings)
+        return run_training("dal", DALTrainer, cfg, model, clip, vae, unique_id)
 
-        from .comfy_adapter import family_of
 
-        name = C.safe_name(lora_name, "lora_name")
-        if not isinstance(target, dict) or "target" not in target:
-            raise ValueError("target: expected a PopAlign target (PopAlign Target Distribution)")
-        family_of(model)
-        emb = [] if embedder == "none" else [embedder]
-        opts = dict(classifier.options)
-        cfg = DALConfig(
-            model="comfyui", prompts=C.prompt_lines(prompts), target=target["target"],
-            prompt_targets=target.get("prompt_targets") or {}, threshold=float(threshold),
-            classifier=classifier.name, classifier_weights=classifier.weights, classifier_options=opts,
-            detector=(classifier.detector.name if (classifier.detector and face_detection) else None),
-            embedders=emb, lambda_face=1.0 if face_bank != "none" else 0.0,
-            face_bank=None if face_bank == "none" else C.resolve_subdir("popalign_face_banks", face_bank),
-            face_embedder=emb[0] if emb else None, sampler_steps=int(sampler_steps), guidance_scale=float(guidance),
-            gradient=gradient, resolution=int(resolution) or None, train=train, lora_rank=int(lora_rank),
-            steps=int(steps), images_per_prompt=int(images_per_prompt), micro_batch=int(micro_batch),
-            lr=float(learning_rate), seed=int(seed), lora_name=name, lora_formats=["kohya"],
-            checkpoint_every=int(checkpoint_every), progress=False, resume="none" if restart else "auto",
-        )  # fmt: skip
-        if face_bank != "none" and not emb:
-            raise ValueError("face_bank: the face-realism loss needs an embedder (choose one besides 'none')")
-        return run_training("dal", DALTrainer, cfg, name, model, clip, vae, int(steps), bool(restart), unique_id)
+def dal_config(model, target, classifier, prompts, lora_name, train, steps, learning_rate, lora_rank, **more):
+    """The core's DALConfig from the node's inputs (checked in widget order; an unsupported MODEL fails early)."""
+    from popalign_core.dal.trainer import DALConfig
+
+    from .comfy_adapter import family_of
+
+    name = C.safe_name(lora_name, "lora_name")
+    if not isinstance(target, dict) or "target" not in target:
+        raise ValueError("target: expected a PopAlign target (PopAlign Target Distribution)")
+    family_of(model)
+    emb = [] if more["embedder"] == "none" else [more["embedder"]]
+    bank = more["face_bank"]
+    detector = classifier.detector.name if (classifier.detector and more["face_detection"]) else None
+    cfg = DALConfig(
+        model="comfyui",
+        prompts=C.prompt_lines(prompts),
+        target=target["target"],
+        prompt_targets=target.get("prompt_targets") or {},
+        threshold=float(more["threshold"]),
+        classifier=classifier.name,
+        classifier_weights=classifier.weights,
+        classifier_options=dict(classifier.options),
+        detector=detector,
+        embedders=emb,
+        lambda_face=1.0 if bank != "none" else 0.0,
+        face_bank=None if bank == "none" else C.resolve_subdir("popalign_face_banks", bank),
+        face_embedder=emb[0] if emb else None,
+        sampler_steps=int(more["sampler_steps"]),
+        guidance_scale=float(more["guidance"]),
+        gradient=more["gradient"],
+        resolution=int(more["resolution"]) or None,
+        train=train,
+        lora_rank=int(lora_rank),
+        steps=int(steps),
+        images_per_prompt=int(more["images_per_prompt"]),
+        micro_batch=int(more["micro_batch"]),
+        lr=float(learning_rate),
+        seed=int(more["seed"]),
+        lora_name=name,
+        lora_formats=["kohya"],
+        checkpoint_every=int(more["checkpoint_every"]),
+        progress=False,
+        resume="none" if more["restart"] else "auto",
+    )
+    if bank != "none" and not emb:
+        raise ValueError("face_bank: the face-realism loss needs an embedder (choose one besides 'none')")
+    return cfg
 
 
 NODE_CLASS_MAPPINGS = {

@@ -15,9 +15,9 @@ def _write_population(images, rows: list[dict], folder: Path) -> Path:
     from PIL import Image
 
     from popalign_core.common.fileio import atomic_path
+    from popalign_core.common.manifest import write_manifest
     from popalign_core.population.filter import FILTERED
     from popalign_core.population.sample import image_name, png_complete
-    from popalign_core.train.data import write_manifest
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     out = []
@@ -30,6 +30,9 @@ def _write_population(images, rows: list[dict], folder: Path) -> Path:
         out.append({**r, "image": rel})
     write_manifest(folder / FILTERED, out)
     return folder / FILTERED
+
+
+RULE_TIP = "which set wins: augmented (paper) or the one with more distinct groups (public code)"
 
 
 class PopAlignBuildPreferenceData:
@@ -51,43 +54,45 @@ class PopAlignBuildPreferenceData:
     def INPUT_TYPES(cls):
         from popalign_core.population.build import BUILD_RULES
 
-        return {
-            "required": {
-                "images": C.tip("IMAGE", "filtered images (PopAlign Filter Population)"),
-                "population": C.tip(C.POPULATION, "their metadata (same node)"),
-                "name": C.tip("STRING", "data set name (a plain file name)", default="popalign_data"),
-                "set_size": C.tip(
-                    "INT", "images per population set (public PopAlign code: 5)", default=5, min=1, max=1000
-                ),  # fmt: skip
-                "rule": C.tip(
-                    list(BUILD_RULES),
-                    "which set wins: augmented (paper) or the one with more distinct groups (public code)",
-                    default="augmented",
-                ),  # fmt: skip
-                "on_short": C.tip(
-                    ["skip", "error"], "a prompt with too few kept images: skip it or fail", default="skip"
-                ),  # fmt: skip
-                "seed": C.tip("INT", "seed of the set shuffles", default=0, min=0, max=0xFFFFFFFF),
-            }
-        }
+        return C.input_types(
+            (
+                C.LINK("images", "IMAGE", "filtered images (PopAlign Filter Population)"),
+                C.LINK("population", C.POPULATION, "their metadata (same node)"),
+                C.STRING("name", "data set name (a plain file name)", "popalign_data"),
+                C.INT("set_size", "images per population set (public PopAlign code: 5)", 5, 1, 1000),
+                C.CHOICE("rule", BUILD_RULES, RULE_TIP, default="augmented"),
+                C.CHOICE(
+                    "on_short", ["skip", "error"], "a prompt with too few kept images: skip it or fail", default="skip"
+                ),
+                C.INT("seed", "seed of the set shuffles", 0, 0, 0xFFFFFFFF),
+            )
+        )
 
     def run(self, images, population, name, set_size, rule, on_short, seed):
-        from popalign_core.population.build import BuildConfig, build_preferences
+        from popalign_core.population.build import BuildConfig
 
         name = C.safe_name(name, "name")
         rows = C.check_population(images, population)
-        digest = hashlib.sha256(json.dumps([rows, list(images.shape), float(images.float().sum())],
-                                           sort_keys=True, default=str).encode()).hexdigest()[:10]  # fmt: skip
-        folder = C.output_root() / "data" / f"{name}-{digest}"
-        filtered = _write_population(images, rows, folder)
-        summary = build_preferences(
-            filtered,
-            folder / "sets",
-            BuildConfig(set_size=int(set_size), rule=rule, on_short=on_short, seed=int(seed)),
-        )
-        dataset = {"manifest": summary["files"]["population"], "kind": "population", "folder": str(folder),
-                   "pairwise": summary["files"].get("pairwise"), "sets": summary["sets"]}  # fmt: skip
-        return (dataset, json.dumps(summary, indent=2))
+        cfg = BuildConfig(set_size=int(set_size), rule=rule, on_short=on_short, seed=int(seed))
+        return build_dataset(images, rows, name, cfg)
+
+
+def build_dataset(images, rows: list[dict], name: str, cfg) -> tuple[dict, str]:
+    """The core's `build_preferences` on a batch: written to output/popalign/data/<name>-<hash of the batch>/."""
+    from popalign_core.population.build import build_preferences
+
+    batch = json.dumps([rows, list(images.shape), float(images.float().sum())], sort_keys=True, default=str)
+    folder = C.output_root() / "data" / f"{name}-{hashlib.sha256(batch.encode()).hexdigest()[:10]}"
+    summary = build_preferences(_write_population(images, rows, folder), folder / "sets", cfg)
+    files = summary["files"]
+    dataset = {
+        "manifest": files["population"],
+        "kind": "population",
+        "folder": str(folder),
+        "pairwise": files.get("pairwise"),
+        "sets": summary["sets"],
+    }
+    return (dataset, json.dumps(summary, indent=2))
 
 
 class PopAlignLoadPreferenceData:
@@ -106,16 +111,16 @@ class PopAlignLoadPreferenceData:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "path": C.tip(
-                    "STRING",
+        return C.input_types(
+            (
+                C.STRING(
+                    "path",
                     "manifest file or folder (absolute, or relative to ComfyUI's input folder)",
-                    default="popalign/data",
-                ),  # fmt: skip
-                "kind": C.tip(["auto", "population", "pairwise"], "data kind; auto = detected from the columns"),
-            }
-        }
+                    "popalign/data",
+                ),
+                C.CHOICE("kind", ["auto", "population", "pairwise"], "data kind; auto = detected from the columns"),
+            )
+        )
 
     @classmethod
     def IS_CHANGED(cls, path, kind):
@@ -126,19 +131,22 @@ class PopAlignLoadPreferenceData:
     def run(self, path, kind):
         from popalign_core.train.data import load_preference_data
 
-        p = _resolve(path)
-        if p.is_dir():
-            for cand in ("population.jsonl", "pairwise.jsonl", "manifest.jsonl", "manifest.csv"):
-                if (p / cand).is_file():
-                    p = p / cand
-                    break
-            else:
-                raise FileNotFoundError(f"path: {p} holds no population.jsonl / pairwise.jsonl / manifest.jsonl")
-        if not p.is_file():
-            raise FileNotFoundError(f"path: {p} does not exist")
+        p = _manifest(_resolve(path))
         data = load_preference_data(str(p), kind=None if kind == "auto" else kind)
         report = {"manifest": str(p), "kind": data.kind, "images": len(data.samples)}
         return ({"manifest": str(p), "kind": data.kind, "folder": str(p.parent)}, json.dumps(report, indent=2))
+
+
+def _manifest(p: Path) -> Path:
+    """The manifest file `p`, or the first of population.jsonl / pairwise.jsonl / manifest.* in the folder `p`."""
+    if p.is_dir():
+        for cand in ("population.jsonl", "pairwise.jsonl", "manifest.jsonl", "manifest.csv"):
+            if (p / cand).is_file():
+                return p / cand
+        raise FileNotFoundError(f"path: {p} holds no population.jsonl / pairwise.jsonl / manifest.jsonl")
+    if not p.is_file():
+        raise FileNotFoundError(f"path: {p} does not exist")
+    return p
 
 
 def _resolve(path: str) -> Path:

@@ -9,6 +9,15 @@ from . import _common as C
 KEYWORD_SETS = ("default", "toy")
 
 
+AUG_PROMPTS_TIP = "identity-neutral prompts, one per line (# starts a comment)"
+KEYWORDS_TIP = "keyword set: 'default' = the paper's gender and race keywords; 'toy' = the toy world's"
+AXES_TIP = "comma-separated axes to combine (their product); empty = the set's default (default: race,gender)"
+TEMPLATE_TIP = (
+    "augmentation template with {identity} and {subject}; empty = default "
+    "'a realistic photo of {article} {identity} {subject}'"
+)
+
+
 class PopAlignAugmentPrompts:
     DESCRIPTION = (
         "Identity-neutral prompts -> identity-augmented prompts (PopAlign Sec. 4.1). Prompts that already name an "
@@ -26,45 +35,22 @@ class PopAlignAugmentPrompts:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "prompts": C.tip(
-                    "STRING",
-                    "identity-neutral prompts, one per line (# starts a comment)",
-                    multiline=True,
-                    default="a photo of a doctor\na photo of a chef",
-                ),  # fmt: skip
-                "keywords": C.tip(
-                    list(KEYWORD_SETS),
-                    "keyword set: 'default' = the paper's gender and race keywords; 'toy' = the toy world's",
-                    default="default",
-                ),  # fmt: skip
-                "axes": C.tip(
-                    "STRING",
-                    "comma-separated axes to combine (their product); empty = the set's default "
-                    "(default: race,gender)",
-                    default="gender",
-                ),  # fmt: skip
-                "samples_per_prompt": C.tip(
-                    "INT",
-                    "augmented images per neutral prompt, spread evenly over the identities",
-                    default=8,
-                    min=1,
-                    max=100000,
-                ),  # fmt: skip
-                "seed": C.tip(
-                    "INT", "seed of the order identities are assigned in", default=0, min=0, max=0xFFFFFFFF
-                ),  # fmt: skip
-            },
-            "optional": {
-                "template": C.tip(
-                    "STRING",
-                    "augmentation template with {identity} and {subject}; empty = default "
-                    "'a realistic photo of {article} {identity} {subject}'",
-                    default="",
-                ),  # fmt: skip
-            },
-        }
+        required = (
+            C.row(
+                "prompts", "STRING", AUG_PROMPTS_TIP, multiline=True, default="a photo of a doctor\na photo of a chef"
+            ),
+            C.CHOICE("keywords", KEYWORD_SETS, KEYWORDS_TIP, default="default"),
+            C.STRING("axes", AXES_TIP, "gender"),
+            C.INT(
+                "samples_per_prompt",
+                "augmented images per neutral prompt, spread evenly over the identities",
+                8,
+                1,
+                100000,
+            ),
+            C.INT("seed", "seed of the order identities are assigned in", 0, 0, 0xFFFFFFFF),
+        )
+        return C.input_types(required, (C.STRING("template", TEMPLATE_TIP, ""),))
 
     def run(self, prompts, keywords, axes, samples_per_prompt, seed, template=""):
         from popalign_core.population.pipeline import keyword_sets
@@ -72,8 +58,9 @@ class PopAlignAugmentPrompts:
 
         aug_kw, detect, default_axes = keyword_sets(keywords)
         names = tuple(a.strip() for a in str(axes).split(",") if a.strip()) or default_axes
-        cfg = AugmentConfig(axes=names, keywords=aug_kw, samples_per_prompt=int(samples_per_prompt), seed=int(seed),
-                            detect=detect, **({"template": template} if template.strip() else {}))  # fmt: skip
+        more = {"template": template} if template.strip() else {}
+        n, seed = int(samples_per_prompt), int(seed)
+        cfg = AugmentConfig(axes=names, keywords=aug_kw, samples_per_prompt=n, seed=seed, detect=detect, **more)
         out = augment_prompts(C.prompt_lines(prompts), cfg)
         if not out.rows:
             raise ValueError("prompts: every prompt was skipped as identity-specific; nothing to augment")
@@ -86,6 +73,13 @@ def _conditioning(clip, text: str):
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     return [[cond, {"pooled_output": pooled}]]
+
+
+SAMPLER_PROMPTS_TIP = (
+    "augmented rows (JSON, from PopAlign Augment Prompts) or plain prompts, one per line (then every image is a "
+    "neutral, losing one)"
+)
+NEUTRAL_TIP = "losing (neutral-prompt) images per neutral prompt; -1 = as many as its augmented rows; 0 = none"
 
 
 class PopAlignPopulationSampler:
@@ -104,87 +98,82 @@ class PopAlignPopulationSampler:
     def INPUT_TYPES(cls):
         import comfy.samplers
 
-        return {
-            "required": {
-                "model": C.tip("MODEL", "the diffusion model to sample from"),
-                "clip": C.tip("CLIP", "its text encoder"),
-                "vae": C.tip("VAE", "its VAE (latents -> images)"),
-                "prompts": C.tip(
-                    "STRING",
-                    "augmented rows (JSON, from PopAlign Augment Prompts) or plain prompts, one per line (then every "
-                    "image is a neutral, losing one)",
-                    multiline=True,
-                    default="a photo of a doctor",
-                ),
-                "neutral_per_prompt": C.tip(
-                    "INT",
-                    "losing (neutral-prompt) images per neutral prompt; -1 = as many as its augmented rows; 0 = none",
-                    default=-1,
-                    min=-1,
-                    max=100000,
-                ),  # fmt: skip
-                "seed": C.tip(
-                    "INT",
-                    "base seed; image seeds are derived from it, the prompt and the index",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                ),  # fmt: skip
-                "steps": C.tip("INT", "sampler steps", default=20, min=1, max=1000),
-                "cfg": C.tip("FLOAT", "classifier-free guidance scale", default=7.0, min=0.0, max=100.0, step=0.1),
-                "sampler_name": C.tip(comfy.samplers.KSampler.SAMPLERS, "ComfyUI sampler"),
-                "scheduler": C.tip(comfy.samplers.KSampler.SCHEDULERS, "ComfyUI noise schedule"),
-                "width": C.tip("INT", "image width in pixels", default=512, min=64, max=4096, step=8),
-                "height": C.tip("INT", "image height in pixels", default=512, min=64, max=4096, step=8),
-                "batch_size": C.tip("INT", "images sampled at once (same prompt)", default=4, min=1, max=256),
-            },
-            "optional": {
-                "negative_prompt": C.tip("STRING", "negative prompt for every image", default="", multiline=True),
-            },
-        }
+        required = (
+            C.LINK("model", "MODEL", "the diffusion model to sample from"),
+            C.LINK("clip", "CLIP", "its text encoder"),
+            C.LINK("vae", "VAE", "its VAE (latents -> images)"),
+            C.row("prompts", "STRING", SAMPLER_PROMPTS_TIP, multiline=True, default="a photo of a doctor"),
+            C.INT("neutral_per_prompt", NEUTRAL_TIP, -1, -1, 100000),
+            C.INT(
+                "seed",
+                "base seed; image seeds are derived from it, the prompt and the index",
+                0,
+                0,
+                0xFFFFFFFFFFFFFFFF,
+            ),
+            C.INT("steps", "sampler steps", 20, 1, 1000),
+            C.FLOAT("cfg", "classifier-free guidance scale", 7.0, 0.0, 100.0, 0.1),
+            C.row("sampler_name", comfy.samplers.KSampler.SAMPLERS, "ComfyUI sampler"),
+            C.row("scheduler", comfy.samplers.KSampler.SCHEDULERS, "ComfyUI noise schedule"),
+            C.INT("width", "image width in pixels", 512, 64, 4096, 8),
+            C.INT("height", "image height in pixels", 512, 64, 4096, 8),
+            C.INT("batch_size", "images sampled at once (same prompt)", 4, 1, 256),
+        )
+        optional = (C.STRING("negative_prompt", "negative prompt for every image", "", multiline=True),)
+        return C.input_types(required, optional)
 
-    def run(self, model, clip, vae, prompts, neutral_per_prompt, seed, steps, cfg, sampler_name, scheduler,
-            width, height, batch_size, negative_prompt=""):  # fmt: skip
-        import comfy.sample
-        import torch
-
-        from popalign_core.models.sampling import derive_seed
-
+    def run(self, model, clip, vae, prompts, neutral_per_prompt, batch_size, negative_prompt="", **sampling):
         jobs = _jobs(prompts, neutral_per_prompt)
-        if width % 8 or height % 8:
-            raise ValueError(f"width/height: {width}x{height} must be multiples of 8")
-        neg = _conditioning(clip, negative_prompt or "")
-        bar = C.Progress(len(jobs))
-        images, rows = [], []
-        by_prompt: dict[str, list[dict]] = {}
-        for j in jobs:
-            by_prompt.setdefault(j["prompt"], []).append(j)
-        order = {(j["prompt"], j["index"]): k for k, j in enumerate(jobs)}
-        done: dict[int, object] = {}
-        channels = int(getattr(model.model.latent_format, "latent_channels", 4))
-        for prompt, pjobs in by_prompt.items():
-            pos = _conditioning(clip, prompt)
-            for s in range(0, len(pjobs), batch_size):
-                chunk = pjobs[s : s + batch_size]
-                seeds = [derive_seed(int(seed), j["prompt"], int(j["index"])) for j in chunk]
-                noise = torch.cat([
-                    torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator().manual_seed(sd))
-                    for sd in seeds
-                ])  # fmt: skip
-                latent = torch.zeros_like(noise)
-                samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, pos, neg, latent,
-                                              denoise=1.0, disable_pbar=True, seed=seeds[0])  # fmt: skip
-                decoded = vae.decode(samples)
-                for j, sd, img in zip(chunk, seeds, decoded):
-                    done[order[(j["prompt"], j["index"])]] = (img, {**j, "seed": sd})
-                bar.update(len(chunk))
-        for k in range(len(jobs)):
-            img, row = done[k]
-            images.append(img)
-            rows.append(row)
-        settings = {"steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
-                    "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt}  # fmt: skip
-        return (torch.stack(images).float().clamp(0, 1), {"rows": rows, "settings": settings})
+        if sampling["width"] % 8 or sampling["height"] % 8:
+            raise ValueError(f"width/height: {sampling['width']}x{sampling['height']} must be multiples of 8")
+        settings = {k: sampling[k] for k in SETTINGS} | {"negative_prompt": negative_prompt}
+        images, rows = sample_jobs(model, clip, vae, jobs, int(batch_size), settings)
+        return (images, {"rows": rows, "settings": settings})
+
+
+SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "width", "height", "seed")  # the population's settings
+
+
+def sample_jobs(model, clip, vae, jobs: list[dict], batch_size: int, s: dict):
+    """(IMAGE batch in job order, rows with their seeds): ComfyUI's sampler over `jobs`, `batch_size` images of one
+    prompt at a time, each from its own noise (seed derived from s["seed"], the prompt and the index)."""
+    import torch
+
+    neg = _conditioning(clip, s["negative_prompt"] or "")
+    bar = C.Progress(len(jobs))
+    by_prompt: dict[str, list[dict]] = {}
+    for j in jobs:
+        by_prompt.setdefault(j["prompt"], []).append(j)
+    order = {(j["prompt"], j["index"]): k for k, j in enumerate(jobs)}
+    done: dict[int, object] = {}
+    for prompt, pjobs in by_prompt.items():
+        pos = _conditioning(clip, prompt)
+        for start in range(0, len(pjobs), batch_size):
+            chunk = pjobs[start : start + batch_size]
+            for j, sd, img in zip(chunk, *_sample_chunk(model, vae, chunk, pos, neg, s)):
+                done[order[(j["prompt"], j["index"])]] = (img, {**j, "seed": sd})
+            bar.update(len(chunk))
+    images = [done[k][0] for k in range(len(jobs))]
+    return torch.stack(images).float().clamp(0, 1), [done[k][1] for k in range(len(jobs))]
+
+
+def _sample_chunk(model, vae, chunk: list[dict], pos, neg, s: dict) -> tuple[list[int], object]:
+    """(seeds, decoded images) of jobs of one prompt sampled at once."""
+    import comfy.sample
+    import torch
+
+    from popalign_core.models.sampling import derive_seed
+
+    channels = int(getattr(model.model.latent_format, "latent_channels", 4))
+    shape = (1, channels, s["height"] // 8, s["width"] // 8)
+    seeds = [derive_seed(int(s["seed"]), j["prompt"], int(j["index"])) for j in chunk]
+    noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(sd)) for sd in seeds])
+    sampling = (s["steps"], s["cfg"], s["sampler_name"], s["scheduler"])
+    latent = torch.zeros_like(noise)
+    samples = comfy.sample.sample(
+        model, noise, *sampling, pos, neg, latent, denoise=1.0, disable_pbar=True, seed=seeds[0]
+    )
+    return seeds, vae.decode(samples)
 
 
 def _jobs(text: str, neutral_per_prompt: int) -> list[dict]:
@@ -201,8 +190,8 @@ def _jobs(text: str, neutral_per_prompt: int) -> list[dict]:
         return population_jobs(rows, neutral_per_prompt=n)
     lines = C.prompt_lines(text, "prompts")
     per = 1 if n is None else max(1, n)
-    return [{"prompt": p, "index": i, "neutral": p, "identity": {}, "population": "losing"}
-            for p in dict.fromkeys(lines) for i in range(per)]  # fmt: skip
+    losing = {"identity": {}, "population": "losing"}
+    return [{"prompt": p, "index": i, "neutral": p, **losing} for p in dict.fromkeys(lines) for i in range(per)]
 
 
 NODE_CLASS_MAPPINGS = {

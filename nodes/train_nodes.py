@@ -113,10 +113,16 @@ class StepReporter:
         self.bar.set(start)
 
     def __call__(self, step: int, total: int, row: dict) -> None:
-        C.send("popalign.loss", {"node": self.node_id, "step": step, "total": total,
-                                 "loss": row.get("loss"), "metrics": {k: v for k, v in row.items()
-                                                                      if isinstance(v, (int, float))}})  # fmt: skip
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        C.send(
+            "popalign.loss",
+            {"node": self.node_id, "step": step, "total": total, "loss": row.get("loss"), "metrics": metrics},
+        )
         self.bar.set(step)  # ComfyUI's hook raises InterruptProcessingException here when the user cancels
+
+
+LOSS_TIP = "training loss; its default hyper-parameters apply unless overridden in loss_params"
+LOSS_PARAMS_TIP = "JSON overrides of the loss's hyper-parameters, e.g. {\"beta\": 500}; {} = the loss's defaults"
 
 
 class PopAlignLoRATrainer:
@@ -129,103 +135,81 @@ class PopAlignLoRATrainer:
     CATEGORY = C.category("train")
     FUNCTION = "train"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
-    RETURN_NAMES = ("model", "clip", "lora_path", "summary")
-    OUTPUT_TOOLTIPS = (
-        "the incoming MODEL with the trained LoRA applied",
-        "the incoming CLIP with the LoRA applied (unchanged when the text encoder is not trained)",
-        "the LoRA file: models/loras/popalign/<lora_name>.safetensors",
-        "what was trained: steps, losses, resumed_from, run folder, memory (JSON)",
-    )
+    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = C.TRAINED_OUTPUTS
 
     @classmethod
     def INPUT_TYPES(cls):
         from popalign_core.train.losses import LOSSES
 
-        return {
-            "required": {
-                "model": C.tip("MODEL", "the model to fine-tune (left untouched; the output carries the LoRA)"),
-                "clip": C.tip("CLIP", "its text encoder (encodes captions; trained when train_text_encoder)"),
-                "vae": C.tip("VAE", "its VAE (encodes the training images)"),
-                "dataset": C.tip(C.DATASET, "preference data (PopAlign Build / Load Preference Data)"),
-                "loss": C.tip(
-                    list(LOSSES),
-                    "training loss; its default hyper-parameters apply unless overridden in loss_params",
-                    default="popalign",
-                ),  # fmt: skip
-                "loss_params": C.tip(
-                    "STRING",
-                    "JSON overrides of the loss's hyper-parameters, e.g. {\"beta\": 500}; {} = the loss's defaults",
-                    default="{}",
-                    multiline=True,
-                ),  # fmt: skip
-                "lora_name": C.tip(
-                    "STRING",
-                    "file name of the LoRA in models/loras/popalign/ (no path separators)",
-                    default="popalign_lora",
-                ),  # fmt: skip
-                "steps": C.tip(
-                    "INT", "optimiser steps (raising it continues a finished run)", default=200, min=1, max=1000000
-                ),  # fmt: skip
-                "learning_rate": C.tip(
-                    "FLOAT", "AdamW learning rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=False
-                ),  # fmt: skip
-                "lora_rank": C.tip("INT", "LoRA rank", default=8, min=1, max=256),
-                "batch_size": C.tip("INT", "images (population losses) or pairs per step", default=4, min=1, max=256),
-                "train_text_encoder": C.tip("BOOLEAN", "also train a LoRA on the text encoder(s)", default=False),
-                "resolution": C.tip(
-                    "INT",
-                    "training image side in pixels; 0 = the model's native size",
-                    default=0,
-                    min=0,
-                    max=4096,
-                    step=8,
-                ),  # fmt: skip
-                "seed": C.tip(
-                    "INT", "seed of the LoRA init, batches, noise and timesteps", default=0, min=0, max=0xFFFFFFFF
-                ),  # fmt: skip
-                "checkpoint_every": C.tip(
-                    "INT",
-                    "steps between resumable checkpoints (a cancel always saves one)",
-                    default=50,
-                    min=1,
-                    max=1000000,
-                ),  # fmt: skip
-                "restart": C.tip(
-                    "BOOLEAN", "ignore an existing checkpoint of the same run and start over", default=False
-                ),  # fmt: skip
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        required = (
+            C.LINK("model", "MODEL", "the model to fine-tune (left untouched; the output carries the LoRA)"),
+            C.LINK("clip", "CLIP", "its text encoder (encodes captions; trained when train_text_encoder)"),
+            C.LINK("vae", "VAE", "its VAE (encodes the training images)"),
+            C.LINK("dataset", C.DATASET, "preference data (PopAlign Build / Load Preference Data)"),
+            C.CHOICE("loss", LOSSES, LOSS_TIP, default="popalign"),
+            C.STRING("loss_params", LOSS_PARAMS_TIP, "{}", multiline=True),
+            C.STRING(
+                "lora_name", "file name of the LoRA in models/loras/popalign/ (no path separators)", "popalign_lora"
+            ),
+            C.INT("steps", "optimiser steps (raising it continues a finished run)", 200, 1, 1000000),
+            C.FLOAT("learning_rate", "AdamW learning rate", 1e-4, 1e-8, 1.0, 1e-5, round=False),
+            C.INT("lora_rank", "LoRA rank", 8, 1, 256),
+            C.INT("batch_size", "images (population losses) or pairs per step", 4, 1, 256),
+            C.BOOLEAN("train_text_encoder", "also train a LoRA on the text encoder(s)", False),
+            C.INT("resolution", "training image side in pixels; 0 = the model's native size", 0, 0, 4096, 8),
+            C.INT("seed", "seed of the LoRA init, batches, noise and timesteps", 0, 0, 0xFFFFFFFF),
+            C.INT(
+                "checkpoint_every", "steps between resumable checkpoints (a cancel always saves one)", 50, 1, 1000000
+            ),
+            C.BOOLEAN("restart", "ignore an existing checkpoint of the same run and start over", False),
+        )
+        return C.input_types(required, hidden={"unique_id": "UNIQUE_ID"})
 
-    def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, steps, learning_rate, lora_rank,
-              batch_size, train_text_encoder, resolution, seed, checkpoint_every, restart,
-              unique_id=None):  # fmt: skip
+    def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, unique_id=None, **settings):
+        from popalign_core.train.trainer import Trainer
 
-        from popalign_core.train.trainer import TrainConfig, Trainer
-
-        from .comfy_adapter import family_of
-
-        name = C.safe_name(lora_name, "lora_name")
-        params = C.parse_json(loss_params, "loss_params", {})
-        if not isinstance(params, dict):
-            raise ValueError('loss_params: expected a JSON object of hyper-parameters, e.g. {"beta": 500}')
-        if not isinstance(dataset, dict) or "manifest" not in dataset:
-            raise ValueError("dataset: expected a PopAlign data set (PopAlign Build / Load Preference Data)")
-        family_of(model)  # an unsupported model type fails before anything else
-        cfg = TrainConfig(
-            model="comfyui", data=dataset["manifest"], loss=loss, loss_params=params, steps=int(steps),
-            lr=float(learning_rate), lora_rank=int(lora_rank), batch_size=int(batch_size),
-            train_text_encoder=bool(train_text_encoder), resolution=int(resolution) or None, seed=int(seed),
-            lora_name=name, lora_formats=["kohya"], checkpoint_every=int(checkpoint_every), progress=False,
-            resume="none" if restart else "auto", output_dir="",
-        )  # fmt: skip
-        return run_training("train", Trainer, cfg, name, model, clip, vae, int(steps), bool(restart), unique_id)
+        cfg = train_config(model, dataset, loss, loss_params, lora_name, **settings)
+        return run_training("train", Trainer, cfg, model, clip, vae, unique_id)
 
 
-def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps: int, restart: bool, unique_id):
+def train_config(model, dataset, loss, loss_params, lora_name, **s):
+    """The core's TrainConfig from the trainer node's inputs (checked first; an unsupported MODEL fails early)."""
+    from popalign_core.train.trainer import TrainConfig
+
+    from .comfy_adapter import family_of
+
+    name = C.safe_name(lora_name, "lora_name")
+    params = C.parse_json(loss_params, "loss_params", {})
+    if not isinstance(params, dict):
+        raise ValueError('loss_params: expected a JSON object of hyper-parameters, e.g. {"beta": 500}')
+    if not isinstance(dataset, dict) or "manifest" not in dataset:
+        raise ValueError("dataset: expected a PopAlign data set (PopAlign Build / Load Preference Data)")
+    family_of(model)  # an unsupported model type fails before anything else
+    return TrainConfig(
+        model="comfyui",
+        data=dataset["manifest"],
+        loss=loss,
+        loss_params=params,
+        steps=int(s["steps"]),
+        lr=float(s["learning_rate"]),
+        lora_rank=int(s["lora_rank"]),
+        batch_size=int(s["batch_size"]),
+        train_text_encoder=bool(s["train_text_encoder"]),
+        resolution=int(s["resolution"]) or None,
+        seed=int(s["seed"]),
+        lora_name=name,
+        lora_formats=["kohya"],
+        checkpoint_every=int(s["checkpoint_every"]),
+        progress=False,
+        resume="none" if s["restart"] else "auto",
+        output_dir="",
+    )
+
+
+def run_training(kind: str, trainer_cls, cfg, model, clip, vae, unique_id):
     """The shared body of the training nodes: run folder output/popalign/<kind>/<name>-<key> (see the module
-    docstring), views of the MODEL, the core trainer with progress / cancel, then the LoRA published and applied."""
+    docstring), views of the MODEL, the core trainer with progress / cancel, then the LoRA published and applied.
+    `cfg` (TrainConfig / DALConfig) names the LoRA (lora_name), the steps and restart (resume "none")."""
     import torch
 
     from popalign_core.train.trainer import config_fingerprint
@@ -235,6 +219,7 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
     # loaded first: ComfyUI 0.3.x leaves a model patched by the last sampler that used it (e.g. with another
     # branch's LoRA) until this patcher is loaded; the key then sees this MODEL's own weights
     load_for_training(model, clip.patcher if clip is not None else None, vae.patcher if vae is not None else None)
+    name, steps, restart = cfg.lora_name, int(cfg.steps), cfg.resume == "none"
     key = hashlib.sha256(f"{model_key(model, clip)}:{config_fingerprint(cfg.to_dict())}".encode()).hexdigest()
     run_dir = C.output_root() / kind / f"{name}-{key[:10]}"
     cfg.output_dir, cfg.model = str(run_dir), f"comfyui:{key[:10]}"
@@ -256,8 +241,8 @@ def run_training(kind: str, trainer_cls, cfg, name: str, model, clip, vae, steps
         del adapter
     dest = publish_lora(Path(summary["outputs"]["kohya"]), name)
     out_model, out_clip = apply_lora(model, clip, dest)
-    summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=round(time.time() - t0, 2),
-                   **peak_memory())  # fmt: skip
+    seconds = round(time.time() - t0, 2)
+    summary.update(lora=str(dest), run_dir=str(run_dir), model_bytes=size, node_seconds=seconds, **peak_memory())
     from popalign_core.common.fileio import atomic_write_text
 
     atomic_write_text(run_dir / "node_summary.json", json.dumps(summary, indent=2))
@@ -285,7 +270,7 @@ class PopAlignLossDefaults:
     def INPUT_TYPES(cls):
         from popalign_core.train.losses import LOSSES
 
-        return {"required": {"loss": C.tip(list(LOSSES), "loss of the zoo", default="popalign")}}
+        return C.input_types((C.CHOICE("loss", LOSSES, "loss of the zoo", default="popalign"),))
 
     def run(self, loss):
         from popalign_core.train.losses import loss_defaults

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium + chromium-driver for the front-end tests (tests/test_comfyui_js.py) when they are
+# Installs Debian's chromium + chromium-driver for the front-end tests (tests/nodes/test_comfyui_js.py) when they are
 # missing and this is a Debian machine run as root; otherwise says so (those tests then skip). Idempotent.
 # POPALIGN_NO_BROWSER_INSTALL=1 turns the install off.
 set -uo pipefail

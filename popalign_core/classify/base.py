@@ -118,44 +118,66 @@ def check_image(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def models_dir_candidates(models_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for classifier weights: ``<models_dir>/popalign/classifiers`` when `models_dir` is given,
-    else ``$POPALIGN_MODELS_DIR/popalign/classifiers`` when that variable is set. (The core never imports ComfyUI:
-    the ComfyUI nodes pass ``models_dir=folder_paths.models_dir``.)"""
+def search_roots(models_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The models folders searched for weights: `models_dir` when given, else ``$POPALIGN_MODELS_DIR`` when that
+    variable is set, else none. (The core never imports ComfyUI: the ComfyUI nodes pass
+    ``models_dir=folder_paths.models_dir``.)"""
     if models_dir is not None:
-        roots = [Path(models_dir)]
-    elif os.environ.get("POPALIGN_MODELS_DIR"):
-        roots = [Path(os.environ["POPALIGN_MODELS_DIR"])]
-    else:
-        roots = []
-    return [r / CLASSIFIER_SUBDIR for r in roots]
+        return [Path(models_dir)]
+    if os.environ.get("POPALIGN_MODELS_DIR"):
+        return [Path(os.environ["POPALIGN_MODELS_DIR"])]
+    return []
+
+
+def searched_text(folders: Sequence[Path]) -> str:
+    """The searched folders, for an error message."""
+    return ", ".join(str(f) for f in folders) or "none (no models_dir given, $POPALIGN_MODELS_DIR unset)"
+
+
+def models_dir_candidates(
+    models_dir: str | os.PathLike | None = None, subdirs: Sequence[str] = (CLASSIFIER_SUBDIR,)
+) -> list[Path]:
+    """Folders searched for weights: ``<root>/<subdir>`` for each of `search_roots(models_dir)` and `subdirs`
+    (default ``popalign/classifiers``)."""
+    return [r / sub for r in search_roots(models_dir) for sub in subdirs]
 
 
 def find_weights(
-    backend: str, file_names: Sequence[str], weights: str | os.PathLike | None, models_dir: str | os.PathLike | None
+    backend: str,
+    file_names: Sequence[str],
+    weights: str | os.PathLike | None,
+    models_dir: str | os.PathLike | None,
+    *,
+    subdirs: Sequence[str] = (CLASSIFIER_SUBDIR,),
+    hint: str = COMFY_FOLDER_HINT,
+    kind: str = "file",
+    note: str = "",
 ) -> Path:
-    """The weight file: `weights` if given (must exist), else the first of `file_names` in the searched folders.
+    """The weight file: `weights` if given (must exist), else the first of `file_names` in the searched folders
+    (`models_dir_candidates(models_dir, subdirs)`, in order).
 
-    Raises BackendUnavailable naming the file and the folder to put it in.
+    Raises BackendUnavailable naming the file and the folder to put it in: `hint` (the ComfyUI folder), the first of
+    `subdirs` (standalone; the others are named as searched too); `kind` names what an explicit `weights` must be,
+    `note` adds where the file comes from.
     """
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise BackendUnavailable(
-                f"{backend}: weight file {str(path)!r} not found. Pass an existing file, or put "
-                f"{file_names[0]!r} in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/)."
+                f"{backend}: weight file {str(path)!r} not found. Pass an existing {kind}, or put "
+                f"{file_names[0]!r} in {hint} (standalone: <models_dir>/{subdirs[0]}/)."
             )
         return path
-    folders = models_dir_candidates(models_dir)
+    folders = models_dir_candidates(models_dir, subdirs)
     for folder in folders:
         for name in file_names:
             if (folder / name).is_file():
                 return folder / name
-    searched = ", ".join(str(f) for f in folders) or "none (no models_dir given, $POPALIGN_MODELS_DIR unset)"
+    also = "".join(f"; <models_dir>/{sub}/ is searched too" for sub in subdirs[1:])
     raise BackendUnavailable(
         f"{backend}: weight file {file_names[0]!r} not found (also accepted: {', '.join(file_names[1:]) or '-'}). "
-        f"Put it in {COMFY_FOLDER_HINT} (standalone: <models_dir>/{CLASSIFIER_SUBDIR}/ with models_dir= or "
-        f"$POPALIGN_MODELS_DIR), or pass weights=PATH. Searched: {searched}."
+        f"Put it in {hint} (standalone: <models_dir>/{subdirs[0]}/ with models_dir= or "
+        f"$POPALIGN_MODELS_DIR{also}), or pass weights=PATH. {note}Searched: {searched_text(folders)}."
     )
 
 

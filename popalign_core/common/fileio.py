@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +161,21 @@ def save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata: Mappin
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
         _fsync_file(tmp)
+
+
+def check_safetensors_metadata(metadata: Mapping[str, str] | None, reserved: Iterable[str] = ()) -> None:
+    """ValueError unless `metadata` is None or a str -> str mapping (what safetensors stores) free of the `reserved`
+    keys (those the file format writes itself)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata: expected a str -> str mapping, got {type(metadata).__name__}")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"metadata: keys and values must be str (safetensors metadata); offending keys: {bad}")
+    taken = sorted(set(reserved) & set(metadata))
+    if taken:
+        raise ValueError(f"metadata: key(s) {taken} are reserved for the file format")
 
 
 def _fsync_file(p: Path) -> None:

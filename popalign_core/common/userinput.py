@@ -274,17 +274,28 @@ def parse_yaml(text: str, source: str = "<text>") -> Any:
         raise ValueError(f"{source} is not valid YAML: {one_line(str(e))}") from None
 
 
+#: what `read_text` says when a prompts file is a folder
+PROMPTS_FOLDER = "a folder; give a text file with one prompt per line"
+
+
+def read_text(path: str | os.PathLike, what: str, folder: str = "a folder", missing: str = "") -> str:
+    """The text of a file a user named (UTF-8, a byte-order mark dropped). Missing (`missing` is appended to the
+    message), a folder (`folder` says what was expected) or not UTF-8: one error naming `what` and the path."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {str(p)!r} is {folder}")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist{missing}")
+    try:
+        return p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_yaml(path: str | os.PathLike, what: str = "config file", mapping: bool = True) -> Any:
     """A YAML file (`parse_yaml`); missing / unreadable / not UTF-8 / not a mapping: one error naming the file."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
-    if p.is_dir():
-        raise IsADirectoryError(f"{what} {str(p)!r} is a folder, not a YAML file")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(p, what, folder="a folder, not a YAML file")
     data = parse_yaml(text, f"{what} {str(p)!r}")
     if mapping:
         data = {} if data is None else data

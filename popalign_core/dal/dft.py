@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 from popalign_core.models.adapter import Conditioning
 from popalign_core.models.sampling import SCHEDULERS, build_scheduler
@@ -59,10 +60,6 @@ GRADIENTS: dict[str, str] = {
     "(a true A_t = 1)",
     "exact": "unadjusted: backpropagation through the whole sampling chain (Eq. 9)",
 }
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

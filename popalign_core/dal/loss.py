@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from popalign_core.dal.ot import expected_ot_targets, expected_ot_targets_axes
+
 __all__ = ["DALOutput", "DALTargets", "dal_loss", "dal_targets"]
 
 
@@ -76,7 +78,6 @@ def dal_targets(
     one-axis Target) or {axis: [N, K_a]} (`target` an `attributes.Target` over those axes). Images without a face
     are left out of the transport. Used by `dal_loss` and by the DAL trainer, which computes the targets of a whole
     batch once and the loss in micro-batches."""
-    from popalign_core.dal.ot import expected_ot_targets, expected_ot_targets_axes
 
     c_min = _check_threshold(threshold)
     single = not isinstance(probs, Mapping)

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from popalign_core.common.attributes import Target
+
 __all__ = ["METHODS", "MODES", "dynamic_targets", "expected_ot_targets", "expected_ot_targets_axes"]
 
 METHODS: dict[str, str] = {
@@ -260,7 +262,6 @@ def expected_ot_targets_axes(
     joint, "axes": {axis: q^a [N, K_a] (marginals of q)}, "y": {axis: argmax q^a}, "c": {axis: max q^a},
     "y_joint", "c_joint"}. With max over a large joint K rarely passing a confidence threshold, per-axis
     confidences are what the DAL threshold uses by default."""
-    from popalign_core.common.attributes import Target
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a known mode; valid values: {', '.join(MODES)}")

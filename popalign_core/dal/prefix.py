@@ -36,6 +36,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from popalign_core import __version__
+from popalign_core.common.fileio import (
+    check_safetensors_metadata,
+    read_safetensors,
+    safetensors_keys,
+    save_safetensors,
+)
+
 __all__ = ["SOFT_PREFIX_TYPE", "SoftPrefix", "expand_token", "prefix_file_keys"]
 
 SOFT_PREFIX_TYPE = "soft_prefix"  # safetensors metadata "popalign_type"
@@ -293,25 +301,13 @@ class SoftPrefix(nn.Module):
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
         """Write the textual-inversion file atomically (safetensors); returns its path. metadata: extra str -> str
         entries (format, popalign_version, popalign_type, family, token, n_tokens are always written)."""
-        import safetensors.torch
-
-        from popalign_core import __version__
-        from popalign_core.common.fileio import atomic_path
 
         path = os.fspath(path)
         if not path.endswith(".safetensors"):
             raise ValueError(f"path={path!r}: the embedding file's name must end in .safetensors")
         if os.path.isdir(path):
             raise ValueError(f"path={path!r} is a folder; expected a file path")
-        if metadata is not None:
-            if not isinstance(metadata, Mapping):
-                raise ValueError(f"metadata: expected a str -> str mapping, got {type(metadata).__name__}")
-            bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-            if bad:
-                raise ValueError(f"metadata: keys and values must be str (safetensors metadata); offending: {bad}")
-            reserved = sorted(set(_RESERVED_METADATA) & set(metadata))
-            if reserved:
-                raise ValueError(f"metadata: key(s) {reserved} are reserved for the file format")
+        check_safetensors_metadata(metadata, reserved=_RESERVED_METADATA)
         meta = dict(metadata or {})
         meta.update(
             format="pt",
@@ -321,16 +317,12 @@ class SoftPrefix(nn.Module):
             token=self.token,
             n_tokens=str(self.n_tokens),
         )
-        with atomic_path(path) as tmp:
-            safetensors.torch.save_file(self.state_tensors(), str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+        save_safetensors(self.state_tensors(), path, meta)
         return path
 
     @staticmethod
     def read_file(path: str | os.PathLike, family: str) -> tuple[list[torch.Tensor], dict[str, str]]:
         """The vectors (text-encoder order) and metadata of a prefix file for `family`, validated."""
-        from popalign_core.common.fileio import read_safetensors, safetensors_keys
 
         path = os.fspath(path)
         if not os.path.isfile(path):

@@ -39,9 +39,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,256 +47,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from popalign_core.common.fileio import atomic_write_text
+from popalign_core.classify.classifiers import make_classifier
+from popalign_core.common.fileio import atomic_path
 from popalign_core.common.userinput import (
     ArgumentParser,
-    check_containers,
-    check_name,
-    coerce_numbers,
-    coerce_strings,
     command,
-    flag_type,
 )
-from popalign_core.dal.dft import GRADIENTS, DFTConfig
+from popalign_core.dal.config import (  # noqa: F401 - re-exported: the module's public API
+    TRAIN_TARGETS,
+    DALConfig,
+    build_target,
+    load_dal_config,
+)
+from popalign_core.dal.dft import GRADIENTS, generate
+from popalign_core.dal.embedders import FaceBank, make_embedder
+from popalign_core.dal.loss import dal_targets
 from popalign_core.dal.ot import METHODS, MODES
-from popalign_core.train.trainer import (
-    LORA_FORMAT_CHOICES,
-    Trainer,
-    TrainingError,
-    _Dist,
-    config_fingerprint,
-    load_training_model,
-    load_yaml_config,
-)
+from popalign_core.lora.files import LoraSpec, add_lora, lora_metadata, model_hash
+from popalign_core.models.sampling import SamplerConfig, initial_noise
+from popalign_core.train.loop import TrainerBase, TrainingError
 
 __all__ = ["TRAIN_TARGETS", "DALConfig", "DALTrainer", "build_target", "load_dal_config", "main", "run_dal"]
-
-TRAIN_TARGETS = {
-    "text_encoder": "LoRA on the text encoder(s): attention and MLP (the patent's main setting)",
-    "unet": "LoRA on the UNet attention layers",
-    "both": "LoRA on the text encoder(s) and the UNet",
-    "prefix": "a soft prompt prefix (textual inversion), prepended to every prompt",
-}
-
-
-def _help(text: str, **kw):
-    return dataclasses.field(metadata={"help": text}, **kw)
-
-
-@dataclasses.dataclass
-class DALConfig:
-    """A distributional-alignment run; YAML keys and CLI flags share the names (dashes for underscores)."""
-
-    # model
-    model: str = _help("base model: a checkpoint, a diffusers folder, 'toyworld' or 'tiny:<family>'", default="")
-    family: str = _help("model family: auto, sd15, sd2, sdxl", default="auto")
-    model_config_dir: str | None = _help("diffusers config folder for a single-file checkpoint", default=None)
-    prediction_type: str | None = _help("override the prediction type: epsilon or v_prediction", default=None)
-    # prompts and target
-    prompts: list = _help("neutral training prompts (or use prompts_file)", default_factory=list)
-    prompts_file: str | None = _help("text file with one neutral training prompt per line", default=None)
-    target: dict = _help(
-        "target distribution: {axis: [p_1, ..., p_K] or {class: p}} (independent axes), or "
-        "{joint: {axes: [a, b], probs: {'c1|c2': p, ...}}}; axes and classes are the classifier's",
-        default_factory=dict,
-    )
-    prompt_targets: dict = _help(
-        "prompts with their own target, merged per axis over `target`, e.g. {'a photo of a female doctor': "
-        "{gender: [1, 0]}}: identity-specific prompts that must keep their identity while neutral prompts are "
-        "aligned (they join the training prompts)",
-        default_factory=dict,
-    )
-    neutral_share: float = _help(
-        "with prompt_targets: the probability that a step's prompt is drawn from the neutral prompts", default=0.5
-    )
-    threshold: float = _help("confidence threshold C of the dynamic targets, in (0, 1]", default=0.8)
-    ot_method: str = _help(f"expected-OT method: {', '.join(METHODS)}", default="exact")
-    ot_mode: str = _help(f"several axes: {', '.join(MODES)}", default="per_axis")
-    ot_draws: int = _help("target draws of the monte_carlo / fast methods", default=256)
-    # classifier
-    classifier: str = _help("attribute classifier (registry name; must be differentiable), e.g. toy, fairface",
-                            default="toy")  # fmt: skip
-    classifier_weights: str | None = _help("classifier weights (file or folder; default: the backend's)", default=None)
-    classifier_options: dict = _help("extra classifier options, e.g. {which: train} for toy", default_factory=dict)
-    detector: str | None = _help("face detector for non-toy classifiers (registry name; none = whole image)",
-                                 default=None)  # fmt: skip
-    # semantics and face realism
-    embedders: list = _help("image-embedding providers of L_img (e.g. [clip, dinov2]; [] = no L_img)",
-                            default_factory=lambda: ["toy"])  # fmt: skip
-    embedder_weights: dict = _help("weights per embedder name (file or folder)", default_factory=dict)
-    lambda_img1: float = _help("L_img weight where the target agrees with the original's class", default=8.0)
-    lambda_img2: float = _help("L_img weight outside the face where it does not (patent: 0.2 x lambda_img1)",
-                               default=1.6)  # fmt: skip
-    lambda_img3: float = _help("L_img weight inside the face box where it does not (patent: 0.2 x lambda_img2)",
-                               default=0.32)  # fmt: skip
-    lambda_face: float = _help("weight of the face-realism loss (0 = off)", default=1.0)
-    face_embedder: str | None = _help("embedder of L_face (default: the first of `embedders`)", default=None)
-    face_bank: str | None = _help("folder of real face images (embeddings cached), or 'toy' (the toy world's bank)",
-                                  default=None)  # fmt: skip
-    face_own_threshold: float = _help(
-        "use the original's own face as the L_face reference when it already has the target class with at least "
-        "this confidence",
-        default=0.9,
-    )
-    # sampler (DFT)
-    sampler_steps: int = _help("DFT sampling steps (DPM-Solver++ ~20)", default=20)
-    guidance_scale: float = _help("classifier-free guidance of the DFT sampler", default=7.5)
-    scheduler: str = _help("DFT scheduler (deterministic)", default="dpmpp_2m")
-    gradient: str = _help(f"gradient through the sampler: {', '.join(GRADIENTS)}", default="a1")
-    checkpointing: bool = _help("gradient checkpointing of the UNet calls and the VAE decoder", default=True)
-    resolution: int | None = _help("image side in pixels (default: the model's native size)", default=None)
-    # what is trained
-    train: str = _help(f"what is trained: {', '.join(TRAIN_TARGETS)}", default="text_encoder")
-    lora_rank: int = _help("LoRA rank (patent: 50)", default=50)
-    lora_alpha: float | None = _help("LoRA alpha (default: the rank)", default=None)
-    unet_targets: list = _help(
-        "UNet modules with a LoRA", default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
-    )
-    text_encoder_targets: list = _help(
-        "text-encoder modules with a LoRA",
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    )
-    prefix_tokens: int = _help("soft prefix length (train: prefix)", default=5)
-    prefix_token: str = _help("placeholder token of the soft prefix", default="<popalign>")
-    prefix_init: str = _help("text whose token embeddings initialise the prefix", default="person")
-    # optimisation
-    steps: int = _help("optimiser steps", default=100)
-    images_per_prompt: int = _help("N: images per prompt and step (the OT batch)", default=8)
-    prompts_per_step: int = _help("prompts per step (each gets its own OT batch)", default=1)
-    micro_batch: int = _help("images generated with gradient at once (0 = all of a prompt's N)", default=0)
-    lr: float = _help("learning rate (patent: 5e-5, AdamW)", default=5e-5)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    max_grad_norm: float = _help("gradient clipping norm (0 = off)", default=1.0)
-    seed: int = _help("seed: LoRA init, prompt order, noise, OT tie-breaking", default=0)
-    # output
-    output_dir: str = _help("output folder", default="runs/dal")
-    lora_name: str = _help("file name stem of the saved LoRA / embedding", default="popalign_dal")
-    lora_formats: list = _help("LoRA layouts: kohya, diffusers", default_factory=lambda: ["kohya", "diffusers"])
-    checkpoint_every: int = _help("steps between resumable checkpoints (0 = only at the end)", default=25)
-    keep_checkpoints: int = _help("recent checkpoints kept", default=2)
-    resume: str | None = _help("'auto', a checkpoint folder, or none", default="auto")
-    progress: bool = _help("show a progress bar", default=True)
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> DALConfig:
-        from popalign_core.classify.classifiers import CLASSIFIERS
-
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
-
-        coerce_numbers(self)
-        check_containers(self)
-        coerce_strings(self)
-
-        def num(name, lo=None, hi=None, lo_open=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-            if lo is not None and (v <= lo if lo_open else v < lo):
-                bad(name, f"must be {'>' if lo_open else '>='} {lo}")
-            if hi is not None and v > hi:
-                bad(name, f"must be <= {hi}")
-
-        def integer(name, lo):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                bad(name, f"must be an integer >= {lo}")
-
-        if self.train not in TRAIN_TARGETS:
-            bad("train", f"valid values: {', '.join(TRAIN_TARGETS)}")
-        if self.family not in ("auto", "sd15", "sd2", "sdxl"):
-            bad("family", "valid values: auto, sd15, sd2, sdxl")
-        if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            bad("prediction_type", "valid values: epsilon, v_prediction")
-        if self.classifier not in CLASSIFIERS:
-            bad("classifier", f"valid values: {', '.join(CLASSIFIERS)}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
-            bad("threshold", "expected a confidence threshold C in (0, 1]")
-        if not 0 < float(self.threshold) <= 1:
-            bad("threshold", "expected a confidence threshold C in (0, 1]")
-        if self.ot_method not in METHODS:
-            bad("ot_method", f"valid values: {', '.join(METHODS)}")
-        if self.ot_mode not in MODES:
-            bad("ot_mode", f"valid values: {', '.join(MODES)}")
-        if self.gradient not in GRADIENTS:
-            bad("gradient", f"valid values: {', '.join(GRADIENTS)}")
-        for name in ("lambda_img1", "lambda_img2", "lambda_img3", "lambda_face", "weight_decay", "max_grad_norm"):
-            num(name, lo=0)
-        num("lr", lo=0, lo_open=True)
-        num("face_own_threshold", lo=0, hi=1)
-        num("neutral_share", lo=0, hi=1)
-        if not isinstance(self.prompt_targets, dict) or not all(
-            isinstance(k, str) and k.strip() and isinstance(v, dict) for k, v in self.prompt_targets.items()
-        ):
-            bad("prompt_targets", "expected a mapping {prompt: {axis: probabilities}}")
-        num("guidance_scale", lo=0)
-        for name in ("steps", "images_per_prompt", "prompts_per_step", "lora_rank", "prefix_tokens", "ot_draws",
-                     "sampler_steps"):  # fmt: skip
-            integer(name, 1)
-        for name in ("micro_batch", "checkpoint_every", "keep_checkpoints", "seed"):
-            integer(name, 0)
-        if not isinstance(self.target, dict) or not self.target:
-            bad("target", "expected a non-empty mapping (see the help of `target`)")
-        if not isinstance(self.embedders, list):
-            bad("embedders", "expected a list of embedder names")
-        if not isinstance(self.classifier_options, dict) or not isinstance(self.embedder_weights, dict):
-            raise ValueError("classifier_options and embedder_weights must be mappings")
-        fmts = list(self.lora_formats)
-        if not fmts or any(f not in LORA_FORMAT_CHOICES for f in fmts):
-            bad("lora_formats", f"a non-empty list of: {', '.join(LORA_FORMAT_CHOICES)}")
-        check_name(self.lora_name, "lora_name")
-        if self.lambda_face > 0 and self.face_bank is None:
-            bad("face_bank", "lambda_face > 0 needs a face bank folder (or 'toy'); set lambda_face: 0 to disable")
-        DFTConfig(steps=self.sampler_steps, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
-                  gradient=self.gradient, checkpointing=self.checkpointing)  # fmt: skip
-        return self
-
-    def dft(self) -> DFTConfig:
-        return DFTConfig(
-            steps=self.sampler_steps,
-            guidance_scale=self.guidance_scale,
-            scheduler=self.scheduler,
-            gradient=self.gradient,
-            checkpointing=self.checkpointing,
-            height=self.resolution,
-            width=self.resolution,
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        return config_fingerprint(self.to_dict())
-
-    @classmethod
-    def fields_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
-def load_dal_config(path: str | os.PathLike | None = None, **overrides) -> DALConfig:
-    """A DALConfig from a YAML file (optional) and keyword overrides; unknown keys are errors. `prompts_file` and
-    `face_bank` written relative in the file are relative to the file."""
-    return load_yaml_config(DALConfig, path, overrides, relative_keys=("prompts_file", "face_bank"))
-
-
-# ------------------------------------------------------------------------------------------------ targets
-def build_target(spec: dict, axes: dict[str, tuple[str, ...]]):
-    """An `attributes.Target` over the classifier's `axes` from the config's `target` (see DALConfig.target)."""
-    from popalign_core.common import attributes as A
-
-    def axis(name):
-        if name not in axes:
-            raise ValueError(f"target: axis {name!r} is not an axis of the classifier; valid axes: {list(axes)}")
-        return A.Axis(name, "classifier", tuple(axes[name]))
-
-    if "joint" in spec:
-        j = spec["joint"]
-        if set(spec) != {"joint"} or not isinstance(j, dict) or set(j) != {"axes", "probs"}:
-            raise ValueError("target: a joint target is {joint: {axes: [...], probs: ...}} and nothing else")
-        return A.joint([axis(a) for a in j["axes"]], j["probs"])
-    return A.per_axis({axis(a): v for a, v in spec.items()})
 
 
 # ------------------------------------------------------------------------------------------------ face model
@@ -374,19 +142,19 @@ class _GradMask(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-class DALTrainer(Trainer):
-    """Runs one DAL job (module docstring). Reuses the LoRA trainer's checkpoint and metrics files."""
+class DALTrainer(TrainerBase):
+    """Runs one DAL job (module docstring) on the trainer skeleton (`train.loop.TrainerBase`: output folder,
+    checkpoints, metrics, the run loop)."""
+
+    COMMAND = "dal"  # the same files as the LoRA trainer (the embedding of train=prefix is <lora_name>.safetensors)
 
     def __init__(self, cfg: DALConfig, log=None, on_step=None, adapter=None):
-        self.cfg = cfg.validate()
-        self._given_adapter = adapter  # an already loaded model (ComfyUI's); it stays on its own device
-        if not str(cfg.output_dir).strip():
-            raise ValueError("output_dir is empty: name the run's folder (an empty path would mean the current one)")
-        self.out = Path(cfg.output_dir)
-        self.dist = _Dist("no")
-        self.log = log or (lambda m: print(m, file=sys.stderr))
-        self.on_step = on_step  # on_step(step, total, metrics): an exception it raises cancels (checkpoint kept)
         self.prefix = None
+        super().__init__(cfg, log=log, adapter=adapter, on_step=on_step)
+
+    def _summary_facts(self, rows: list[dict]) -> dict:
+        skipped = sum(int(r.get("skipped_groups", 0)) for r in rows)
+        return {"method": "dal", "train": self.cfg.train, "skipped_groups": skipped}
 
     # ---------------------------------------------------------------------------------------- setup
     def _prompts(self) -> list[str]:
@@ -403,8 +171,6 @@ class DALTrainer(Trainer):
         return prompts
 
     def _setup_classifier(self):
-        from popalign_core.classify.classifiers import make_classifier
-
         cfg = self.cfg
         opts = dict(cfg.classifier_options)
         if cfg.classifier == "toy":
@@ -444,7 +210,6 @@ class DALTrainer(Trainer):
         face_name = cfg.face_embedder or (names[0] if names else None)
         if cfg.lambda_face > 0 and face_name is None:
             raise ValueError("face_embedder: lambda_face > 0 needs an embedder (set face_embedder or embedders)")
-        from popalign_core.dal.embedders import FaceBank, make_embedder
 
         for name in dict.fromkeys([*names, *([face_name] if cfg.lambda_face > 0 else [])]):
             w = cfg.embedder_weights.get(name)
@@ -467,13 +232,8 @@ class DALTrainer(Trainer):
                 self.bank = FaceBank.from_folder(cfg.face_bank, emb).to(self.dist.device)
 
     def _setup_model(self):
-        from popalign_core.lora.files import LoraSpec, add_lora
-
         cfg = self.cfg
-        self.adapter = adapter = self._given_adapter or load_training_model(cfg)
-        if self._given_adapter is None:
-            for m in [adapter.unet, adapter.vae, *adapter.text_encoders]:
-                m.to(self.dist.device)
+        adapter = self._load_adapter()
         adapter.unet.requires_grad_(False)
         adapter.vae.requires_grad_(False)
         for te in adapter.text_encoders:
@@ -484,7 +244,7 @@ class DALTrainer(Trainer):
 
             self.prefix = SoftPrefix.attach(adapter, n_tokens=cfg.prefix_tokens, token=cfg.prefix_token,
                                             init_text=cfg.prefix_init)  # fmt: skip
-            self.params = list(self.prefix.parameters())
+            params = list(self.prefix.parameters())
         else:
             spec = LoraSpec(
                 rank=cfg.lora_rank,
@@ -495,12 +255,8 @@ class DALTrainer(Trainer):
                 else None,
             )
             add_lora(adapter, spec)
-            self.params = [p for p in adapter.trainable_parameters() if p.requires_grad]
-        self.param_names = [
-            f"{rn}.{k}" for rn, r in self._roots() for k, p in r.named_parameters() if p.requires_grad
-        ]  # fmt: skip
-        if not self.params:
-            raise TrainingError("no trainable parameter: check unet_targets / text_encoder_targets")
+            params = [p for p in adapter.trainable_parameters() if p.requires_grad]
+        self._set_trainable(params)
 
     def _roots(self):
         if self.prefix is not None:
@@ -516,8 +272,6 @@ class DALTrainer(Trainer):
         return self.prefix.apply(prompts) if self.prefix is not None else prompts
 
     def _noise(self, step: int, prompt: str, n: int) -> torch.Tensor:
-        from popalign_core.models.sampling import SamplerConfig, initial_noise
-
         sc = SamplerConfig(seed=self.cfg.seed, height=self.cfg.resolution, width=self.cfg.resolution)
         return initial_noise(self.adapter, [(f"{prompt}\n#dal-step {step}", k) for k in range(n)], sc)
 
@@ -537,8 +291,6 @@ class DALTrainer(Trainer):
         """Originals, targets and weights of one prompt's N images. keep_graph: generate the current images with
         gradient once and keep them for the loss (one micro-batch per prompt); else without gradient (the loss
         regenerates them in micro-batches)."""
-        from popalign_core.dal.dft import generate
-        from popalign_core.dal.loss import dal_targets
 
         cfg, n = self.cfg, self.cfg.images_per_prompt
         noise = self._noise(step, prompt, n)
@@ -584,8 +336,6 @@ class DALTrainer(Trainer):
         }  # fmt: skip
 
     def _micro_loss(self, grp: dict, rows: np.ndarray, n_total: int, n_faces: int) -> tuple[torch.Tensor, dict]:
-        from popalign_core.dal.dft import generate
-
         cfg = self.cfg
         if grp["x"] is not None and len(rows) == grp["n"]:
             x = grp["x"]  # generated with gradient in `_group` (one micro-batch per prompt)
@@ -692,14 +442,7 @@ class DALTrainer(Trainer):
         row, live = self._accumulate(step)
         if not live and not row.get("faces"):
             return row  # no face in the whole step (every process): no update
-        if self.dist.world > 1:  # sum of the processes' shares (global normalisers: no division)
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
-            flat = self.dist.sum(flat.float().cpu())
-            off = 0
-            for p in self.params:
-                n = p.numel()
-                p.grad = flat[off : off + n].view_as(p).to(p.device, p.dtype)
-                off += n
+        self._all_reduce_grads(mean=False)  # the sum of the processes' shares (global normalisers: no division)
         grad_norm = 0.0
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
@@ -711,7 +454,6 @@ class DALTrainer(Trainer):
 
     def setup(self) -> DALTrainer:
         """Everything before the first step (also used by tests and the acceptance run to inspect gradients)."""
-        from popalign_core.lora.files import model_hash
 
         cfg = self.cfg
         self.prompts = self._prompts()
@@ -725,8 +467,6 @@ class DALTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------- outputs
     def _save_outputs(self, step: int) -> dict[str, str]:
-        from popalign_core.lora.files import lora_metadata, save_lora_formats
-
         cfg = self.cfg
         if self.prefix is not None:
             path = self.out / f"{cfg.lora_name}.safetensors"
@@ -746,21 +486,13 @@ class DALTrainer(Trainer):
             data_hash=hashlib.sha256("\n".join(self.prompts).encode()).hexdigest(),
             popalign_step=str(step),
         )
-        targets = {
-            fmt: self.out / (f"{cfg.lora_name}.safetensors" if fmt == "kohya" else f"{cfg.lora_name}_diffusers")
-            for fmt in cfg.lora_formats
-        }
-        return save_lora_formats(self.adapter, targets, metadata=meta)  # every layout from the same step, as one
+        return self._save_lora(meta)
 
     def _plot(self, rows: list[dict]) -> None:
-        if not rows:
-            return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from popalign_core.common.fileio import atomic_path
 
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
         steps = [r["step"] for r in rows]
@@ -777,50 +509,6 @@ class DALTrainer(Trainer):
         with atomic_path(self.out / "loss_curve.png") as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
-
-    # ---------------------------------------------------------------------------------------- run
-    COMMAND = "dal"  # the same files as the LoRA trainer (the embedding of train=prefix is <lora_name>.safetensors)
-
-    def run(self) -> dict:
-        cfg = self.cfg
-        t0 = time.time()
-        self._claim_output()
-        self.setup()
-        start, rows, bar = self._begin("dal", "dal")
-        step = start
-        skipped = sum(int(r.get("skipped_groups", 0)) for r in rows)
-        try:
-            for step in range(start + 1, cfg.steps + 1):
-                ts = time.time()
-                row = {"step": step, **self._train_step(step), "lr": cfg.lr, "step_seconds": time.time() - ts}
-                skipped += int(row["skipped_groups"])
-                self._record(step, row, rows, bar)
-        except BaseException as exc:
-            self._on_stop(exc, rows, start)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        self._save_checkpoint(step)
-        written = self._save_outputs(step) if self.dist.main else {}
-        if self.dist.main:
-            self._plot(rows)
-        self.dist.barrier()
-        summary = {
-            "steps": step,
-            "resumed_from": start,
-            "method": "dal",
-            "train": cfg.train,
-            "first_loss": rows[0].get("loss") if rows else None,
-            "last_loss": rows[-1].get("loss") if rows else None,
-            "skipped_groups": skipped,
-            "outputs": written,
-            "seconds": round(time.time() - t0, 2),
-            "processes": self.dist.world,
-        }
-        if self.dist.main:
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
-        return summary
 
 
 def run_dal(cfg: DALConfig | None = None, log=None, on_step=None, adapter=None, **overrides) -> dict:
@@ -840,18 +528,9 @@ def build_parser():
     )
     ap.add_argument("--config", help="YAML file with DALConfig keys (flags override it)")
     ap.add_argument("--targets", help="the target as inline JSON or a .json file (same as --target)")
-    import typing
-
-    hints = typing.get_type_hints(DALConfig)
-    for f in dataclasses.fields(DALConfig):
-        flag = "--" + f.name.replace("_", "-")
-        choices = {"train": list(TRAIN_TARGETS), "gradient": list(GRADIENTS), "ot_method": list(METHODS),
-                   "ot_mode": list(MODES)}.get(f.name)  # fmt: skip
-        if choices:
-            ap.add_argument(flag, choices=choices, default=None, help=f.metadata.get("help", ""))
-        else:
-            ap.add_argument(flag, type=flag_type(hints[f.name]), default=None, metavar="VALUE",
-                            help=f.metadata.get("help", ""))  # fmt: skip
+    choices = {"train": list(TRAIN_TARGETS), "gradient": list(GRADIENTS), "ot_method": list(METHODS),
+               "ot_mode": list(MODES)}  # fmt: skip
+    DALConfig.add_arguments(ap, choices=choices)
     return ap
 
 

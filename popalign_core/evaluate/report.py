@@ -81,6 +81,31 @@ def plot_shares(audit: dict, axis: str, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_batch_shares(metrics: dict) -> bytes:
+    """PNG of the Bias Metrics node's chart: the class shares of each prompt group side by side per class, and the
+    target as dashed outlined bars (`evaluate.batch.batch_metrics`'s dict); the title carries the mean discrepancy."""
+    plt = _plt()
+    groups, classes, target = list(metrics["per_prompt_shares"].items()), metrics["classes"], metrics["target"]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    n = max(1, len(groups))
+    width = 0.8 / (n + 1)
+    x = np.arange(len(classes))
+    for i, (prompt, shares) in enumerate(groups):
+        ax.bar(x + i * width, shares, width, label=prompt[:40])
+    ax.bar(x + n * width, target, width, color="none", edgecolor="black", linestyle="--", label="target")
+    ax.set_xticks(x + 0.4 - width / 2, classes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of images")
+    value = metrics["discrepancy"]["mean_over_prompts"].get("value")
+    ax.set_title(f"{metrics['label']}: {metrics['axis']} shares (discrepancy {_fmt(value)})")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def plot_discrepancy(audit: dict, path: Path) -> None:
     """Per-prompt discrepancy with CI whiskers and the floor, one panel per axis (mean over prompts last)."""
     plt = _plt()

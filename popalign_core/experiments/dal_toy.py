@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from popalign_core.common.fileio import atomic_write_text, claim_output_dir
 from popalign_core.common.userinput import ArgumentParser, command, read_yaml
+from popalign_core.dal.trainer import DALConfig, load_dal_config, run_dal
+from popalign_core.experiments.demo import evaluate, train_roles
+from popalign_core.models.loading import load_model
+from popalign_core.toyworld.classifier import ToyClassifier
+from popalign_core.toyworld.world import TOY_AXES, caption
+from popalign_core.train.trainer import train_outputs
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -76,9 +83,6 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 #: What `popalign dal-toy` writes in its output folder (`fileio.claim_output_dir`).
 def _outputs() -> dict:
-    from popalign_core.dal.trainer import DALConfig
-    from popalign_core.train.trainer import train_outputs
-
     name = DALConfig.__dataclass_fields__["lora_name"].default
     return {"eval_base.json": None, "results.json": None, "dal": train_outputs(name)}
 
@@ -99,7 +103,6 @@ def tv_floor(target: np.ndarray, n: int, rng: np.random.Generator, draws: int = 
 
 def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, list[float]], seed: int) -> dict:
     """Per axis: per-role shares and errors, their mean over roles, and the finite-sample floor."""
-    from popalign_core.toyworld.world import TOY_AXES
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -119,16 +122,8 @@ def target_errors(labels: dict[str, dict[str, np.ndarray]], target: dict[str, li
 
 
 def run(out: str | Path, config: dict | None = None, log=print) -> dict:
-    from popalign_core.common.fileio import atomic_write_text, claim_output_dir
-    from popalign_core.dal.trainer import load_dal_config, run_dal
-    from popalign_core.experiments.demo import evaluate, train_roles
-    from popalign_core.models.loading import load_model
-    from popalign_core.toyworld.classifier import ToyClassifier
-    from popalign_core.toyworld.world import caption
-
     cfg = config or DEFAULTS
     out = Path(out)
-    from popalign_core.toyworld.world import TOY_AXES
 
     # everything is validated before any work: the eval sizes, the identity prompts and the DAL config
     for k in ("n_per_role", "n_per_identity", "n_per_concept", "steps"):

@@ -35,6 +35,22 @@ import numpy as np
 
 from popalign_core.common.fileio import atomic_write_text
 from popalign_core.common.userinput import ArgumentParser, command
+from popalign_core.experiments import dal_toy
+from popalign_core.experiments.dal_toy import target_errors
+from popalign_core.experiments.demo import build_data, train_method
+from popalign_core.experiments.demo_config import load_demo_config, train_roles
+from popalign_core.experiments.demo_measure import (
+    _mean_disc,
+    bootstrap,
+    evaluate,
+    neutral_labels,
+    validation,
+    validation_roles_bias,
+)
+from popalign_core.lora.files import load_lora
+from popalign_core.models.loading import load_model
+from popalign_core.toyworld.classifier import ToyClassifier
+from popalign_core.toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES, caption
 
 #: the 34 training roles in the order the `roles` factor adds them (nested subsets: the first k): a seeded
 #: permutation (NumPy default_rng(0), the first whose first 4 roles hold strong skews in both directions on `form`
@@ -68,7 +84,6 @@ def _merge(a: dict, b: dict) -> dict:
 
 def _roles(k: int) -> dict:
     """The first `k` roles of `ROLE_ORDER`, listed in the world's order (so all 34 are the demo's `all`)."""
-    from popalign_core.toyworld.world import TRAIN_ROLES
 
     return {"data": {"train_roles": [r for r in TRAIN_ROLES if r in ROLE_ORDER[:k]]}}
 
@@ -129,7 +144,6 @@ DAL_STUDY: list[tuple[str, dict]] = [
 def row_config(overrides: dict, quick: bool = False) -> dict:
     """The demo config of a row: configs/demo.yaml (with its `quick` sizes if `quick`) with `overrides` merged,
     validated like a user's --config."""
-    from popalign_core.experiments.demo import load_demo_config
 
     return load_demo_config(quick=quick, **overrides)
 
@@ -141,7 +155,6 @@ def _key(obj: Any) -> str:
 def row_key(cfg: dict) -> str:
     """A row's name on disk: the hash of the parts of its config that change its numbers, with `data.train_roles`
     spelled out (``all`` = the list); the demo's reference times and its every-stage audit sizes do not count."""
-    from popalign_core.experiments.demo import train_roles
 
     eval_ = {k: v for k, v in cfg["eval"].items() if k != "every_stage"}
     return _key({**{k: v for k, v in cfg.items() if k != "budgets"}, "eval": eval_,
@@ -149,8 +162,6 @@ def row_key(cfg: dict) -> str:
 
 
 def _data_key(cfg: dict) -> str:
-    from popalign_core.experiments.demo import train_roles
-
     return _key({"seed": cfg["seed"], "roles": train_roles(cfg), **{k: v for k, v in cfg["data"].items()
                                                                      if k != "train_roles"}})  # fmt: skip
 
@@ -166,7 +177,6 @@ def _labels_np(labels: dict) -> dict:
 def in_distribution(adapter, cfg: dict, clf) -> dict:
     """Mean discrepancy over the row's training roles (neutral prompts, audit sampler, `IN_DIST_N` per role, seed
     `IN_DIST_SEED` + seed), evaluation classifier. Returns the labels and the mean."""
-    from popalign_core.experiments.demo import _mean_disc, neutral_labels, train_roles
 
     per = neutral_labels(adapter, cfg, train_roles(cfg), IN_DIST_N, cfg["seed"] + IN_DIST_SEED, clf)
     return {"labels": per, "mean": _mean_disc(per)}
@@ -178,8 +188,6 @@ def _in_dist_json(adapter, cfg: dict, clf) -> dict:
 
 
 def _target_errors(d: dict, target: dict, seed: int) -> dict:
-    from popalign_core.experiments.dal_toy import target_errors
-
     return {a: v["mean"] for a, v in target_errors(d["labels"], target, seed).items()}
 
 
@@ -200,18 +208,6 @@ def _held_out_json(e: dict) -> dict:
 def run_row(study: str, label: str, overrides: dict, out: Path, log=print, quick: bool = False) -> dict:
     """One PopAlign row (module docstring); its result is written to out/rows/<key>.json and returned. `quick`: the
     demo's smoke sizes (numbers meaningless; for tests)."""
-    from popalign_core.experiments.demo import (
-        bootstrap,
-        build_data,
-        evaluate,
-        train_method,
-        train_roles,
-        validation,
-        validation_roles_bias,
-    )
-    from popalign_core.lora.files import load_lora
-    from popalign_core.models.loading import load_model
-    from popalign_core.toyworld.classifier import ToyClassifier
 
     cfg = row_config(overrides, quick)
     key = row_key(cfg)
@@ -285,7 +281,6 @@ def run_row(study: str, label: str, overrides: dict, out: Path, log=print, quick
 
 def run_dal_row(label: str, overrides: dict, out: Path, log=print, quick: bool = False) -> dict:
     """One DAL row: `popalign dal-toy` with `overrides`, into out/dal/<key>/ (its results.json is the row)."""
-    from popalign_core.experiments import dal_toy
 
     cfg = dal_toy._merge(dal_toy._merge(dal_toy.DEFAULTS, dal_toy.QUICK) if quick else dal_toy.DEFAULTS, overrides)
     key = _key(cfg)
@@ -295,9 +290,6 @@ def run_dal_row(label: str, overrides: dict, out: Path, log=print, quick: bool =
     else:
         res = dal_toy.run(d, cfg, log=log)
     # in-distribution beside held-out: the same target errors on the training roles (audit sampler, own seeds)
-    from popalign_core.lora.files import load_lora
-    from popalign_core.models.loading import load_model
-    from popalign_core.toyworld.classifier import ToyClassifier
 
     roles = res["settings"]["train_roles"]
     icfg = row_config({"data": {"train_roles": list(roles)}}, quick)
@@ -347,8 +339,6 @@ def role_codes(adapter, roles) -> np.ndarray:
     (through causal attention that position sees the whole caption; the UNet's cross-attention reads it)."""
     import torch
 
-    from popalign_core.toyworld.world import caption
-
     prompts = [caption(r) for r in roles]
     tok = adapter.tokenizers[0]
     with torch.no_grad():
@@ -366,8 +356,6 @@ def code_span(adapter=None) -> dict:
     of the centred codes of S (0: inside the span, 1: orthogonal to it). Also the mean pairwise cosine of the
     centred codes. A LoRA that learns a correction as a function of the training roles' codes acts on a held-out
     role only through the part of its code inside that span."""
-    from popalign_core.models.loading import load_model
-    from popalign_core.toyworld.world import HELD_OUT_ROLES, ROLE_NAMES, TRAIN_ROLES
 
     adapter = adapter or load_model("toyworld")
     codes = dict(zip(ROLE_NAMES, role_codes(adapter, ROLE_NAMES)))

@@ -47,8 +47,15 @@ from pathlib import Path
 
 import torch
 
-from popalign_core.common.fileio import atomic_write_text, check_replaceable, claim_output_dir, png_software
+from popalign_core.common.fileio import (
+    atomic_path,
+    atomic_write_text,
+    check_replaceable,
+    claim_output_dir,
+    png_software,
+)
 from popalign_core.common.userinput import ArgumentParser, command, integer, number
+from popalign_core.train.losses import LossInputs, compute_loss
 
 #: What `popalign mog` writes in its --out folder (`fileio.claim_output_dir`).
 MOG_OUTPUTS = {"result_*.json": None, "mog_*.png": None}
@@ -221,8 +228,6 @@ def _check_args(loss: str, anchor_weight: float, steps: int, lr: float, batch_si
 
 
 def _loss_fn(loss: str, beta: float, alpha: float, anchor_weight: float):
-    from popalign_core.train.losses import LossInputs, compute_loss
-
     kwargs: dict = {}
     if loss == "popalign":
         kwargs.update(beta=beta, alpha=alpha)
@@ -470,7 +475,6 @@ def plot_result(result: dict, data: MoGData, path: str | Path, title: str | None
     default_title = f"{cfg['loss']}{anchor} ({beta}lr {cfg['lr']:g}, seed {cfg['seed']}): final w = [{w}]"
     fig.suptitle(title or default_title, fontsize=10)
     fig.tight_layout()
-    from popalign_core.common.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=72, format="png", metadata={"Software": "popalign mog"})

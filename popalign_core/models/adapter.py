@@ -17,6 +17,12 @@ FAMILIES = ("sd15", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def check_family(family: str) -> None:
+    """ValueError naming the valid values unless `family` is one of `FAMILIES`."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not supported; valid values: {', '.join(FAMILIES)}")
+
+
 @dataclass
 class Conditioning:
     """Text conditioning for a batch.

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from popalign_core.models.adapter import FAMILIES, PREDICTION_TYPES, Conditioning
+from popalign_core.models.adapter import PREDICTION_TYPES, Conditioning, check_family
 
 
 def _peft_layers(modules) -> Iterator[torch.nn.Module]:
@@ -45,8 +45,7 @@ class DiffusersAdapter:
         reference_unet=None,
         force_zeros_for_empty_prompt: bool | None = None,
     ):
-        if family not in FAMILIES:
-            raise ValueError(f"family={family!r} is not supported; valid values: {', '.join(FAMILIES)}")
+        check_family(family)
         want = 2 if family == "sdxl" else 1
         if len(text_encoders) != want or len(tokenizers) != want:
             raise ValueError(

@@ -29,8 +29,11 @@ from pathlib import Path
 
 import torch
 
+from popalign_core.common.fileio import read_safetensors, safetensors_keys
 from popalign_core.common.userinput import check_device
 from popalign_core.models.adapter import FAMILIES, PREDICTION_TYPES
+from popalign_core.models.diffusers_adapter import DiffusersAdapter
+from popalign_core.models.tokenizers import clip_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -135,8 +138,6 @@ def _override_prediction_type(scheduler, prediction_type: str | None):
 
 
 def _tokenizers(family: str) -> dict:
-    from popalign_core.models.tokenizers import clip_tokenizer
-
     if family == "sd15":
         return {"tokenizer": clip_tokenizer("clip")}
     if family == "sd2":
@@ -215,14 +216,10 @@ _DAMAGED_HINT = (
 
 # ------------------------------------------------------------------------------------------------------ single file
 def _safetensors_keys(path: Path) -> list[str]:
-    from popalign_core.common.fileio import safetensors_keys
-
     return safetensors_keys(path, "checkpoint", _DAMAGED_HINT)[0]
 
 
 def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    from popalign_core.common.fileio import read_safetensors
-
     return read_safetensors(path, "checkpoint", _DAMAGED_HINT, keys=lambda k: k.startswith(prefixes))[0]
 
 
@@ -318,7 +315,6 @@ def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, 
         library = (index.get(name) or ["diffusers"])[0]
         variants.add(_component_weights(root, name, library))
     variant = "fp16" if variants == {"fp16"} else None
-    from popalign_core.common.fileio import safetensors_keys
 
     for name in names:  # a damaged weight file is named before diffusers reads it
         for f in sorted((root / name).glob("*.safetensors")):
@@ -450,7 +446,6 @@ def load_model(
     Raises FileNotFoundError (missing path or config/component file, naming it), ValueError (bad argument, pickle
     file, unknown layout).
     """
-    from popalign_core.models.diffusers_adapter import DiffusersAdapter
 
     pipe, family = load_pipeline(
         path, family=family, prediction_type=prediction_type, dtype=dtype, device=device, config_dir=config_dir

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 from popalign_core.models.adapter import Conditioning
 
@@ -166,10 +167,6 @@ def build_scheduler(name: str, train_config: Mapping[str, Any]):
 
 # ---------------------------------------------------------------------------------------------------- config
 OUTPUTS = ("tensor", "latents")
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

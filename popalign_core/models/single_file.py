@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from popalign_core.models.adapter import FAMILIES
+from popalign_core.common.fileio import atomic_path
+from popalign_core.models.adapter import check_family
 from popalign_core.models.loading import DTYPES
 
 UNET_PREFIX = "model.diffusion_model."
@@ -77,11 +78,6 @@ _OPENCLIP_LAYER = {
     "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not supported; valid values: {', '.join(FAMILIES)}")
 
 
 def _state_dict(module_or_sd) -> dict[str, torch.Tensor]:
@@ -354,7 +350,7 @@ def to_original_state_dict(components: Mapping, family: str) -> dict[str, torch.
     Tensors are shared with the models where no reshaping is needed (no copy); see the module docstring for the
     SD2 text-encoder choices.
     """
-    _check_family(family)
+    check_family(family)
     missing = [name for name in _required(family) if components.get(name) is None]
     if missing:
         raise ValueError(f"components: missing {', '.join(missing)} (needed for family {family!r})")
@@ -388,7 +384,7 @@ def save_single_file(
     The file is written atomically: to a temporary file in the same folder, then moved over `path` with
     `os.replace`, so a reader never sees a half-written checkpoint.
     """
-    _check_family(family)
+    check_family(family)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; valid values: {', '.join(DTYPES)}")
     path = Path(path)
@@ -406,7 +402,6 @@ def save_single_file(
         tensors[key] = value.to("cpu").contiguous()
     meta = {"format": "pt", "popalign.family": family}
     meta.update(metadata or {})
-    from popalign_core.common.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from popalign_core.models.adapter import FAMILIES
+from popalign_core.models.adapter import check_family
+from popalign_core.models.diffusers_adapter import DiffusersAdapter
+from popalign_core.models.tokenizers import clip_tokenizer
 
 TINY_IMAGE_SIZE = 32
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not supported; valid values: {', '.join(FAMILIES)}")
 
 
 def tiny_text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = 32, projection_dim: int = 32):
@@ -38,7 +35,7 @@ def tiny_text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = 
 
 
 def tiny_unet_config(family: str) -> dict:
-    _check_family(family)
+    check_family(family)
     base = dict(
         sample_size=TINY_IMAGE_SIZE // 2,
         in_channels=4,
@@ -92,7 +89,7 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_scheduler_config(family: str) -> dict:
-    _check_family(family)
+    check_family(family)
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -110,11 +107,9 @@ def get_dummy_components(family: str = "sd15", seed: int = 0) -> dict:
 
     Keys: unet, vae, text_encoder[, text_encoder_2], tokenizer[, tokenizer_2], scheduler.
     """
-    _check_family(family)
+    check_family(family)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from popalign_core.models.tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(family))
@@ -152,8 +147,6 @@ def get_dummy_pipeline(family: str = "sd15", seed: int = 0):
 def get_dummy_adapter(family: str = "sd15", seed: int = 0):
     """A `DiffusersAdapter` over the tiny components (training schedule: DDPM with the same betas)."""
     from diffusers import DDPMScheduler
-
-    from popalign_core.models.diffusers_adapter import DiffusersAdapter
 
     comps = get_dummy_components(family, seed)
     encs = [comps["text_encoder"]] + ([comps["text_encoder_2"]] if family == "sdxl" else [])

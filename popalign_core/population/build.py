@@ -18,6 +18,9 @@ of the prompt's position in the file — and then:
 
 Image paths are written relative to the output folder. Asking for more sets than the images allow is an error
 naming the prompt and its counts (``on_short="skip"`` builds what fits and reports the shortfall instead).
+
+`build_preferences` reads as three steps: `_validate_build` (settings, filtered rows, output folder),
+`_compute_build` (sets and pairs in memory) and `_write_build` (the files and their report, published together).
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from popalign_core.common.fields import help_field
 from popalign_core.common.fileio import claim_output_dir, publish_together, recover_publish
+from popalign_core.common.manifest import format_manifest
 from popalign_core.common.userinput import check_containers, coerce_numbers
+from popalign_core.population.filter import FILTERED
+from popalign_core.population.sample import slug
 
 __all__ = ["BUILD_RULES", "BuildConfig", "build_preferences"]
 
@@ -48,19 +55,15 @@ BUILD_OUTPUTS = {"population.jsonl": None, "pairwise.jsonl": None, "build_report
 class BuildConfig:
     """Settings of `build_preferences`."""
 
-    set_size: int = field(default=5, metadata={"help": "images per population set (public PopAlign code: 5)"})
-    set_count: int | None = field(
-        default=None, metadata={"help": "sets per neutral prompt (default: as many as the images allow)"}
+    set_size: int = help_field("images per population set (public PopAlign code: 5)", default=5)
+    set_count: int | None = help_field("sets per neutral prompt (default: as many as the images allow)", default=None)
+    rule: str = help_field(f"which set wins: {', '.join(BUILD_RULES)}", default="augmented")
+    group_axes: tuple[str, ...] | None = help_field(
+        "axes that define a group for rule=distinct_groups (default: all)", default=None
     )
-    rule: str = field(default="augmented", metadata={"help": f"which set wins: {', '.join(BUILD_RULES)}"})
-    group_axes: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "axes that define a group for rule=distinct_groups (default: all)"}
-    )
-    pairs: bool = field(default=True, metadata={"help": "also write pairwise data (pairwise.jsonl)"})
-    seed: int = field(default=0, metadata={"help": "seed of the shuffles"})
-    on_short: str = field(
-        default="error", metadata={"help": "when set_count x set_size exceeds a prompt's images: error or skip"}
-    )
+    pairs: bool = help_field("also write pairwise data (pairwise.jsonl)", default=True)
+    seed: int = help_field("seed of the shuffles", default=0)
+    on_short: str = help_field("when set_count x set_size exceeds a prompt's images: error or skip", default="error")
 
     def check(self) -> None:
         coerce_numbers(self)
@@ -127,8 +130,6 @@ def _read_filtered(manifest: Path) -> list[dict]:
 
 
 def _slug(text: str) -> str:
-    from popalign_core.population.sample import slug
-
     return slug(text, 40)
 
 
@@ -139,11 +140,18 @@ def build_preferences(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Build population sets (and pairs) from the filtered run folder (or its filtered.jsonl) into `out`."""
-    from popalign_core.population.filter import FILTERED
-
     cfg = config or BuildConfig()
+    manifest, rows, out = _validate_build(filtered, out, cfg)
+    built = _compute_build(rows, manifest, out, cfg)
+    return _write_build(built, manifest, out, cfg, log or (lambda m: None))
+
+
+# ------------------------------------------------------------------------------------------------ validate
+def _validate_build(filtered: str | os.PathLike, out: str | os.PathLike, cfg: BuildConfig) -> tuple[Path, list, Path]:
+    """The settings, the kept rows of filtered.jsonl (each image on disk, the group axes known), then the output
+    folder is claimed -> (filtered.jsonl, its rows, the output folder)."""
+
     cfg.check()
-    log = log or (lambda m: None)
     filtered = Path(filtered)
     manifest = filtered / FILTERED if filtered.is_dir() else filtered
     recover_publish(manifest.parent)  # a `data filter` killed mid-publication: its committed files, all of them
@@ -167,75 +175,102 @@ def build_preferences(
         )
     out = Path(out)
     claim_output_dir(out, "data build", BUILD_OUTPUTS, arg="--out", signature="build_report.json")
+    return manifest, rows, out
+
+
+# ------------------------------------------------------------------------------------------------ compute
+def _compute_build(rows: list[dict], manifest: Path, out: Path, cfg: BuildConfig) -> dict[str, Any]:
+    """Per neutral prompt (module docstring): its population sets and pairs, image paths relative to `out` ->
+    {"population": rows, "pairwise": rows, "prompts": per-prompt counts, "shortfalls", "ties", "flipped"}; no set
+    at all is an error."""
+    base = manifest.parent
     by_prompt: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
         r = {**r, "image": os.path.relpath(base / r["image"], out)}
         by_prompt.setdefault(r["neutral"], {"winning": [], "losing": []})[r["population"]].append(r)
-
-    pop_rows, pair_rows, per_prompt, short = [], [], {}, []
-    ties = flipped = 0
+    built: dict[str, Any] = {"population": [], "pairwise": [], "prompts": {}, "shortfalls": [], "ties": 0,
+                             "flipped": 0}  # fmt: skip
     for neutral, pops in by_prompt.items():
-        w, lo = pops["winning"], pops["losing"]
         rng = _rng(cfg.seed, neutral, "sets")
-        w = [w[i] for i in rng.permutation(len(w))]
-        lo = [lo[i] for i in rng.permutation(len(lo))]
-        fit = min(len(w), len(lo)) // cfg.set_size
-        n_sets = fit if cfg.set_count is None else cfg.set_count
-        if n_sets > fit:
-            msg = (
-                f"neutral prompt {neutral!r}: {n_sets} sets of {cfg.set_size} need {n_sets * cfg.set_size} winning "
-                f"and {n_sets * cfg.set_size} losing images; {len(w)} winning and {len(lo)} losing images were kept"
-            )
-            if cfg.on_short == "error":
-                raise ValueError(msg + " (lower set_size / set_count, sample more, or pass on_short='skip')")
-            short.append(msg)
-            n_sets = fit
-        built = 0
-        for k in range(n_sets):
-            sw = w[k * cfg.set_size : (k + 1) * cfg.set_size]
-            sl = lo[k * cfg.set_size : (k + 1) * cfg.set_size]
-            if cfg.rule == "distinct_groups":
-                gw, gl = _groups(sw, cfg.group_axes), _groups(sl, cfg.group_axes)
-                if gw == gl:
-                    ties += 1
-                    continue
-                if gl > gw:
-                    flipped += 1
-                    sw, sl = sl, sw
-            set_id = f"{_slug(neutral)}-{k:04d}"
-            for pop, members in (("winning", sw), ("losing", sl)):
-                for r in members:
-                    pop_rows.append(
-                        {
-                            "set_id": set_id,
-                            "population": pop,
-                            "caption": neutral,
-                            "image": r["image"],
-                            "prompt": r["prompt"],
-                            "seed": r.get("seed"),
-                            "index": r.get("index"),
-                            "identity": r.get("identity") or {},
-                            "attributes": r.get("attributes") or {},
-                        }
-                    )
-            built += 1
-        pairs = 0
-        if cfg.pairs:
-            prng = _rng(cfg.seed, neutral, "pairs")
-            pw = [w[i] for i in prng.permutation(len(w))]
-            pl = [lo[i] for i in prng.permutation(len(lo))]
-            for k, (a, b) in enumerate(zip(pw, pl)):
-                pair_rows.append({"id": f"{_slug(neutral)}-{k:05d}", "caption": neutral, "winner": a["image"],
-                                  "loser": b["image"], "winner_prompt": a["prompt"]})  # fmt: skip
-            pairs = min(len(pw), len(pl))
-        per_prompt[neutral] = {"winning": len(w), "losing": len(lo), "sets": built, "pairs": pairs}
-    if not pop_rows:
+        w = [pops["winning"][i] for i in rng.permutation(len(pops["winning"]))]
+        lo = [pops["losing"][i] for i in rng.permutation(len(pops["losing"]))]
+        sets = _prompt_sets(neutral, w, lo, cfg, built)
+        pairs = _prompt_pairs(neutral, w, lo, cfg, built["pairwise"]) if cfg.pairs else 0
+        built["prompts"][neutral] = {"winning": len(w), "losing": len(lo), "sets": sets, "pairs": pairs}
+    if not built["population"]:
         raise ValueError(
             f"no population set could be built from {manifest}: every prompt has fewer than set_size="
-            f"{cfg.set_size} kept images in one of its populations" + (" or every set tied" if ties else "")
+            f"{cfg.set_size} kept images in one of its populations" + (" or every set tied" if built["ties"] else "")
         )
-    from popalign_core.train.data import format_manifest
+    return built
 
+
+def _prompt_sets(neutral: str, w: list[dict], lo: list[dict], cfg: BuildConfig, built: dict) -> int:
+    """The population sets of one neutral prompt (shuffled winning / losing images), appended to
+    built["population"]; shortfalls, ties and flips counted in `built`. Returns the number of sets."""
+    fit = min(len(w), len(lo)) // cfg.set_size
+    n_sets = fit if cfg.set_count is None else cfg.set_count
+    if n_sets > fit:
+        msg = (
+            f"neutral prompt {neutral!r}: {n_sets} sets of {cfg.set_size} need {n_sets * cfg.set_size} winning "
+            f"and {n_sets * cfg.set_size} losing images; {len(w)} winning and {len(lo)} losing images were kept"
+        )
+        if cfg.on_short == "error":
+            raise ValueError(msg + " (lower set_size / set_count, sample more, or pass on_short='skip')")
+        built["shortfalls"].append(msg)
+        n_sets = fit
+    count = 0
+    for k in range(n_sets):
+        sw = w[k * cfg.set_size : (k + 1) * cfg.set_size]
+        sl = lo[k * cfg.set_size : (k + 1) * cfg.set_size]
+        if cfg.rule == "distinct_groups":
+            gw, gl = _groups(sw, cfg.group_axes), _groups(sl, cfg.group_axes)
+            if gw == gl:
+                built["ties"] += 1
+                continue
+            if gl > gw:
+                built["flipped"] += 1
+                sw, sl = sl, sw
+        set_id = f"{_slug(neutral)}-{k:04d}"
+        for pop, members in (("winning", sw), ("losing", sl)):
+            built["population"] += [_set_row(set_id, pop, neutral, r) for r in members]
+        count += 1
+    return count
+
+
+def _set_row(set_id: str, population: str, neutral: str, r: dict) -> dict:
+    """One image of a population set: captioned with the neutral prompt (PopAlign Sec. 4.1)."""
+    return {
+        "set_id": set_id,
+        "population": population,
+        "caption": neutral,
+        "image": r["image"],
+        "prompt": r["prompt"],
+        "seed": r.get("seed"),
+        "index": r.get("index"),
+        "identity": r.get("identity") or {},
+        "attributes": r.get("attributes") or {},
+    }
+
+
+def _prompt_pairs(neutral: str, w: list[dict], lo: list[dict], cfg: BuildConfig, pair_rows: list[dict]) -> int:
+    """Each winning image of one neutral prompt paired with a losing one, without replacement (own shuffle);
+    appended to `pair_rows`. Returns min(W, L)."""
+    prng = _rng(cfg.seed, neutral, "pairs")
+    pw = [w[i] for i in prng.permutation(len(w))]
+    pl = [lo[i] for i in prng.permutation(len(lo))]
+    for k, (a, b) in enumerate(zip(pw, pl)):
+        pair_rows.append({"id": f"{_slug(neutral)}-{k:05d}", "caption": neutral, "winner": a["image"],
+                          "loser": b["image"], "winner_prompt": a["prompt"]})  # fmt: skip
+    return min(len(pw), len(pl))
+
+
+# ------------------------------------------------------------------------------------------------ write
+def _write_build(built: dict[str, Any], manifest: Path, out: Path, cfg: BuildConfig, log) -> dict:
+    """population.jsonl, pairwise.jsonl (when there are pairs) and build_report.json, published together (all
+    from this run, or all from the last); returns the summary (the report)."""
+
+    pop_rows, pair_rows, per_prompt = built["population"], built["pairwise"], built["prompts"]
     files = {"population": str(out / "population.jsonl")}
     if pair_rows:
         files["pairwise"] = str(out / "pairwise.jsonl")
@@ -247,12 +282,12 @@ def build_preferences(
         "pairs": len(pair_rows),
         "images_in_sets": len(pop_rows),
         "prompts": per_prompt,
-        "shortfalls": short,
-        "ties_dropped": ties,
-        "sets_flipped": flipped,
+        "shortfalls": built["shortfalls"],
+        "ties_dropped": built["ties"],
+        "sets_flipped": built["flipped"],
         "files": files,
     }
-    with publish_together(out) as st:  # the data files and their report: all from this run, or all from the last
+    with publish_together(out) as st:
         st.stage(out / "population.jsonl").write_text(format_manifest(pop_rows), encoding="utf-8")
         if pair_rows:
             st.stage(out / "pairwise.jsonl").write_text(format_manifest(pair_rows), encoding="utf-8")

@@ -15,6 +15,7 @@ fairface, clip, deepface, ...). Decisions, in this order (the first that applies
 Outputs (`out/`): ``filtered.jsonl`` (kept rows, each with "attributes" {axis: predicted class} and "confidence"
 {axis: probability} for every classifier axis, and the image path relative to `out/`); ``decisions.jsonl`` (every
 row with its "reason"); ``filter_report.json`` (counts per reason, overall and per population, and the settings).
+`filter_batch` applies the same decisions to a batch held in memory (the ComfyUI Filter Population node's).
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from popalign_core.classify.base import FullImage
+from popalign_core.common.fields import help_field
 from popalign_core.common.fileio import claim_output_dir, load_rgb, publish_together
+from popalign_core.common.manifest import format_manifest
 from popalign_core.common.userinput import check_containers, coerce_numbers
+from popalign_core.population.sample import read_samples_report
 
-__all__ = ["FILTERED", "FilterConfig", "check_rows", "filter_population"]
+__all__ = ["FILTERED", "FilterConfig", "check_rows", "filter_batch", "filter_population"]
 
 FILTERED = "filtered.jsonl"
 REASONS = ("kept", "unreadable", "no_face", "ambiguous", "mismatch")
@@ -42,15 +47,13 @@ FILTER_OUTPUTS = {FILTERED: None, "decisions.jsonl": None, "filter_report.json":
 class FilterConfig:
     """Settings of `filter_population`."""
 
-    threshold: float = field(
-        default=0.8,
-        metadata={"help": "minimum classifier probability of the keyword's class on every named axis, in (0, 1]"},
+    threshold: float = help_field(
+        "minimum classifier probability of the keyword's class on every named axis, in (0, 1]", default=0.8
     )
-    axes: tuple[str, ...] | None = field(
-        default=None,
-        metadata={"help": "axes checked against the keywords (default: every axis the prompt names)"},
+    axes: tuple[str, ...] | None = help_field(
+        "axes checked against the keywords (default: every axis the prompt names)", default=None
     )
-    batch_size: int = field(default=256, metadata={"help": "images per classifier call"})
+    batch_size: int = help_field("images per classifier call", default=256)
 
     def check(self) -> None:
         coerce_numbers(self)
@@ -132,8 +135,6 @@ def filter_population(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Classify and filter the images of the population run folder `samples` into `out`; returns the report."""
-    from popalign_core.population.sample import read_samples_report
-    from popalign_core.train.data import format_manifest
 
     cfg = config or FilterConfig()
     cfg.check()
@@ -209,6 +210,81 @@ def filter_population(
             + f"); see {out / 'decisions.jsonl'}. Check the classifier, its options and the threshold"
         )
     return report
+
+
+def check_identities(rows: list[dict], classifier_axes: dict, name: str) -> None:
+    """Every axis and class that a row's identity names is one the classifier (`name`) reads; ValueError otherwise."""
+    for r in rows:
+        for axis, cls in (r.get("identity") or {}).items():
+            if axis not in classifier_axes or cls not in classifier_axes[axis]:
+                raise ValueError(
+                    f"population: prompt {r['prompt']!r} names {axis}={cls!r}, which the {name} classifier cannot "
+                    f"read (its axes: { {a: list(c) for a, c in classifier_axes.items()} })"
+                )
+
+
+def filter_batch(
+    rows: list[dict],
+    classifier,
+    classify: Callable[[list[int]], list],
+    threshold: float,
+    require_face: bool = True,
+    describe: dict | None = None,
+) -> tuple[list[int], list[dict], dict]:
+    """The filter (see the module docstring) on a batch held in memory, the ComfyUI node's: `rows[k]` is the row of
+    image k and ``classify(indices)`` classifies those images (one result each). With `require_face` off, images in
+    which the detector finds no face are classified again as whole images (the classifier's detector is swapped for
+    `FullImage` meanwhile). Threshold 0 means "the argmax must match" (it is raised to 1e-9).
+
+    Returns (indices of the kept images, their rows with "attributes" {axis: predicted class}, the report {images,
+    kept, reasons, threshold, require_face, classifier: `describe`}); ValueError when nothing is kept."""
+    import numpy as np
+
+    caxes = {a: tuple(c) for a, c in classifier.axes.items()}
+    check_identities(
+        rows, caxes, (describe or {}).get("name") or getattr(classifier, "name", type(classifier).__name__)
+    )
+    cfg = FilterConfig(threshold=max(float(threshold), 1e-9))
+    results = classify(list(range(len(rows))))
+    faceless = [k for k, res in enumerate(results) if res is not None and not res.face_found and not res.error]
+    if faceless and not require_face and hasattr(classifier, "detector"):
+        results = _whole_images(classifier, classify, faceless, results)
+    keep, kept_rows, reasons = [], [], Counter()
+    for k, (r, res) in enumerate(zip(rows, results)):
+        reason = decide(r, res, caxes, cfg)
+        reasons[reason] += 1
+        if reason == "kept":
+            keep.append(k)
+            kept_rows.append({**r, "attributes": {a: caxes[a][int(np.argmax(p))] for a, p in res.probs.items()}})
+    report = {
+        "images": len(rows),
+        "kept": len(keep),
+        "reasons": dict(sorted(reasons.items())),
+        "threshold": float(threshold),
+        "require_face": bool(require_face),
+        "classifier": describe,
+    }
+    if not keep:
+        raise ValueError(
+            f"filter: no image was kept ({json.dumps(report['reasons'])}); lower the threshold, turn off "
+            "require_face for models that draw no faces, or sample more images"
+        )
+    return keep, kept_rows, report
+
+
+def _whole_images(classifier, classify: Callable[[list[int]], list], indices: list[int], results: list) -> list:
+    """`results` with those of `indices` replaced by a classification of the whole image (no face detection)."""
+
+    own = classifier.detector
+    classifier.detector = FullImage()
+    try:
+        whole = classify(indices)
+    finally:
+        classifier.detector = own
+    out = list(results)
+    for k, res in zip(indices, whole):
+        out[k] = res
+    return out
 
 
 def _skipped_text(skipped: dict) -> str:

@@ -15,20 +15,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from popalign_core.classify.classifiers import make_classifier
 from popalign_core.common.fileio import atomic_write_text, check_replaceable, claim_output_dir
+from popalign_core.common.manifest import write_manifest
 from popalign_core.common.userinput import (
+    PROMPTS_FOLDER,
     ArgumentParser,
     command,
     integer,
     number,
     parse_number,
     parse_value,
+    read_text,
     read_yaml,
 )
-from popalign_core.population.build import BUILD_OUTPUTS
-from popalign_core.population.filter import FILTER_OUTPUTS
-from popalign_core.population.prompts import AUGMENT_KEYWORDS, DEFAULT_KEYWORDS, AugmentConfig, augment_prompts
-from popalign_core.population.sample import SAMPLE_OUTPUTS
+from popalign_core.models.loading import load_model
+from popalign_core.models.sampling import SCHEDULERS, SamplerConfig
+from popalign_core.population.build import BUILD_OUTPUTS, BUILD_RULES, ON_SHORT, BuildConfig, build_preferences
+from popalign_core.population.filter import FILTER_OUTPUTS, FilterConfig, check_rows, filter_population
+from popalign_core.population.prompts import (
+    AUGMENT_KEYWORDS,
+    DEFAULT_KEYWORDS,
+    AugmentConfig,
+    augment_prompts,
+    check_keyword_config,
+)
+from popalign_core.population.sample import SAMPLE_OUTPUTS, population_jobs, sample_population
 
 #: What `popalign data pipeline` writes in its `out` folder (`fileio.claim_output_dir`).
 PIPELINE_OUTPUTS = {
@@ -44,14 +56,7 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     """Prompts of a text file (one per line; ``#`` starts a comment line; blank lines skipped) and a report
     {"blank_lines": [line numbers], "duplicate_lines": [line numbers]} (duplicates: later copies, dropped)."""
     p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"prompts file {str(p)!r} is a folder; give a text file with one prompt per line")
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(p, "prompts file", folder=PROMPTS_FOLDER)
     prompts, seen, blank, dup = [], set(), [], []
     for no, line in enumerate(text.splitlines(), start=1):
         text = " ".join(line.split())
@@ -94,7 +99,6 @@ def keyword_sets(spec: str) -> tuple[dict[str, dict[str, str]], dict[str, dict[s
         detect = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"--keywords {spec!r}: not valid JSON ({e})") from e
-    from popalign_core.population.prompts import check_keyword_config
 
     try:
         check_keyword_config(detect)
@@ -160,22 +164,16 @@ def augment_config(section: dict) -> tuple[AugmentConfig, dict]:
 
 
 def sampler_config(section: dict):
-    from popalign_core.models.sampling import SamplerConfig
-
     kw = {k: v for k, v in section.items() if k not in ("neutral_per_prompt", "time_budget_s") and v is not None}
     return SamplerConfig(**kw)
 
 
 def make_filter_classifier(section: dict):
-    from popalign_core.classify.classifiers import make_classifier
-
     name = section.get("classifier", "toy")
     return make_classifier(name, **(section.get("classifier_options") or {}))
 
 
 def filter_config(section: dict):
-    from popalign_core.population.filter import FilterConfig
-
     kw = {k: v for k, v in section.items() if k in ("threshold", "axes") and v is not None}
     if "axes" in kw:
         kw["axes"] = tuple(kw["axes"])
@@ -185,8 +183,6 @@ def filter_config(section: dict):
 
 
 def build_config(section: dict):
-    from popalign_core.population.build import BuildConfig
-
     kw = dict(section)
     if kw.get("group_axes"):
         kw["group_axes"] = tuple(kw["group_axes"])
@@ -199,10 +195,6 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
     """augment -> sample -> filter -> build, into config["out"]/{augmented.jsonl, samples/, filtered/, data/}.
     Resumable: re-running skips finished images (sampling) and redoes the cheap stages. Returns the summary (also
     written to out/pipeline_summary.json). `adapter`: an already loaded model adapter (else config["model"])."""
-    from popalign_core.population.build import build_preferences
-    from popalign_core.population.filter import check_rows, filter_population
-    from popalign_core.population.sample import population_jobs, sample_population
-    from popalign_core.train.data import write_manifest
 
     out = Path(config["out"])
     t0 = time.time()
@@ -286,8 +278,6 @@ def check_augmented(res, n_prompts: int, arg: str = "--prompts") -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _sampler_args(p: ArgumentParser) -> None:
-    from popalign_core.models.sampling import SCHEDULERS, SamplerConfig
-
     h = SamplerConfig.help()
     p.add_argument("--steps", type=integer, default=25, help=h["steps"])
     p.add_argument("--guidance-scale", type=number, default=7.5, help=h["guidance_scale"])
@@ -300,9 +290,6 @@ def _sampler_args(p: ArgumentParser) -> None:
 
 
 def _parser() -> ArgumentParser:
-    from popalign_core.population.build import BUILD_RULES, ON_SHORT, BuildConfig
-    from popalign_core.population.filter import FilterConfig
-
     ap = ArgumentParser(prog="popalign data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     aug = sub.add_parser("augment", help="identity-neutral prompts -> identity-augmented prompts (JSONL)")
@@ -425,7 +412,6 @@ def _augment_cmd(a) -> dict:
         **({"template": a.template} if a.template else {}),
     )
     res = augment_prompts(prompts, cfg)
-    from popalign_core.train.data import write_manifest
 
     check_augmented(res, len(prompts))
     for s in res.skipped:
@@ -458,18 +444,9 @@ def _is_augmented_file(path: Path) -> bool:
 
 
 def _sample_cmd(a, log) -> dict:
-    from popalign_core.models.loading import load_model
-    from popalign_core.models.sampling import SamplerConfig
-    from popalign_core.population.sample import population_jobs, sample_population
-
     p = Path(a.augmented)
-    if not p.is_file():
-        raise FileNotFoundError(f"--augmented {str(p)!r} does not exist: write it with `popalign data augment`")
+    text = read_text(p, "--augmented", missing=": write it with `popalign data augment`")
     rows = []
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--augmented {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     for no, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 
+from popalign_core.common.fields import help_field
 from popalign_core.common.userinput import check_containers, coerce_numbers
 
 KeywordConfig = Mapping[str, Mapping[str, Sequence[str]]]
@@ -220,25 +221,25 @@ MAX_SAMPLES_PER_PROMPT = 1_000_000  # one image each: far beyond any population 
 class AugmentConfig:
     """How neutral prompts become identity-specific ones (PopAlign Sec. 4.1)."""
 
-    axes: tuple[str, ...] = field(
+    axes: tuple[str, ...] = help_field(
+        "axes combined (their product: intersections), in the order their keywords are written",
         default=("race", "gender"),
-        metadata={"help": "axes combined (their product: intersections), in the order their keywords are written"},
     )
-    keywords: dict[str, dict[str, str]] = field(
+    keywords: dict[str, dict[str, str]] = help_field(
+        "axis -> class -> the keyword written into augmented prompts",
         default_factory=lambda: {a: dict(v) for a, v in AUGMENT_KEYWORDS.items()},
-        metadata={"help": "axis -> class -> the keyword written into augmented prompts"},
     )
-    template: str = field(
+    template: str = help_field(
+        "fields: {identity} (keywords), {subject} (the prompt without a leading 'a photo of a'), "
+        "{prompt} (the prompt as given), {article} ('a' or 'an' for the identity)",
         default=DEFAULT_TEMPLATE,
-        metadata={"help": "fields: {identity} (keywords), {subject} (the prompt without a leading 'a photo of a'), "
-                  "{prompt} (the prompt as given), {article} ('a' or 'an' for the identity)"},
-    )  # fmt: skip
-    samples_per_prompt: int = field(
-        default=12, metadata={"help": "augmented samples per neutral prompt, spread evenly over the identities"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the order in which identities are assigned"})
-    detect: KeywordConfig | None = field(
-        default=None, metadata={"help": "keyword config of the identity-specific detector (None: DEFAULT_KEYWORDS)"}
+    samples_per_prompt: int = help_field(
+        "augmented samples per neutral prompt, spread evenly over the identities", default=12
+    )
+    seed: int = help_field("seed of the order in which identities are assigned", default=0)
+    detect: KeywordConfig | None = help_field(
+        "keyword config of the identity-specific detector (None: DEFAULT_KEYWORDS)", default=None
     )
 
     def check(self) -> None:

@@ -26,6 +26,10 @@ no row and stops with a message; re-running resumes.
 Data parallel (``torchrun`` / ``accelerate launch``): process r samples every world-th pending job into
 ``manifest.rank<r>.jsonl``; after a barrier the main process merges the shards into ``manifest.jsonl``. Same
 images as one process within the sampler's batch tolerance (`sampling.batch_invariance_tolerance`).
+
+`sample_population` reads as three steps: `_validate_sampling` (settings and jobs, then the folder: claimed, its
+run.json checked, made consistent), `_sample_pending` (the batches, each written before the next) and
+`_write_sampling` (the merged manifest and the summary).
 """
 
 from __future__ import annotations
@@ -36,13 +40,15 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from popalign_core.common.distributed import Distributed
 from popalign_core.common.fileio import atomic_path, atomic_write_text, claim_output_dir, clean_temporaries
+from popalign_core.common.manifest import write_manifest
 from popalign_core.common.userinput import user_error
-from popalign_core.train.data import write_manifest
+from popalign_core.models.sampling import SamplerConfig, derive_seed, sample
 
 __all__ = ["MANIFEST", "RUN_FILE", "SamplingStopped", "image_name", "population_jobs", "read_samples",
            "sample_population"]  # fmt: skip
@@ -289,12 +295,57 @@ def sample_population(
     the rows name the model (a path or spec). model_hash: `lora_io.model_hash` of the adapter (computed if None).
     time_budget_s: stop cleanly after the batch that crosses it (re-run to continue). progress(done, total):
     called after each batch; an exception from it (a cancel) stops after that batch's rows are written."""
-    import numpy as np
-    import torch
+    run = _validate_sampling(adapter, jobs, Path(out), config, model_id, model_hash, time_budget_s, log)
+    _sample_pending(run, progress)
+    return _write_sampling(run)
 
-    from popalign_core.models.sampling import SamplerConfig, derive_seed, sample
+
+@dataclass
+class _SamplingRun:
+    """One `sample_population` call: its checked inputs, the folder's state, and what was sampled."""
+
+    adapter: Any
+    jobs: list[dict]
+    keys: list[tuple[str, int]]
+    out: Path
+    config: Any
+    model_id: str
+    model_hash: str
+    time_budget_s: float | None
+    log: Callable[[str], None]
+    dist: Any
+    t0: float
+    own: set[str] = field(default_factory=set)
+    state: dict = field(default_factory=dict)
+    done_keys: set = field(default_factory=set)
+    finished: int = 0
+    sampled: int = 0
+    stopped_by: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ validate
+def _validate_sampling(adapter, jobs, out: Path, config, model_id, model_hash, time_budget_s, log) -> _SamplingRun:
+    """The settings and jobs (before any write), then the folder: claimed, its run.json matching these settings (a
+    folder of another run is refused), made consistent (`_reconcile`)."""
 
     log = log or (lambda m: None)
+    jobs, keys = _check_sampling(jobs, config, time_budget_s)
+    t0 = time.time()
+    if model_hash is None:
+        from popalign_core.lora.files import model_hash as _mh
+
+        model_hash = _mh(adapter)
+    run = _SamplingRun(
+        adapter, jobs, keys, out, config, model_id, model_hash, time_budget_s, log, Distributed("no"), t0
+    )
+    run.own = {image_name(p, i) for p, i in keys}
+    _open_folder(run)
+    return run
+
+
+def _check_sampling(jobs, config, time_budget_s) -> tuple[list[dict], list[tuple[str, int]]]:
+    """The sampler settings, the time budget and the jobs (each (prompt, index) once) -> (jobs, their keys)."""
+
     if not isinstance(config, SamplerConfig):
         raise ValueError(f"config: expected a SamplerConfig, got {type(config).__name__}")
     config.validate()
@@ -309,117 +360,144 @@ def sample_population(
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"jobs repeat (prompt, index) = {dup}: every image needs its own (prompt, index)")
-    from popalign_core.train.trainer import _Dist
+    return jobs, keys
 
-    dist = _Dist("no")
-    out = Path(out)
-    t0 = time.time()
-    if model_hash is None:
-        from popalign_core.lora.files import model_hash as _mh
 
-        model_hash = _mh(adapter)
-    settings = _run_settings(config, model_id, model_hash)
-    own = {image_name(p, i) for p, i in keys}
+def _open_folder(run: _SamplingRun) -> None:
+    """Main process: claim the folder, check or write run.json, make the folder consistent; the others read the
+    manifest after the barrier. Sets `run.state` and the jobs already done."""
+    out, dist = run.out, run.dist
+    settings = _run_settings(run.config, run.model_id, run.model_hash)
     if dist.main:
         claim_output_dir(out, "data sample", SAMPLE_OUTPUTS, arg="--out", signature=RUN_FILE)  # + its temporaries
         (out / IMAGES).mkdir(parents=True, exist_ok=True)
-        run_file = out / RUN_FILE
-        if run_file.is_file():
-            try:
-                old = json.loads(run_file.read_text(encoding="utf-8"))
-                old.get("sampler")
-            except (ValueError, AttributeError):
-                raise ValueError(f"{run_file} is damaged: it cannot tell which settings the images of {out} were "
-                                 "sampled with; use another output folder") from None  # fmt: skip
-            diff = [k for k in ("model_hash",) if old.get(k) != settings[k]]
-            diff += [f"sampler.{k}" for k in _RUN_KEYS if old.get("sampler", {}).get(k) != settings["sampler"][k]]
-            if diff:
-                raise ValueError(
-                    f"{out} holds images of another run ({', '.join(diff)} differ): use another output folder, or "
-                    "the same model and sampler settings to resume"
-                )
-        else:
-            atomic_write_text(run_file, json.dumps(settings, indent=2))
-        state = _reconcile(out, log, own)
+        _check_run_file(out, settings)
+        run.state = _reconcile(out, run.log, run.own)
     dist.barrier()
     if not dist.main:
-        state = {"rows": _read_rows(out / MANIFEST)[0], "dropped": {}}
-    on_disk = {(r["prompt"], int(r["index"])) for r in state["rows"]}
-    done_keys = on_disk & set(keys)
-    others = len(on_disk - done_keys)  # images of an earlier run with other prompts: kept, never counted as this run's
+        run.state = {"rows": _read_rows(out / MANIFEST)[0], "dropped": {}}
+    on_disk = {(r["prompt"], int(r["index"])) for r in run.state["rows"]}
+    run.done_keys = on_disk & set(run.keys)
+    others = len(on_disk - run.done_keys)  # images of an earlier run with other prompts: kept, never this run's
     if others:
-        log(f"[sample] warning: {out} also holds {others} image(s) of jobs this run does not have "
-            "(other prompts or indices of an earlier run); they stay in the manifest, and `data filter` / `data "
-            "build` will use them: sample into a new folder to keep them out")  # fmt: skip
-    pending = [j for j, k in zip(jobs, keys) if k not in done_keys]
+        run.log(f"[sample] warning: {out} also holds {others} image(s) of jobs this run does not have "
+                "(other prompts or indices of an earlier run); they stay in the manifest, and `data filter` / `data "
+                "build` will use them: sample into a new folder to keep them out")  # fmt: skip
+
+
+def _check_run_file(out: Path, settings: dict) -> None:
+    """run.json of an earlier run must name the same model hash and sampler settings; a new folder gets one."""
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        atomic_write_text(run_file, json.dumps(settings, indent=2))
+        return
+    try:
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+        old.get("sampler")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{run_file} is damaged: it cannot tell which settings the images of {out} were "
+                         "sampled with; use another output folder") from None  # fmt: skip
+    diff = [k for k in ("model_hash",) if old.get(k) != settings[k]]
+    diff += [f"sampler.{k}" for k in _RUN_KEYS if old.get("sampler", {}).get(k) != settings["sampler"][k]]
+    if diff:
+        raise ValueError(
+            f"{out} holds images of another run ({', '.join(diff)} differ): use another output folder, or "
+            "the same model and sampler settings to resume"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ compute
+def _sample_pending(run: _SamplingRun, progress: Callable[[int, int], None] | None) -> None:
+    """Sample this process's share of the pending jobs batch by batch, each batch's images then rows written before
+    the next (crash-consistent); stops after the batch that crosses the time budget."""
+
+    dist, config, out = run.dist, run.config, run.out
+    pending = [j for j, k in zip(run.jobs, run.keys) if k not in run.done_keys]
     mine = pending[dist.rank :: dist.world]
     shard = out / (MANIFEST if dist.world == 1 else f"manifest.rank{dist.rank}.jsonl")
-    sampler_info = {k: v for k, v in asdict(config).items() if k != "output"}
-    total, finished, sampled, stopped_by = len(jobs), len(done_keys), 0, None
-    log(f"[sample] {len(jobs)} jobs: {len(done_keys)} on disk, {len(pending)} to sample ({dist.world} process(es))")
+    total, run.finished = len(run.jobs), len(run.done_keys)
+    run.log(f"[sample] {len(run.jobs)} jobs: {len(run.done_keys)} on disk, {len(pending)} to sample "
+            f"({dist.world} process(es))")  # fmt: skip
     step = config.batch_size
     for s in range(0, len(mine), step):
         chunk = mine[s : s + step]
-        imgs = sample(adapter, [(j["prompt"], int(j["index"])) for j in chunk], config)
-        arr = (imgs.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
-        written, rows = [], []
-        try:
-            for j, a in zip(chunk, arr):
-                rel = f"{IMAGES}/{image_name(j['prompt'], int(j['index']))}"
-                _save_png(a, out / rel)
-                written.append(out / rel)
-                rows.append(
-                    {
-                        "image": rel,
-                        "prompt": j["prompt"],
-                        "neutral": j.get("neutral", j["prompt"]),
-                        "identity": j.get("identity", {}),
-                        "population": j.get("population", "losing" if not j.get("identity") else "winning"),
-                        "index": int(j["index"]),
-                        "seed": derive_seed(config.seed, j["prompt"], int(j["index"])),
-                        "sampler": sampler_info,
-                        "model": model_id,
-                        "model_hash": model_hash,
-                    }
-                )
-            _append_rows(shard, rows)
-        except OSError as e:
-            for p in written:
-                p.unlink(missing_ok=True)
-            raise SamplingStopped(
-                f"sampling stopped: could not write to {out} ({e.strerror or e}); the manifest lists the "
-                f"{finished} finished images, all on disk. Free space and run again to resume."
-            ) from e
-        sampled += len(chunk)
-        finished += len(chunk) * dist.world if dist.world > 1 else len(chunk)
+        imgs = sample(run.adapter, [(j["prompt"], int(j["index"])) for j in chunk], config)
+        _write_batch(run, chunk, imgs, shard)
+        run.sampled += len(chunk)
+        run.finished += len(chunk) * dist.world if dist.world > 1 else len(chunk)
         if progress is not None:
-            progress(min(finished, total), total)
-        if time_budget_s is not None and time.time() - t0 > time_budget_s and s + step < len(mine):
-            stopped_by = "time_budget"
-            log(f"[sample] time budget of {time_budget_s:.0f} s reached; re-run to continue")
+            progress(min(run.finished, total), total)
+        if run.time_budget_s is not None and time.time() - run.t0 > run.time_budget_s and s + step < len(mine):
+            run.stopped_by = "time_budget"
+            run.log(f"[sample] time budget of {run.time_budget_s:.0f} s reached; re-run to continue")
             break
+
+
+def _write_batch(run: _SamplingRun, chunk: list[dict], imgs, shard: Path) -> None:
+    """One batch's PNGs (atomically), then its manifest rows in one append; on a write error the batch's images
+    without a row are removed and `SamplingStopped` says how to resume."""
+    import numpy as np
+    import torch
+
+    out, config = run.out, run.config
+    sampler_info = {k: v for k, v in asdict(config).items() if k != "output"}
+    arr = (imgs.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    written, rows = [], []
+    try:
+        for j, a in zip(chunk, arr):
+            rel = f"{IMAGES}/{image_name(j['prompt'], int(j['index']))}"
+            _save_png(a, out / rel)
+            written.append(out / rel)
+            rows.append(
+                {
+                    "image": rel,
+                    "prompt": j["prompt"],
+                    "neutral": j.get("neutral", j["prompt"]),
+                    "identity": j.get("identity", {}),
+                    "population": j.get("population", "losing" if not j.get("identity") else "winning"),
+                    "index": int(j["index"]),
+                    "seed": derive_seed(config.seed, j["prompt"], int(j["index"])),
+                    "sampler": sampler_info,
+                    "model": run.model_id,
+                    "model_hash": run.model_hash,
+                }
+            )
+        _append_rows(shard, rows)
+    except OSError as e:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise SamplingStopped(
+            f"sampling stopped: could not write to {out} ({e.strerror or e}); the manifest lists the "
+            f"{run.finished} finished images, all on disk. Free space and run again to resume."
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------------ write
+def _write_sampling(run: _SamplingRun) -> dict:
+    """Main process: merge the shards into manifest.jsonl in job order; returns the summary."""
+    dist, out, keys = run.dist, run.out, run.keys
     dist.barrier()
-    rows = state["rows"]
+    rows = run.state["rows"]
     if dist.main:
-        merged = _reconcile(out, log, own)["rows"]
+        merged = _reconcile(out, run.log, run.own)["rows"]
         order = {k: i for i, k in enumerate(keys)}
         merged.sort(key=lambda r: order.get((r["prompt"], int(r["index"])), len(order)))
         write_manifest(out / MANIFEST, merged)
         rows = merged
     dist.barrier()
-    seconds = time.time() - t0
-    done = len({(r["prompt"], int(r["index"])) for r in rows} & set(keys)) if dist.main else finished
+    seconds = time.time() - run.t0
+    done = len({(r["prompt"], int(r["index"])) for r in rows} & set(keys)) if dist.main else run.finished
     return {
         "out": str(out),
-        "jobs": total,
+        "jobs": len(run.jobs),
         "done": done,
-        "sampled": sampled,
-        "skipped_existing": len(done_keys),
+        "sampled": run.sampled,
+        "skipped_existing": len(run.done_keys),
         "other_images": len(rows) - done if dist.main else 0,
-        "complete": done >= total,
+        "complete": done >= len(run.jobs),
         "seconds": round(seconds, 2),
-        "images_per_s": round(sampled / seconds, 3) if seconds > 0 else None,
-        "dropped": state["dropped"],
+        "images_per_s": round(run.sampled / seconds, 3) if seconds > 0 else None,
+        "dropped": run.state["dropped"],
         "processes": dist.world,
-        "stopped_by": stopped_by,
+        "stopped_by": run.stopped_by,
     }

@@ -25,6 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from popalign_core.common.fileio import (
+    OUTPUT_MARKER,
+    check_clearable,
+    claim_output_dir,
+    clear_output_dir,
+    set_default_permissions,
+)
+from popalign_core.models.tokenizers import clip_tokenizer
+from popalign_core.toyworld.classifier import train_classifiers
 from popalign_core.toyworld.data import CaptionMix, make_dataset
 from popalign_core.toyworld.world import CONCEPTS, ROLE_BY_NAME, SETTINGS, SHADES, TOY_AXES, parse_caption
 
@@ -188,8 +197,6 @@ def encode_all(vae, imgs: np.ndarray, batch: int = 256):
 
 
 def tokenize(captions: list[str]):
-    from popalign_core.models.tokenizers import clip_tokenizer
-
     tok = clip_tokenizer()
     return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
 
@@ -359,8 +366,6 @@ def save_pipeline(out: Path, vae, unet, text, scaling: float, meta: dict[str, An
     """Write a SD-1.x-layout diffusers folder into `out` (new or empty); UNet and text encoder in fp16."""
     from diffusers import DDIMScheduler
 
-    from popalign_core.models.tokenizers import clip_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     vae.register_to_config(scaling_factor=float(scaling))
     vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -412,8 +417,6 @@ def build(
     """Build the toy world into `out_dir` (see the module docstring). Returns the folder."""
     import torch
 
-    from popalign_core.common.fileio import check_clearable, claim_output_dir, clear_output_dir
-
     cfg = cfg or BuildConfig()
     if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
         raise ValueError(f"threads={cfg.threads!r} is invalid: an integer >= 0 (0 keeps torch's default)")
@@ -450,7 +453,6 @@ def build(
 
 def _replace(partial: Path, out: Path) -> None:
     """Put the complete build `partial` in place of `out` (an earlier build, all of it ours, or nothing)."""
-    from popalign_core.common.fileio import set_default_permissions
 
     if out.exists():
         _remove_build(out, signature="toyworld.json")
@@ -460,7 +462,6 @@ def _replace(partial: Path, out: Path) -> None:
 
 def _remove_build(path: Path, **kwargs) -> None:
     """Delete the build folder `path` (refused, nothing deleted, unless all of it is ours), claim marker included."""
-    from popalign_core.common.fileio import OUTPUT_MARKER, clear_output_dir
 
     clear_output_dir(path, COMMAND, OUTPUTS, **kwargs)
     (path / OUTPUT_MARKER).unlink(missing_ok=True)
@@ -482,9 +483,6 @@ def rebuild_classifiers(out_dir: str | os.PathLike, progress: Callable[[str], No
     import shutil
 
     from diffusers import AutoencoderKL
-
-    from popalign_core.common.fileio import check_clearable
-    from popalign_core.toyworld.classifier import train_classifiers
 
     out = Path(out_dir)
     if not (out / "toyworld.json").is_file():

@@ -37,6 +37,10 @@ from typing import Any
 import numpy as np
 
 from popalign_core.common.userinput import ArgumentParser, integer, number
+from popalign_core.evaluate.metrics import discrepancy
+from popalign_core.models.loading import load_model
+from popalign_core.models.sampling import SamplerConfig, sample
+from popalign_core.toyworld.classifier import ToyClassifier, default_toyworld_dir, labelled_renders
 from popalign_core.toyworld.world import (
     CONCEPTS,
     HELD_OUT_ROLES,
@@ -68,8 +72,6 @@ TARGETS = {
 
 
 def _generate(adapter, prompts: list[str], n: int, sampler: dict, progress) -> dict[str, np.ndarray]:
-    from popalign_core.models.sampling import SamplerConfig, sample
-
     cfg = SamplerConfig(**sampler)
     out = {}
     for i, p in enumerate(prompts):
@@ -123,10 +125,6 @@ def run_check(
     sampler: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from popalign_core.evaluate.metrics import discrepancy
-    from popalign_core.models.loading import load_model
-    from popalign_core.toyworld.classifier import ToyClassifier, labelled_renders
-
     sampler = {**DEFAULT_SAMPLER, **(sampler or {})}
     t0 = time.time()
     adapter = load_model(str(model))
@@ -256,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("n", "n_identity", "n_concept", "steps"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected an integer >= 1")
-    from popalign_core.toyworld.classifier import default_toyworld_dir
 
     model = a.model or default_toyworld_dir()
     sampler = {"steps": a.steps, "guidance_scale": a.guidance, "scheduler": a.scheduler, "seed": a.seed}

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from popalign_core.classify.base import BackendUnavailable, Classification, check_image
+from popalign_core.common.fileio import read_safetensors
 from popalign_core.common.userinput import check_device
 from popalign_core.toyworld.render import Spec, render
 from popalign_core.toyworld.world import CONCEPTS, ROLE_NAMES, TOY_AXES
@@ -303,7 +304,6 @@ class ToyClassifier:
             )
         self.config = json.loads(cfg_file.read_text())
         info = self.config["nets"][which]
-        from popalign_core.common.fileio import read_safetensors
 
         net = nets[which]()
         sd, _ = read_safetensors(cdir / info["file"], "toy classifier weight file", "rebuild the toy world "
@@ -432,7 +432,6 @@ class ToyClassifier:
 
     def face_bank(self):
         """The toy face bank: trunk embeddings [M, D] of rendered faces (torch tensor)."""
-        from popalign_core.common.fileio import read_safetensors
 
         path = self.weights_path.parent / FACE_BANK_FILE
         if not path.is_file():

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 
 __all__ = [
@@ -80,10 +81,6 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------- configs
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
 ANCHOR_TARGETS = {
     "data": "denoising loss on the anchor samples: MSE(pred, their noise/v target) (DreamBooth prior preservation)",
     "reference": "distillation: MSE(pred, the frozen reference model's prediction) on the noised anchor samples; "

@@ -72,11 +72,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         warnings.warn(f"{spec.name} moved to {MOVED[spec.name]}; the old path goes away in the next release",
                       DeprecationWarning, stacklevel=2)  # fmt: skip
         module = importlib.import_module(MOVED[spec.name])
-        self._spec = module.__spec__  # importlib overwrites __spec__ on the object it gets back
+        spec.loader_state = module.__spec__  # importlib then sets __spec__ = spec on the object it gets back
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._spec
+        module.__spec__ = module.__spec__.loader_state  # the moved module's own spec again
 
     def get_code(self, fullname):  # ``python -m <old path>`` runs the moved module
         spec = importlib.util.find_spec(MOVED[fullname])

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from popalign_core.classify.base import FullImage
 from popalign_core.common.fields import help_field
 from popalign_core.common.fileio import claim_output_dir, load_rgb, publish_together
@@ -67,8 +69,6 @@ class FilterConfig:
 
 def decide(row: dict, result: Any, classifier_axes: dict, cfg: FilterConfig) -> str:
     """The reason of one image (see the module docstring)."""
-    import numpy as np
-
     if result is None or getattr(result, "error", None):
         return "unreadable"
     if not result.face_found:
@@ -178,8 +178,6 @@ def filter_population(
             rel = os.path.relpath(samples / r["image"], out)
             decisions.append({**r, "image": rel, "reason": reason})
             if reason == "kept":
-                import numpy as np
-
                 attrs = {a: caxes[a][int(np.argmax(p))] for a, p in res.probs.items()}
                 conf = {a: round(float(np.max(p)), 6) for a, p in res.probs.items()}
                 kept.append({**r, "image": rel, "attributes": attrs, "confidence": conf})
@@ -238,8 +236,6 @@ def filter_batch(
 
     Returns (indices of the kept images, their rows with "attributes" {axis: predicted class}, the report {images,
     kept, reasons, threshold, require_face, classifier: `describe`}); ValueError when nothing is kept."""
-    import numpy as np
-
     caxes = {a: tuple(c) for a, c in classifier.axes.items()}
     check_identities(
         rows, caxes, (describe or {}).get("name") or getattr(classifier, "name", type(classifier).__name__)

@@ -2,6 +2,8 @@
 
     python bench/train_step.py                      # CPU, full-size SD1.5 UNet (random weights), 64x64, 2 pairs
     python bench/train_step.py --device cuda --family sdxl --resolution 1024 --dtype bf16   # lent GPU only
+    python bench/train_step.py --family sd3 --layers 4 --dtype bf16   # SD3.5-medium-wide transformer, 4 blocks
+    python bench/train_step.py --family flux --layers 1 --dtype bf16  # FLUX.1-dev-wide, 1 double + 1 single block
 
 Variants (same seeded random weights, LoRA, batch, noise and timesteps):
 - `adapter`: LoRA (rank 8 on attention) on the UNet; the reference is the same UNet with its adapters disabled
@@ -20,7 +22,11 @@ during the timed steps alone (VmHWM after resetting it through /proc/self/clear_
 The parent prints a table, the ratios adapter/copy (targets: memory <= 0.6x, time <= 1.05x; copy/adapter is printed
 too) with PASS/FAIL, and one JSON line at the end. The UNet is full size (from popalign_core/configs/<family>/unet);
 text conditioning is random (no real text encoder / VAE: the tiny seeded ones from popalign_core.models.tiny fill the
-adapter's slots and are never run). With --dtype bf16/fp16 the frozen base weights are cast to that dtype, the LoRA
+adapter's slots and are never run). Flow families (sd3, flux): the transformer of popalign_core/configs/<family>/
+transformer at full width; `--layers N` keeps N blocks (FLUX: N double and N single blocks) so that it fits a CPU
+(full FLUX.1 is 11.9 B parameters); the variants are `FlowAdapter` with the adapter-off reference or a frozen copy
+(`reference_transformer`), velocity targets, logit-normal timesteps.
+With --dtype bf16/fp16 the frozen base weights are cast to that dtype, the LoRA
 weights stay fp32 and the step runs under autocast (the diffusers LoRA training scripts' recipe).
 """
 
@@ -42,6 +48,7 @@ if str(ROOT) not in sys.path:
 
 VARIANTS = ("adapter", "copy")
 LOSSES = ("dpo", "popalign")
+FLOW = ("sd3", "flux")
 TARGET_MEMORY_RATIO = 0.6  # adapter / copy
 TARGET_TIME_RATIO = 1.05  # adapter / copy
 RESULT_PREFIX = "BENCH_RESULT "
@@ -84,6 +91,56 @@ def _reset_hwm() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ one variant (child)
+def _build_transformer(args, device):
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = SD3Transformer2DModel if args.family == "sd3" else FluxTransformer2DModel
+    if args.tiny:
+        from popalign_core.models.tiny_flow import tiny_transformer_config
+
+        config = tiny_transformer_config(args.family)
+    else:
+        config = dict(cls.load_config(str(ROOT / "popalign_core" / "configs" / args.family / "transformer")))
+    if args.layers:
+        config["num_layers"] = args.layers
+        if args.family == "flux":
+            config["num_single_layers"] = args.layers
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        net = cls.from_config(config)
+    return net.to(device=device, dtype=getattr(torch, _DTYPES[args.dtype]))
+
+
+def _flow_batch(args, net, device, dtype, g):
+    """Random conditioning of the shapes the flow transformer takes (77 CLIP + 77 T5 tokens for SD3, 256 T5 tokens
+    for FLUX), with FLUX.1-dev's guidance input."""
+    import torch
+
+    from popalign_core.models.adapter import Conditioning
+
+    b, cfg = 2 * args.pairs, net.config
+    seq = 154 if args.family == "sd3" else 256
+    embeds = torch.randn(b, seq, cfg.joint_attention_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(b, cfg.pooled_projection_dim, generator=g).to(device, dtype)
+    guidance = torch.full((b,), 3.5, device=device) if getattr(cfg, "guidance_embeds", False) else None
+    return Conditioning(embeds=embeds, pooled=pooled, guidance=guidance)
+
+
+def _build_flow_adapter(args, device):
+    import copy
+
+    from popalign_core.models.flow_adapter import FlowAdapter
+    from popalign_core.models.tiny_flow import encoders_of, get_dummy_flow_components
+
+    comps = get_dummy_flow_components(args.family, seed=args.seed)
+    del comps["transformer"]
+    encs, toks = encoders_of(comps, args.family)
+    net = _build_transformer(args, device)
+    ref = copy.deepcopy(net).requires_grad_(False).eval() if args.variant == "copy" else None
+    return FlowAdapter(net, comps["vae"], encs, toks, comps["scheduler"], args.family, reference_transformer=ref)
+
+
 def _build_unet(args, device):
     import torch
     from diffusers import UNet2DConditionModel
@@ -126,28 +183,33 @@ def run_variant(args) -> dict:
     def mem_now() -> int:
         return torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
 
-    # tiny seeded VAE / text encoders / tokenizers only fill the adapter's slots; they are never run
-    comps = get_dummy_components(args.family, seed=args.seed)
-    encs = [comps["text_encoder"]] + ([comps["text_encoder_2"]] if args.family == "sdxl" else [])
-    toks = [comps["tokenizer"]] + ([comps["tokenizer_2"]] if args.family == "sdxl" else [])
-    del comps["unet"]
+    flow = args.family in FLOW
+    if not flow:  # tiny seeded VAE / text encoders / tokenizers only fill the adapter's slots; they are never run
+        comps = get_dummy_components(args.family, seed=args.seed)
+        encs = [comps["text_encoder"]] + ([comps["text_encoder_2"]] if args.family == "sdxl" else [])
+        toks = [comps["tokenizer"]] + ([comps["tokenizer_2"]] if args.family == "sdxl" else [])
+        del comps["unet"]
     sync()
     mem_before = mem_now()
     t0 = time.perf_counter()
 
-    unet = _build_unet(args, device)
-    reference_unet = None
-    if args.variant == "copy":
-        reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-    adapter = DiffusersAdapter(
-        unet,
-        comps["vae"],
-        encs,
-        toks,
-        DDPMScheduler.from_config(tiny_scheduler_config(args.family)),
-        args.family,
-        reference_unet=reference_unet,
-    )
+    if flow:
+        adapter = _build_flow_adapter(args, device)
+        unet = adapter.transformer
+    else:
+        unet = _build_unet(args, device)
+        reference_unet = None
+        if args.variant == "copy":
+            reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        adapter = DiffusersAdapter(
+            unet,
+            comps["vae"],
+            encs,
+            toks,
+            DDPMScheduler.from_config(tiny_scheduler_config(args.family)),
+            args.family,
+            reference_unet=reference_unet,
+        )
     torch.manual_seed(args.seed + 1)  # same LoRA init in both variants
     counts = add_lora(adapter, LoraSpec(rank=args.rank, alpha=float(args.rank)))
     params = [p for p in adapter.trainable_parameters() if p.requires_grad]
@@ -163,16 +225,19 @@ def run_variant(args) -> dict:
     b = 2 * args.pairs
     side = args.resolution // 8
     g = torch.Generator().manual_seed(args.seed + 2)
-    latents = torch.randn(b, unet.config.in_channels, side, side, generator=g).to(device, dtype)
+    latents = torch.randn(b, adapter.latent_channels, side, side, generator=g).to(device, dtype)
     cfg = unet.config
-    embeds = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
-    pooled = time_ids = None
-    if args.family == "sdxl":  # pooled text embeds: what the add-embedding takes besides the 6 time ids
-        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        pooled = torch.randn(b, pooled_dim, generator=g).to(device, dtype)
-        r = args.resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=dtype, device=device).repeat(b, 1)
-    cond = Conditioning(embeds=embeds, pooled=pooled, time_ids=time_ids)
+    if flow:
+        cond = _flow_batch(args, unet, device, dtype, g)
+    else:
+        embeds = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+        pooled = time_ids = None
+        if args.family == "sdxl":  # pooled text embeds: what the add-embedding takes besides the 6 time ids
+            pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            pooled = torch.randn(b, pooled_dim, generator=g).to(device, dtype)
+            r = args.resolution
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=dtype, device=device).repeat(b, 1)
+        cond = Conditioning(embeds=embeds, pooled=pooled, time_ids=time_ids)
     label = torch.tensor([1.0] * args.pairs + [-1.0] * args.pairs, device=device)
     step_gen = torch.Generator().manual_seed(args.seed + 3)  # noise and timesteps: same sequence in every variant
 
@@ -225,7 +290,7 @@ def run_variant(args) -> dict:
         "resolution": args.resolution,
         "dtype": args.dtype,
         "batch": b,
-        "lora_layers": counts.get("unet", 0),
+        "lora_layers": counts.get("unet", counts.get("transformer", 0)),
         "lora_params": sum(p.numel() for p in params),
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "torch_threads": torch.get_num_threads(),
@@ -261,7 +326,7 @@ def _forwarded(args) -> list[str]:
     out = [
         "--device", args.device, "--family", args.family, "--resolution", str(args.resolution),
         "--dtype", args.dtype, "--pairs", str(args.pairs), "--rank", str(args.rank), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--seed", str(args.seed),
+        "--warmup", str(args.warmup), "--seed", str(args.seed), "--layers", str(args.layers),
     ]  # fmt: skip
     if args.tiny:
         out.append("--tiny")
@@ -302,7 +367,9 @@ def _parent_main(args) -> int:
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     side = args.resolution // 8
     print(
-        f"train step bench: {'TINY (smoke) ' if args.tiny else 'full-size '}{args.family} UNet, random weights, "
+        f"train step bench: {'TINY (smoke) ' if args.tiny else 'full-size '}{args.family} "
+        f"{'transformer' + (f' ({args.layers} blocks)' if args.layers else '') if args.family in FLOW else 'UNet'}, "
+        "random weights, "
         f"{args.resolution}x{args.resolution} ({side}x{side} latents), {args.pairs} pairs (batch {2 * args.pairs}), "
         f"LoRA rank {args.rank} on attention, {args.dtype}, device {args.device}; {args.warmup} warm-up + "
         f"{args.steps} timed steps per variant, each variant in its own process",
@@ -436,7 +503,8 @@ def _parent_main(args) -> int:
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: skipped with exit 0 when unavailable)")
-    p.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl"))
+    p.add_argument("--family", default="sd15", choices=("sd15", "sd2", "sdxl", *FLOW))
+    p.add_argument("--layers", type=int, default=0, help="flow families: keep this many blocks (0 = all)")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (latents: side / 8)")
     p.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES))
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per batch (batch = 2 * pairs)")
@@ -462,6 +530,10 @@ def _parse(argv=None):
         p.error("--warmup must be >= 0, --pairs and --rank >= 1")
     if args.resolution % 8 or args.resolution < 8:
         p.error(f"--resolution={args.resolution}: expected a positive multiple of 8")
+    if args.family in FLOW and args.resolution % 16:
+        p.error(f"--resolution={args.resolution}: {args.family} needs a multiple of 16 (VAE 8 x patch 2)")
+    if args.layers < 0 or (args.layers and args.family not in FLOW):
+        p.error("--layers: a number >= 1 of transformer blocks, for the flow families only")
     if (args.variant is None) != (args.loss is None):
         p.error("--variant and --loss go together (they select one child run)")
     return args

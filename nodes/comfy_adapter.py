@@ -37,6 +37,8 @@ COMFY_FAMILIES = {
     "KOALA_700M": "sdxl",
     "KOALA_1B": "sdxl",
 }
+# ComfyUI 0.3.x flow model types (SD3, FLUX.1-dev / -schnell) -> family: nodes/comfy_flow.py wraps them
+COMFY_FLOW_FAMILIES = {"SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
 # family -> ComfyUI text-encoder attributes of CLIP.cond_stage_model, in the core's order
 CLIP_ATTRS = {"sd15": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 NATIVE_LATENT = {"sd15": 64, "sd2": 96, "sdxl": 128}
@@ -54,11 +56,12 @@ def model_type_name(model) -> str:
 
 def family_of(model) -> str:
     name = model_type_name(model)
-    fam = COMFY_FAMILIES.get(name)
+    fam = COMFY_FAMILIES.get(name, COMFY_FLOW_FAMILIES.get(name))
     if fam is None:
         raise UnsupportedModel(
             f"model: ComfyUI model type {name!r} is not supported by PopAlign; supported types: "
-            f"{', '.join(COMFY_FAMILIES)} (Stable Diffusion 1.x, 2.x and SDXL-style UNets)"
+            f"{', '.join([*COMFY_FAMILIES, *COMFY_FLOW_FAMILIES])} (Stable Diffusion 1.x, 2.x and SDXL-style UNets, "
+            "SD3.x, FLUX.1)"
         )
     return fam
 
@@ -443,7 +446,8 @@ def load_for_training(*patchers) -> None:
 
 
 def adapter_from_comfy(model, clip, vae, *, trainable: bool = True):
-    """A `DiffusersAdapter` over the ComfyUI MODEL (and CLIP, VAE) sharing their weights (module docstring).
+    """A `DiffusersAdapter` over the ComfyUI MODEL (and CLIP, VAE) sharing their weights (module docstring); for
+    SD3 / Flux / FluxSchnell MODELs a `comfy_flow.ComfyFlowAdapter` (a FlowAdapter over views, nodes/comfy_flow.py).
 
     trainable: first turn ComfyUI's inference-tensor weights into ordinary tensors (`make_weights_trainable`),
     which backward needs. Must be called outside ``torch.inference_mode()``.
@@ -455,6 +459,14 @@ def adapter_from_comfy(model, clip, vae, *, trainable: bool = True):
         raise RuntimeError("adapter_from_comfy must run outside torch.inference_mode() (wrap it in "
                            "torch.inference_mode(False))")  # fmt: skip
     family = family_of(model)
+    if model_type_name(model) in COMFY_FLOW_FAMILIES:  # SD3 / FLUX: a FlowAdapter over views (comfy_flow.py)
+        import sys
+
+        from .comfy_flow import flow_adapter_from_comfy
+
+        if clip is None or vae is None:
+            raise ValueError(f"{'clip' if clip is None else 'vae'}: a CLIP and a VAE are required for training")
+        return flow_adapter_from_comfy(model, clip, vae, sys.modules[__name__], trainable=trainable)
     noise = noise_scheduler_of(model)
     if clip is None:
         raise ValueError("clip: a CLIP is required (the core encodes prompts with the model's own text encoders)")

@@ -136,7 +136,8 @@ class DALConfig(RunConfig):
     lora_rank: int = _help("LoRA rank (patent: 50)", default=50)
     lora_alpha: float | None = _help("LoRA alpha (default: the rank)", default=None)
     unet_targets: list = _help(
-        "UNet modules with a LoRA", default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+        "UNet / transformer modules with a LoRA; default: the family's attention projections (DEFAULT_UNET_TARGETS)",
+        default_factory=lambda: ["default"],
     )
     text_encoder_targets: list = _help(
         "text-encoder modules with a LoRA",

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 from popalign_core.models.adapter import Conditioning
-from popalign_core.models.sampling import SCHEDULERS, build_scheduler
+from popalign_core.models.sampling import AUTO_SCHEDULER, SCHEDULERS, prepare_scheduler, scale_model_input
 
 __all__ = ["GRADIENTS", "DFTConfig", "a1_coefficients", "generate", "grad_coefficients", "solver_coefficients"]
 
@@ -74,7 +74,8 @@ class DFTConfig:
     )
     scheduler: str = _help(
         "Sampling scheduler (deterministic ones only): "
-        + ", ".join(k for k, s in SCHEDULERS.items() if not s.stochastic),
+        + ", ".join(k for k, s in SCHEDULERS.items() if not s.stochastic)
+        + "; auto: dpmpp_2m, or flow_euler for SD3 / FLUX",
         default="dpmpp_2m",
     )
     gradient: str = _help("Gradient through the sampler: " + "; ".join(f"{k}: {v}" for k, v in GRADIENTS.items()),
@@ -95,7 +96,7 @@ class DFTConfig:
         gs = self.guidance_scale
         if isinstance(gs, bool) or not isinstance(gs, int | float) or not math.isfinite(gs) or gs < 0:
             raise ValueError(f"guidance_scale: expected a finite number >= 0, got {gs!r}")
-        ok = [k for k, s in SCHEDULERS.items() if not s.stochastic]
+        ok = [AUTO_SCHEDULER, *(k for k, s in SCHEDULERS.items() if not s.stochastic)]
         if self.scheduler not in ok:
             raise ValueError(f"scheduler={self.scheduler!r}: DFT needs a deterministic scheduler; valid values: "
                              f"{', '.join(ok)}")  # fmt: skip
@@ -114,10 +115,35 @@ class DFTConfig:
 
 
 # ------------------------------------------------------------------------------------------- coefficients
+def check_model(adapter, config: DFTConfig) -> None:
+    """ValueError unless `config` can run on `adapter`: a flow model (SD3, FLUX) needs the flow-Euler sampler
+    (scheduler "flow_euler" or "auto") and the "solver" or "exact" gradient; epsilon / v models any other."""
+    flow = getattr(adapter, "prediction_type", None) == "flow"
+    name = config.scheduler
+    if name != AUTO_SCHEDULER and SCHEDULERS[name].flow != flow:
+        kind = "a flow-matching model" if flow else "an epsilon / v-prediction model"
+        valid = [AUTO_SCHEDULER, *(k for k, s in SCHEDULERS.items() if s.flow == flow and not s.stochastic)]
+        raise ValueError(
+            f"scheduler={name!r} cannot sample {adapter.family!r}, {kind}; valid values: {', '.join(valid)}"
+        )
+    f = int(adapter.vae_scale_factor) * int(getattr(adapter, "patch_size", 1))
+    for name, v in zip(("height", "width"), _size(adapter, config)):
+        if v % f:
+            raise ValueError(f"{name}={v} must be a multiple of {f} for {adapter.family!r} (VAE factor x patch size)")
+    if flow and config.gradient == "a1":
+        raise ValueError(
+            f"gradient='a1' is not defined for {adapter.family!r}: Algorithm A.1's C_t = 1/A_t comes from a DDPM "
+            "training schedule (betas, alphas_cumprod), which a flow-matching model does not have. Use "
+            "gradient='solver' (the flow-Euler sampler is z_0 = z_T + sum_i (sigma_i+1 - sigma_i) v_i, so A_t = 1 "
+            "is exact for it) or 'exact'"
+        )
+
+
 def _scheduler(adapter, config: DFTConfig, device=None):
-    sch = build_scheduler(config.scheduler, adapter.noise_scheduler.config)
-    sch.set_timesteps(config.steps, device=device if device is not None else adapter.device)
-    return sch
+    name = AUTO_SCHEDULER if config.scheduler == AUTO_SCHEDULER else config.scheduler
+    if name == AUTO_SCHEDULER and getattr(adapter, "prediction_type", None) != "flow":
+        name = "dpmpp_2m"
+    return prepare_scheduler(adapter, name, config.steps, _size(adapter, config), device)
 
 
 def solver_coefficients(adapter, config: DFTConfig) -> torch.Tensor:
@@ -150,6 +176,7 @@ def a1_coefficients(adapter, config: DFTConfig) -> torch.Tensor:
 
 def grad_coefficients(adapter, config: DFTConfig) -> torch.Tensor | None:
     """The per-step gradient multipliers C_i of `config.gradient` ([steps] float64), or None for "exact"."""
+    check_model(adapter, config)
     if config.gradient == "exact":
         return None
     if config.gradient == "a1":
@@ -180,8 +207,8 @@ def _size(adapter, config: DFTConfig) -> tuple[int, int]:
     return config.height or native, config.width or native
 
 
-def _unet(adapter, x, t, embeds, pooled, time_ids):
-    return adapter.predict(x, t, Conditioning(embeds, pooled, time_ids)).float()
+def _unet(adapter, x, t, embeds, pooled, time_ids, guidance):
+    return adapter.predict(x, t, Conditioning(embeds, pooled, time_ids, guidance)).float()
 
 
 def generate(
@@ -200,6 +227,7 @@ def generate(
     `torch.no_grad()` this is a plain sampler. trajectory: if a list is given, the detached UNet input latents z_i
     of every step are appended to it (for tests and analysis)."""
     config.validate()
+    check_model(adapter, config)
     if output not in ("images", "latents"):
         raise ValueError(f"output={output!r}; valid values: images, latents")
     if isinstance(prompts, str) or len(prompts) != noise.shape[0]:
@@ -209,20 +237,22 @@ def generate(
     coef = grad_coefficients(adapter, config)
     h, w = _size(adapter, config)
     cond = adapter.encode_prompt(list(prompts), h, w)
-    guided = config.guidance_scale != 1
+    gs = float(config.guidance_scale)
+    if cond.guidance is not None:  # guidance-distilled model (FLUX.1-dev): the scale is an input
+        cond = Conditioning(cond.embeds, cond.pooled, cond.time_ids, torch.full_like(cond.guidance, gs))
+    guided = config.guidance_scale != 1 and cond.guidance is None
     if guided:
         uncond = adapter.encode_prompt([config.negative_prompt], h, w).repeat(len(prompts))
         cond = Conditioning.cat([uncond, cond])
-    gs = float(config.guidance_scale)
-    z = noise.to(device=device, dtype=torch.float32) * sch.init_noise_sigma
+    z = noise.to(device=device, dtype=torch.float32) * getattr(sch, "init_noise_sigma", 1.0)
     ckpt = config.checkpointing and torch.is_grad_enabled()
     for i, t in enumerate(sch.timesteps):
         z_in = z if coef is None else z.detach()  # B_t = I: the UNet sees the detached latent
         if trajectory is not None:
             trajectory.append(z_in.detach().clone())
         x_in = torch.cat([z_in, z_in]) if guided else z_in
-        x_in = sch.scale_model_input(x_in, t)
-        args = (adapter, x_in, t, cond.embeds, cond.pooled, cond.time_ids)
+        x_in = scale_model_input(sch, x_in, t)
+        args = (adapter, x_in, t, cond.embeds, cond.pooled, cond.time_ids, cond.guidance)
         pred = checkpoint(_unet, *args, use_reentrant=False) if ckpt else _unet(*args)
         if guided:
             pu, pc = pred.chunk(2)
@@ -243,7 +273,7 @@ def describe(adapter, config: DFTConfig) -> dict[str, Any]:
     a = solver_coefficients(adapter, config)
     c = grad_coefficients(adapter, config)
     return {
-        "timesteps": [int(t) for t in sch.timesteps],
+        "timesteps": [float(t) if float(t) != int(t) else int(t) for t in sch.timesteps],
         "a": [float(v) for v in a],
         "C": None if c is None else [float(v) for v in c],
         "C_times_a": None if c is None else [float(v) for v in c * a],

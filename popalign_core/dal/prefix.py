@@ -43,6 +43,7 @@ from popalign_core.common.fileio import (
     safetensors_keys,
     save_safetensors,
 )
+from popalign_core.models.families import FLOW_FAMILIES, UNET_FAMILIES, check_family
 
 __all__ = ["SOFT_PREFIX_TYPE", "SoftPrefix", "expand_token", "prefix_file_keys"]
 
@@ -75,6 +76,8 @@ def _check_adapter(adapter) -> None:
             "`tokenizers` lists"
         )
     family = getattr(adapter, "family", None)
+    if family in FLOW_FAMILIES:
+        check_family(family, UNET_FAMILIES, "a soft prefix (its file layout holds CLIP vectors of SD1.5/SD2/SDXL)")
     if len(encs) != len(prefix_file_keys(family)):
         raise ValueError(
             f"adapter: family {family!r} with {len(encs)} text encoder(s); a soft prefix needs 1 (sd15, sd2) or "

@@ -59,11 +59,12 @@ from popalign_core.dal.config import (  # noqa: F401 - re-exported: the module's
     build_target,
     load_dal_config,
 )
-from popalign_core.dal.dft import GRADIENTS, generate
+from popalign_core.dal.dft import GRADIENTS, check_model, generate
 from popalign_core.dal.embedders import FaceBank, make_embedder
 from popalign_core.dal.loss import dal_targets
 from popalign_core.dal.ot import METHODS, MODES
 from popalign_core.lora.files import LoraSpec, add_lora, lora_metadata, model_hash
+from popalign_core.lora.inject import denoiser_targets
 from popalign_core.models.sampling import SamplerConfig, initial_noise
 from popalign_core.train.loop import TrainerBase, TrainingError
 
@@ -234,6 +235,7 @@ class DALTrainer(TrainerBase):
     def _setup_model(self):
         cfg = self.cfg
         adapter = self._load_adapter()
+        check_model(adapter, self.dft_cfg)  # flow models: the flow-Euler sampler and no 'a1' (before any work)
         adapter.unet.requires_grad_(False)
         adapter.vae.requires_grad_(False)
         for te in adapter.text_encoders:
@@ -249,7 +251,7 @@ class DALTrainer(TrainerBase):
             spec = LoraSpec(
                 rank=cfg.lora_rank,
                 alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
-                unet_targets=tuple(cfg.unet_targets) if cfg.train in ("unet", "both") else None,
+                unet_targets=denoiser_targets(cfg.unet_targets) if cfg.train in ("unet", "both") else None,
                 text_encoder_targets=tuple(cfg.text_encoder_targets)
                 if cfg.train in ("text_encoder", "both")
                 else None,

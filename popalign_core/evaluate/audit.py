@@ -64,7 +64,7 @@ from popalign_core.evaluate.audit_files import (  # noqa: F401  (re-exported)
 )
 from popalign_core.evaluate.compare import COMPARE_OUTPUTS, compare_audits, compare_main  # noqa: F401  (re-exported)
 from popalign_core.evaluate.metrics import POOLED_NOTE
-from popalign_core.models.sampling import SamplerConfig
+from popalign_core.models.sampling import SCHEDULER_CHOICES, SamplerConfig
 
 if TYPE_CHECKING:
     from popalign_core.models.sampling import SamplerConfig
@@ -322,7 +322,11 @@ def _parser() -> ArgumentParser:
     s.add_argument("--steps", type=integer, default=25)
     s.add_argument("--guidance", type=number, default=7.5, help="classifier-free guidance scale")
     s.add_argument("--seed", type=integer, default=0)
-    s.add_argument("--scheduler", default="ddim")
+    s.add_argument(
+        "--scheduler",
+        default="auto",
+        help=f"sampler: {', '.join(SCHEDULER_CHOICES)} (auto: ddim, or flow_euler for SD3 / FLUX)",
+    )
     s.add_argument("--height", type=integer)
     s.add_argument("--width", type=integer)
     s.add_argument("--batch-size", type=integer, default=8)

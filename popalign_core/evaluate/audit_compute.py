@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from popalign_core.evaluate.metrics import (
     recall,
 )
 from popalign_core.evaluate.metrics import clip_score as clip_score_metric
-from popalign_core.models.sampling import SamplerConfig, derive_seed, sample
+from popalign_core.models.sampling import SamplerConfig, derive_seed, resolve_scheduler, sample
 
 CLASSIFY_CHUNK = 32  # images read and classified at a time
 
@@ -73,6 +74,7 @@ def sample_images(
 
     spec, adapter = audit_adapter(model)
     config = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(**dict(sampler))
+    config = replace(config, scheduler=resolve_scheduler(adapter, config.scheduler))  # "auto" -> recorded by name
     rows = []
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for pi, prompt in enumerate(prompts):

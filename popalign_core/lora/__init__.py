@@ -11,11 +11,20 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         **dict.fromkeys(
-            ["LoraSpec", "TEXT_ENCODER_TARGETS", "UNET_ATTENTION_TARGETS", "add_lora", "get_lora_state_dict"],
+            [
+                "DEFAULT_UNET_TARGETS",
+                "FLOW_ATTENTION_TARGETS",
+                "LoraSpec",
+                "TEXT_ENCODER_TARGETS",
+                "UNET_ATTENTION_TARGETS",
+                "add_lora",
+                "get_lora_state_dict",
+                "lora_components",
+            ],
             ".inject",
         ),
         **dict.fromkeys(["kohya_to_peft", "peft_to_kohya"], ".kohya"),
-        **dict.fromkeys(["lora_metadata", "model_hash"], ".metadata"),
+        **dict.fromkeys(["check_lora_family", "lora_metadata", "model_hash"], ".metadata"),
         **dict.fromkeys(
             ["DIFFUSERS_WEIGHT_NAME", "LORA_FORMATS", "LoraFormat", "load_lora", "read_lora", "save_lora"], ".files"
         ),

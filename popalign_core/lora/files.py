@@ -11,10 +11,14 @@ LoRA creation and the in-memory (peft) layout: `lora.inject`; the kohya keys: `l
 
 Formats (`LORA_FORMATS`):
 - "diffusers": a folder holding `pytorch_lora_weights.safetensors`, as `StableDiffusion(XL)Pipeline.save_lora_weights`
-  writes it; `pipe.load_lora_weights(folder)` loads it. alpha != rank travels in the safetensors metadata key
-  `lora_adapter_metadata` (see `lora.metadata`).
-- "kohya": one `.safetensors` with `lora_unet_...` / `lora_te_...` lora_down / lora_up / alpha keys (see
-  `lora.kohya`): the format ComfyUI's `LoraLoader` reads, A1111 / Forge and diffusers too.
+  writes it (`unet.` / `text_encoder.` keys; SD3 and FLUX: `transformer.` / `text_encoder.` [/ `text_encoder_2.`],
+  as `StableDiffusion3Pipeline` / `FluxPipeline.save_lora_weights`); `pipe.load_lora_weights(folder)` loads it.
+  alpha != rank travels in the safetensors metadata key `lora_adapter_metadata` (see `lora.metadata`).
+- "kohya": one `.safetensors` with `lora_unet_...` (SD3 / FLUX: `lora_transformer_...`) / `lora_te_...` lora_down /
+  lora_up / alpha keys (see `lora.kohya`): the format ComfyUI's `LoraLoader` reads, A1111 / Forge and diffusers
+  too (FLUX; SD3 in diffusers: the "diffusers" layout).
+
+A file records the family it was trained on (metadata `family`); `load_lora` refuses it on another family.
 
 Saves are atomic: tensors go to a uniquely named temporary file beside the destination, which `os.replace` then moves
 onto the final name, so an interrupted save never leaves a partial file under the final name; `save_lora_formats`
@@ -39,6 +43,8 @@ from popalign_core.lora.inject import (
     _PEFT_KEY,
     _SUPPORTED_LAYERS,
     _TEXT_MODEL,
+    DEFAULT_UNET_TARGETS,
+    FLOW_ATTENTION_TARGETS,
     TEXT_ENCODER_TARGETS,
     UNET_ATTENTION_TARGETS,
     LoraSpec,
@@ -48,10 +54,12 @@ from popalign_core.lora.inject import (
     _freeze_base,
     _group_peft,
     _has_adapter,
+    _is_te,
     _lora_layers,
     _supported_layers,
     add_lora,
     get_lora_state_dict,
+    lora_components,
 )
 from popalign_core.lora.kohya import (
     _COMFY_TE_MODULE,
@@ -68,21 +76,27 @@ from popalign_core.lora.metadata import (
     _check_metadata,
     _diffusers_adapter_metadata,
     _most_common,
+    check_lora_family,
     lora_metadata,
     model_hash,
 )
+from popalign_core.models.families import FAMILIES
 
 __all__ = [
+    "DEFAULT_UNET_TARGETS",
     "DIFFUSERS_WEIGHT_NAME",
+    "FLOW_ATTENTION_TARGETS",
     "LORA_FORMATS",
     "LoraFormat",
     "LoraSpec",
     "TEXT_ENCODER_TARGETS",
     "UNET_ATTENTION_TARGETS",
     "add_lora",
+    "check_lora_family",
     "get_lora_state_dict",
     "kohya_to_peft",
     "load_lora",
+    "lora_components",
     "lora_metadata",
     "model_hash",
     "peft_to_kohya",
@@ -106,13 +120,15 @@ class LoraFormat:
 LORA_FORMATS = {
     "diffusers": LoraFormat(
         "diffusers",
-        f"diffusers/peft layout: a folder with {DIFFUSERS_WEIGHT_NAME} (unet./text_encoder. lora_A/lora_B keys); "
+        f"diffusers/peft layout: a folder with {DIFFUSERS_WEIGHT_NAME} (unet. or transformer. / text_encoder. "
+        "lora_A/lora_B keys); "
         "for diffusers' load_lora_weights",
         is_folder=True,
     ),
     "kohya": LoraFormat(
         "kohya",
-        "kohya/A1111 layout: one .safetensors (lora_unet_/lora_te_ lora_down/lora_up/alpha keys); "
+        "kohya/A1111 layout: one .safetensors (lora_unet_ or lora_transformer_ / lora_te_ lora_down/lora_up/alpha "
+        "keys); "
         "for ComfyUI's LoraLoader, A1111/Forge and diffusers",
         is_folder=False,
     ),
@@ -274,8 +290,9 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         lora_like = [k for k in sd if "lora" in k.lower()]
         raise ValueError(
             f"path={path!r}: no recognised LoRA keys ({len(sd)} tensors, {len(lora_like)} with 'lora' in the name, "
-            f"e.g. {list(sd)[:3]}); valid formats: {', '.join(LORA_FORMATS)} ('<unet|text_encoder>.<module>."
-            "lora_A|lora_B.weight' or 'lora_<unet|te|te1|te2>_<module>.lora_down|lora_up.weight|alpha')"
+            f"e.g. {list(sd)[:3]}); valid formats: {', '.join(LORA_FORMATS)} ('<unet|transformer|text_encoder>."
+            "<module>.lora_A|lora_B.weight' or 'lora_<unet|transformer|te|te1|te2>_<module>.lora_down|lora_up."
+            "weight|alpha')"
         )
     return sd, metadata, fmt
 
@@ -289,7 +306,7 @@ def _module_resolver(comps: Mapping[str, torch.nn.Module]) -> Callable[[str, str
         if prefix not in cache:
             names = {}
             for n in _supported_layers(comps[prefix]):
-                canonical = n if prefix == "unet" else _canonical_te(n)
+                canonical = _canonical_te(n) if _is_te(prefix) else n
                 names[canonical.replace(".", "_")] = canonical
             cache[prefix] = names
         return cache[prefix].get(underscored) or _resolve_by_vocabulary(underscored)
@@ -306,9 +323,9 @@ def _resolve_module(
     """The name of `module` in the model (text-encoder names with or without `text_model.`); ValueError when it is
     not a Linear/Conv2d layer there or the LoRA's shapes do not fit its weight."""
     name = module
-    if name not in existing and prefix != "unet" and name.startswith(_TEXT_MODEL):
+    if name not in existing and _is_te(prefix) and name.startswith(_TEXT_MODEL):
         name = name.removeprefix(_TEXT_MODEL)
-    elif name not in existing and prefix != "unet":
+    elif name not in existing and _is_te(prefix):
         name = _TEXT_MODEL + name
     target = existing.get(name)
     base = getattr(target, "base_layer", target)
@@ -329,14 +346,22 @@ def _resolve_module(
     return name
 
 
+def _check_components(path, sd, family: str, comps: Mapping[str, torch.nn.Module]) -> None:
+    """ValueError naming the families a peft-layout LoRA's components belong to when the model lacks one."""
+    for prefix in sorted({p for p, _ in _group_peft(sd)}):
+        if prefix not in comps:
+            owners = [f for f in FAMILIES if prefix in lora_components(f)]
+            raise ValueError(
+                f"{path!s}: the LoRA has {prefix}.* weights (a LoRA for {' / '.join(owners)}) but family "
+                f"{family!r} has no {prefix}"
+            )
+
+
 def _load_plan(adapter, path, sd, alphas, comps: Mapping[str, torch.nn.Module]) -> _Plan:
     """{prefix: {module name in the model: (A, B, alpha)}} of a peft-layout state dict, every module checked."""
+    _check_components(path, sd, adapter.family, comps)
     plan: _Plan = collections.defaultdict(dict)
     for (prefix, module), ab in _group_peft(sd).items():
-        if prefix not in comps:
-            raise ValueError(
-                f"{path!s}: the LoRA has {prefix}.* weights but family {adapter.family!r} has no {prefix}"
-            )
         plan[prefix][module] = (ab["lora_A"], ab["lora_B"], alphas[f"{prefix}.{module}.alpha"])
     for prefix, mods in list(plan.items()):
         existing = dict(comps[prefix].named_modules())
@@ -404,14 +429,17 @@ def load_lora(adapter, path: str | os.PathLike, adapter_name: str = "default") -
     When a component has no LoRA of that name yet, its LoRA layers are created with the file's ranks, alphas and
     modules; when it has one, it must cover the same modules with the same ranks, and its weights and alphas are
     overwritten (e.g. to resume training). Base weights are frozen as in `add_lora`; the LoRA is active.
-    Everything is checked before any model is changed.
+    Everything is checked before any model is changed; a file whose metadata names another family than the
+    adapter's is refused (ValueError naming both).
     """
     sd, metadata, fmt = read_lora(path)
     comps = _components(adapter)
-    if fmt == "kohya":
+    if fmt == "kohya":  # (checks the components first, as _check_components does for the diffusers layout)
         sd, alphas = _kohya_to_peft(sd, adapter.family, _module_resolver(comps))
     else:
+        _check_components(path, sd, adapter.family, comps)
         alphas = _alphas_from_diffusers_metadata(sd, metadata)
+    check_lora_family(path, metadata, adapter.family)  # before the modules: e.g. sd3 <-> flux share the keys
     plan = _load_plan(adapter, path, sd, alphas, comps)
     _check_existing(plan, comps, adapter_name)
     _apply_plan(plan, comps, adapter_name)

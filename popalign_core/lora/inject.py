@@ -5,17 +5,21 @@
     ...train...
     sd, network_alphas = get_lora_state_dict(adapter)   # then `lora.files.save_lora` writes it
 
-`adapter` is anything with `.unet`, `.text_encoders` (a list) and `.family` ("sd15", "sd2", "sdxl"), e.g.
-`popalign_core.models.diffusers_adapter.DiffusersAdapter`. LoRA lives on the diffusers UNet (`unet.add_adapter`) and,
-optionally, on each transformers CLIP text encoder (`add_adapter`); `adapter.reference()` disables it.
+`adapter` is anything with `.unet`, `.text_encoders` (a list) and `.family` (a key of `models.families.FAMILY_SPECS`),
+e.g. `popalign_core.models.diffusers_adapter.DiffusersAdapter` or, for SD3 / FLUX, `models.flow_adapter.FlowAdapter`
+(whose `.unet` is the transformer). LoRA lives on the diffusers denoiser (`add_adapter`) and, optionally, on each
+transformers CLIP text encoder (`add_adapter`; T5 never gets one: see `lora_components`); `adapter.reference()`
+disables it. Default denoiser targets per family: `DEFAULT_UNET_TARGETS` (`LoraSpec(unet_targets="default")`).
 
-In-memory layout ("peft" keys, the layout of diffusers' files): `unet.<module>.lora_A.weight` (the "down"
-matrix, [r, in] or [r, in, kh, kw]) and `.lora_B.weight` (the "up" matrix, [out, r] or [out, r, 1, 1]), likewise
-`text_encoder.` / `text_encoder_2.`; the effective weight is W + (alpha / r) * B @ A. Text-encoder module names are
-written in their canonical form `text_model.encoder.layers.N...`: transformers 5's `CLIPTextModel` has dropped the
-`text_model.` level (its `CLIPTextModelWithProjection` still has it); readers (diffusers, ComfyUI, this package) all
-accept the canonical form. Per-module alphas travel beside the tensors as `network_alphas`,
-`{"<prefix>.<module>.alpha": float}` (diffusers' own convention for kohya alphas).
+In-memory layout ("peft" keys, the layout of diffusers' files): `<denoiser>.<module>.lora_A.weight` (the "down"
+matrix, [r, in] or [r, in, kh, kw]) and `.lora_B.weight` (the "up" matrix, [out, r] or [out, r, 1, 1]), with
+<denoiser> = `unet` for the UNet families and `transformer` for the flow families (the prefix diffusers'
+`FluxPipeline` / `StableDiffusion3Pipeline.load_lora_weights` read), likewise `text_encoder.` / `text_encoder_2.`
+(the CLIP encoders: SDXL and SD3 CLIP-L / CLIP-G, FLUX CLIP-L); the effective weight is W + (alpha / r) * B @ A.
+Text-encoder module names are written in their canonical form `text_model.encoder.layers.N...`: transformers 5's
+`CLIPTextModel` has dropped the `text_model.` level (its `CLIPTextModelWithProjection` still has it); readers
+(diffusers, ComfyUI, this package) all accept the canonical form. Per-module alphas travel beside the tensors as
+`network_alphas`, `{"<prefix>.<module>.alpha": float}` (diffusers' own convention for kohya alphas).
 """
 
 from __future__ import annotations
@@ -27,14 +31,49 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LoraSpec", "TEXT_ENCODER_TARGETS", "UNET_ATTENTION_TARGETS", "add_lora", "get_lora_state_dict"]
+__all__ = [
+    "DEFAULT_UNET_TARGETS",
+    "FLOW_ATTENTION_TARGETS",
+    "LoraSpec",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_ATTENTION_TARGETS",
+    "add_lora",
+    "denoiser_prefix",
+    "get_lora_state_dict",
+    "lora_components",
+]
 
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: attention of both streams of an MMDiT / FLUX block (diffusers names): image q/k/v/out, text q/k/v/out. The same
+#: names serve SD3 and FLUX, so both families share them: SD3's last joint block has no `to_add_out` (its text
+#: stream is "pre only"), FLUX's single blocks only `to_q/k/v` (their output is `proj_out`, shared with the MLP);
+#: defaults take the modules that exist. diffusers' SD3 LoRA trainer uses these eight; ComfyUI maps each onto its
+#: fused qkv / proj weights (`lora.kohya`).
+FLOW_ATTENTION_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)  # fmt: skip
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # attention + MLP
+#: the denoiser targets `LoraSpec(unet_targets="default")` means, per family
+DEFAULT_UNET_TARGETS = {
+    "sd15": UNET_ATTENTION_TARGETS,
+    "sd2": UNET_ATTENTION_TARGETS,
+    "sdxl": UNET_ATTENTION_TARGETS,
+    "sd3": FLOW_ATTENTION_TARGETS,
+    "flux": FLOW_ATTENTION_TARGETS,
+}
+DEFAULT = "default"
 
-# component prefix (peft / diffusers layout) -> index into adapter.text_encoders (None = the UNet)
-_COMPONENTS = {"unet": None, "text_encoder": 0, "text_encoder_2": 1}
-_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight$")
+
+def denoiser_targets(value) -> tuple[str, ...] | str:
+    """A config's target list as `LoraSpec.unet_targets` takes it: ``["default"]`` (the configs' default) means the
+    family's `DEFAULT_UNET_TARGETS`, anything else is the tuple of module names."""
+    names = (value,) if isinstance(value, str) else tuple(value)
+    return DEFAULT if names == (DEFAULT,) else names
+
+
+_DENOISERS = ("unet", "transformer")
+_PEFT_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight$")
+_CLIP_ENCODERS = ("clip_l", "clip_g", "openclip_h")  # the text encoders LoRA may target (never T5)
 _TEXT_MODEL = "text_model."
 _SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 
@@ -45,12 +84,14 @@ class LoraSpec:
     """What LoRA to add.
 
     rank / alpha: LoRA rank r and alpha; the update is scaled by alpha / r (alpha == rank: scale 1).
-    unet_targets: UNet module names or name suffixes (peft `target_modules` list semantics: a module matches a
-        target when its name equals it or ends with "." + target), e.g. ("to_q", "to_k", "to_v", "to_out.0") for
-        attention; None = no UNet LoRA.
-    text_encoder_targets: the same for the text encoder(s), e.g. `TEXT_ENCODER_TARGETS` (attention + MLP); each
-        encoder gets the targets it has (every target must exist in at least one); None = no text-encoder LoRA.
-        ComfyUI applies text-encoder LoRA only to q/k/v/out_proj and fc1/fc2.
+    unet_targets: denoiser (UNet or flow transformer) module names or name suffixes (peft `target_modules` list
+        semantics: a module matches a target when its name equals it or ends with "." + target), e.g. ("to_q",
+        "to_k", "to_v", "to_out.0") for attention; "default" = the family's `DEFAULT_UNET_TARGETS` (those of them
+        the model has); None = no denoiser LoRA.
+    text_encoder_targets: the same for the CLIP text encoder(s), e.g. `TEXT_ENCODER_TARGETS` (attention + MLP);
+        each encoder gets the targets it has (every target must exist in at least one); None = no text-encoder
+        LoRA. ComfyUI applies text-encoder LoRA only to q/k/v/out_proj and fc1/fc2. T5 (SD3, FLUX) is never
+        adapted.
     init_lora_weights: True = peft's default (A random, B = 0: the LoRA starts as a no-op); False = peft's
         "no init" (both A and B keep torch's default layer init: a random, non-zero LoRA); "gaussian" = A and B both
         drawn from N(0, (1/r)^2) with torch's global RNG (a non-zero LoRA, e.g. for tests; unlike peft's "gaussian",
@@ -60,7 +101,7 @@ class LoraSpec:
 
     rank: int = 4
     alpha: float = 4.0
-    unet_targets: tuple[str, ...] | None = UNET_ATTENTION_TARGETS
+    unet_targets: tuple[str, ...] | str | None = DEFAULT
     text_encoder_targets: tuple[str, ...] | None = None
     init_lora_weights: bool | str = True
     dropout: float = 0.0
@@ -72,11 +113,13 @@ class LoraSpec:
             raise ValueError(f"alpha={self.alpha!r}: expected a positive number")
         for field_name in ("unet_targets", "text_encoder_targets"):
             value = getattr(self, field_name)
-            if value is None:
+            if value is None or (field_name == "unet_targets" and value == DEFAULT):
                 continue
             if isinstance(value, str) or not all(isinstance(t, str) and t for t in value) or not len(value):
                 raise ValueError(
-                    f"{field_name}={value!r}: expected None or a non-empty tuple of module names, e.g. ('to_q',)"
+                    f"{field_name}={value!r}: expected None"
+                    + (", 'default'" if field_name == "unet_targets" else "")
+                    + " or a non-empty tuple of module names, e.g. ('to_q',)"
                 )
             object.__setattr__(self, field_name, tuple(value))
         if self.unet_targets is None and self.text_encoder_targets is None:
@@ -89,11 +132,38 @@ class LoraSpec:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+def denoiser_prefix(family: str) -> str:
+    """The denoiser's key prefix in the peft / diffusers layout: "unet", or "transformer" for a flow family."""
+    from popalign_core.models.families import is_flow
+
+    return "transformer" if is_flow(family) else "unet"
+
+
+def _is_te(prefix: str) -> bool:
+    return prefix not in _DENOISERS
+
+
+def lora_components(family: str) -> tuple[str, ...]:
+    """The component prefixes a LoRA of `family` may have: the denoiser, then one per CLIP text encoder, named by
+    its position in the pipeline (`text_encoder`, `text_encoder_2`); T5 (SD3's text_encoder_3, FLUX's
+    text_encoder_2) is left out: ComfyUI's and diffusers' loaders expect no LoRA there from this layout."""
+    from popalign_core.models.families import family_spec
+
+    names = family_spec(family).text_encoders
+    tes = tuple(
+        "text_encoder" if k == 0 else f"text_encoder_{k + 1}" for k, n in enumerate(names) if n in _CLIP_ENCODERS
+    )
+    return (denoiser_prefix(family), *tes)
+
+
 def _components(adapter) -> dict[str, torch.nn.Module]:
-    """{"unet": unet, "text_encoder": te1[, "text_encoder_2": te2]} of an adapter."""
-    out = {"unet": adapter.unet}
-    for prefix, idx in _COMPONENTS.items():
-        if idx is not None and idx < len(adapter.text_encoders):
+    """{denoiser prefix: unet/transformer, "text_encoder": te1[, "text_encoder_2": te2]} of an adapter (the CLIP
+    encoders it holds; see `lora_components`)."""
+    prefixes = lora_components(adapter.family)
+    out = {prefixes[0]: adapter.unet}
+    for prefix in prefixes[1:]:
+        idx = 0 if prefix == "text_encoder" else int(prefix.rsplit("_", 1)[1]) - 1
+        if idx < len(adapter.text_encoders) and adapter.text_encoders[idx] is not None:
             out[prefix] = adapter.text_encoders[idx]
     return out
 
@@ -200,9 +270,20 @@ def _has_adapter(module: torch.nn.Module, adapter_name: str) -> bool:
     return adapter_name in (getattr(module, "peft_config", None) or {}) or bool(_lora_layers(module, adapter_name))
 
 
+def _denoiser_plan(targets, family: str, prefix: str, module: torch.nn.Module) -> dict[str, list]:
+    """`_match_targets` for the denoiser; "default" = the family's `DEFAULT_UNET_TARGETS` that the model has."""
+    if targets != DEFAULT:
+        return _match_targets({prefix: module}, targets, "unet_targets")
+    defaults = DEFAULT_UNET_TARGETS[family]
+    layers = _supported_layers(module)
+    present = tuple(t for t in defaults if any(_target_matches(n, t) for n in layers))
+    return _match_targets({prefix: module}, present or defaults, f"unet_targets (the {family} default)")
+
+
 # ------------------------------------------------------------------------------------------------------ add
 def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str, int]:
-    """Add a peft LoRA to `adapter.unet` (and to each text encoder when `spec.text_encoder_targets` is set).
+    """Add a peft LoRA to `adapter.unet` (UNet or flow transformer) and to each CLIP text encoder when
+    `spec.text_encoder_targets` is set.
 
     Base weights (UNet, text encoders, VAE) are frozen: afterwards only this LoRA's A/B weights require grad, so
     `adapter.trainable_parameters()` returns exactly them. The new adapter becomes the active one.
@@ -215,14 +296,20 @@ def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r}: expected a non-empty str")
     comps = _components(adapter)
+    denoiser = denoiser_prefix(adapter.family)
     # validate everything before touching any model
     plan = {}
     if spec.unet_targets is not None:
-        plan.update(_match_targets({"unet": comps["unet"]}, spec.unet_targets, "unet_targets"))
+        plan.update(_denoiser_plan(spec.unet_targets, adapter.family, denoiser, comps[denoiser]))
     if spec.text_encoder_targets is not None:
-        encoders = {p: m for p, m in comps.items() if p != "unet"}
+        encoders = {p: m for p, m in comps.items() if _is_te(p)}
+        if not encoders:  # e.g. SD3 / FLUX in ComfyUI, whose prompts ComfyUI's own CLIP encodes
+            raise ValueError("text_encoder_targets: this model adapter has no trainable text encoder"
+                             + (f" ({adapter.no_text_encoder_reason})" if hasattr(adapter, "no_text_encoder_reason")
+                                else ""))  # fmt: skip
+        what = "text_encoder_targets" + (" (CLIP encoders only: T5 is never adapted)" if denoiser != "unet" else "")
         # a target may exist in one encoder only (e.g. SDXL's text_encoder_2.text_projection)
-        plan.update(_match_targets(encoders, spec.text_encoder_targets, "text_encoder_targets"))
+        plan.update(_match_targets(encoders, spec.text_encoder_targets, what))
     for prefix in plan:
         if _has_adapter(comps[prefix], adapter_name):
             raise ValueError(f"adapter_name={adapter_name!r}: {prefix} already has a LoRA of that name")
@@ -243,7 +330,7 @@ def add_lora(adapter, spec: LoraSpec, adapter_name: str = "default") -> dict[str
         with torch.no_grad():  # trainable weights in float32 whatever the base's storage dtype (as peft's autocast)
             for layer in layers.values():
                 for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-                    if sub.weight.dtype in (torch.float16, torch.bfloat16):
+                    if sub.weight.dtype != torch.float32 and sub.weight.is_floating_point():  # peft: base's dtype
                         sub.float()
         if spec.init_lora_weights == "gaussian":
             with torch.no_grad():
@@ -277,7 +364,7 @@ def get_lora_state_dict(adapter, adapter_name: str = "default") -> tuple[dict[st
                 raise ValueError(f"{prefix}.{name}: DoRA / LoRA-bias layers are not supported by these formats")
             if getattr(layer, "use_rslora", {}).get(adapter_name, False):
                 raise ValueError(f"{prefix}.{name}: rsLoRA scaling is not supported by these formats")
-            key = f"{prefix}.{_canonical_te(name) if prefix != 'unet' else name}"
+            key = f"{prefix}.{_canonical_te(name) if _is_te(prefix) else name}"
             sd[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach().cpu()
             sd[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach().cpu()
             alphas[f"{key}.alpha"] = float(layer.lora_alpha[adapter_name])
@@ -299,7 +386,7 @@ def _group_peft(sd: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[st
     if bad:
         raise ValueError(
             f"state dict: {len(bad)} key(s) are not peft LoRA keys "
-            f"('<unet|text_encoder|text_encoder_2>.<module>.lora_A|lora_B.weight'), e.g. {bad[:3]}"
+            f"('<unet|transformer|text_encoder|text_encoder_2>.<module>.lora_A|lora_B.weight'), e.g. {bad[:3]}"
         )
     half = [f"{p}.{m}" for (p, m), ab in groups.items() if set(ab) != {"lora_A", "lora_B"}]
     if half:

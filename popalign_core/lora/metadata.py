@@ -29,15 +29,20 @@ from popalign_core.lora.inject import (
     _TEXT_MODEL,
     _components,
     _group_peft,
+    _is_te,
     _lora_layers,
     _short_name,
     _supported_layers,
     _target_matches,
+    denoiser_prefix,
 )
 
-__all__ = ["DIFFUSERS_METADATA_KEY", "lora_metadata", "model_hash"]
+__all__ = ["DIFFUSERS_METADATA_KEY", "KOHYA_MODEL_VERSIONS", "check_lora_family", "lora_metadata", "model_hash"]
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+#: kohya's `ss_base_model_version` per family (sd-scripts: "sd_v1", "sd_v2", "sdxl_base_v1-0", flux_utils'
+#: "flux1"; "sd3" for SD3); informational: no loader reads it to select the model
+KOHYA_MODEL_VERSIONS = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
 def model_hash(module) -> str:
@@ -50,7 +55,7 @@ def model_hash(module) -> str:
     extra memory beyond the largest tensor. Compute it once per base model, not at every save.
     """
     if hasattr(module, "unet") and hasattr(module, "text_encoders"):
-        modules = [module.unet, *module.text_encoders]
+        modules = [module.unet, *(m for m in module.text_encoders if m is not None)]  # SD3 may run without T5
     elif isinstance(module, torch.nn.Module):
         modules = [module]
     else:
@@ -146,11 +151,11 @@ def _base_metadata(adapter, sd, alphas, format: str, adapter_name: str) -> dict[
         "family": adapter.family,
         "lora_rank": str(rank),
         "lora_alpha": _fmt_number(alpha),
-        "lora_unet_targets": json.dumps(targets.get("unet")),
+        "lora_unet_targets": json.dumps(targets.get(denoiser_prefix(adapter.family))),
         "lora_text_encoder_targets": json.dumps(te_targets),
     }
     if format == "kohya":
-        version = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[adapter.family]
+        version = KOHYA_MODEL_VERSIONS[adapter.family]
         if adapter.family == "sd2" and getattr(adapter, "prediction_type", "epsilon") == "v_prediction":
             version += "_v"  # kohya's get_model_version_str_for_sd1_sd2
         meta.update(
@@ -173,7 +178,7 @@ def _diffusers_adapter_metadata(adapter, sd, alphas, adapter_name: str) -> dict:
     for prefix, mods in by_prefix.items():
         # names as a model matches them: UNet paths as-is; text-encoder paths without "text_model." (peft's
         # suffix match then finds them with or without that level)
-        names = {(m.removeprefix(_TEXT_MODEL) if prefix != "unet" else m): ra for m, ra in mods.items()}
+        names = {(m.removeprefix(_TEXT_MODEL) if _is_te(prefix) else m): ra for m, ra in mods.items()}
         r = int(_most_common(v[0] for v in names.values()))
         alpha = float(_most_common(v[1] for v in names.values()))
         out.update(
@@ -189,6 +194,18 @@ def _diffusers_adapter_metadata(adapter, sd, alphas, adapter_name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ save / read
+def check_lora_family(path, metadata: Mapping[str, str], family: str) -> None:
+    """ValueError naming both families when a LoRA file's recorded `family` (written by `save_lora`) is not the
+    model's: a LoRA trained on one family means nothing on another (other modules, widths and, for UNet vs flow,
+    another prediction). Files without the entry (made by other tools) are checked by their keys only."""
+    recorded = metadata.get("family")
+    if recorded is not None and recorded != family:
+        raise ValueError(
+            f"{path!s}: the LoRA was trained on family {recorded!r} (its metadata says so) but the model is family "
+            f"{family!r}; load it onto a {recorded!r} model, or train one for {family!r}"
+        )
+
+
 def _check_metadata(metadata: Mapping[str, str] | None) -> None:
     check_safetensors_metadata(metadata, reserved=("format", DIFFUSERS_METADATA_KEY))
 

@@ -13,14 +13,22 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+from popalign_core.models.families import FAMILIES, FLOW_FAMILIES, UNET_FAMILIES, check_family
+
+#: what a UNet family predicts (the flow families predict the velocity: `FLOW_PREDICTION`)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW_PREDICTION = "flow"
 
-
-def check_family(family: str) -> None:
-    """ValueError naming the valid values unless `family` is one of `FAMILIES`."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not supported; valid values: {', '.join(FAMILIES)}")
+__all__ = [
+    "FAMILIES",
+    "FLOW_FAMILIES",
+    "FLOW_PREDICTION",
+    "PREDICTION_TYPES",
+    "UNET_FAMILIES",
+    "Conditioning",
+    "ModelAdapter",
+    "check_family",
+]
 
 
 @dataclass
@@ -30,11 +38,16 @@ class Conditioning:
     embeds:   [B, S, D] cross-attention context (SDXL: both encoders' penultimate states concatenated).
     pooled:   [B, P] pooled text embedding (SDXL's text_embeds), else None.
     time_ids: [B, 6] SDXL micro-conditioning (original size, crop top-left, target size), else None.
+    guidance: [B] the guidance scale a guidance-distilled model takes as input (FLUX.1-dev), else None.
+
+    SD3: embeds = CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's states
+    along the sequence; pooled = both CLIP projections. FLUX: embeds = T5 states, pooled = CLIP-L's pooled output.
     """
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
@@ -45,6 +58,7 @@ class Conditioning:
             embeds=fn(self.embeds),
             pooled=None if self.pooled is None else fn(self.pooled),
             time_ids=None if self.time_ids is None else fn(self.time_ids),
+            guidance=None if self.guidance is None else fn(self.guidance),
         )
 
     def select(self, index) -> Conditioning:
@@ -75,7 +89,13 @@ class Conditioning:
                 raise ValueError(f"items: field {name!r} is set in some conditionings and not in others")
             return torch.cat(vals, dim=0)
 
-        return replace(first, embeds=cat_field("embeds"), pooled=cat_field("pooled"), time_ids=cat_field("time_ids"))
+        return replace(
+            first,
+            embeds=cat_field("embeds"),
+            pooled=cat_field("pooled"),
+            time_ids=cat_field("time_ids"),
+            guidance=cat_field("guidance"),
+        )
 
 
 @runtime_checkable
@@ -83,7 +103,7 @@ class ModelAdapter(Protocol):
     """What the core needs from a text-to-image latent diffusion model."""
 
     family: str  # one of FAMILIES
-    prediction_type: str  # one of PREDICTION_TYPES
+    prediction_type: str  # one of PREDICTION_TYPES, or FLOW_PREDICTION for the flow families
     num_train_timesteps: int
     latent_channels: int
     vae_scale_factor: int
@@ -100,10 +120,12 @@ class ModelAdapter(Protocol):
         """Text conditioning for `prompts` (SDXL time ids use height/width, default: the model's native size)."""
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Forward process of the model's training schedule: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        """Forward process of the model's training schedule: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (UNets);
+        x_t = (1 - sigma) x0 + sigma noise with sigma = t / num_train_timesteps (flow families)."""
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What `predict` is trained towards: the noise (epsilon) or the velocity (v-prediction)."""
+        """What `predict` is trained towards: the noise (epsilon), the velocity (v-prediction) or, for the flow
+        families, the flow velocity noise - x0."""
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Raw network prediction (eps or v) with the trainable adapter as currently enabled."""

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from popalign_core.models.adapter import PREDICTION_TYPES, Conditioning, check_family
+from popalign_core.models.adapter import PREDICTION_TYPES, UNET_FAMILIES, Conditioning, check_family
 
 
 def _peft_layers(modules) -> Iterator[torch.nn.Module]:
@@ -23,7 +23,30 @@ def _peft_layers(modules) -> Iterator[torch.nn.Module]:
                 yield m
 
 
-class DiffusersAdapter:
+class VAECodec:
+    """`encode_images` / `decode` over ``self.vae`` (an AutoencoderKL) with its scaling and shift factors, for both
+    adapters: latents = (z - shift_factor) * scaling_factor (SD3 / FLUX have a shift, SD1.5 / SDXL none)."""
+
+    def _vae_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return float(cfg.scaling_factor), float(shift)
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        scale, shift = self._vae_factors()
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2.0 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator) if generator is not None else dist.mode()
+        return ((z - shift) * scale).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._vae_factors()
+        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / scale + shift
+        x = self.vae.decode(z, return_dict=False)[0]
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class DiffusersAdapter(VAECodec):
     """Implements `popalign_core.models.adapter.ModelAdapter` over diffusers/transformers components.
 
     unet: UNet2DConditionModel; vae: AutoencoderKL; text_encoders: [CLIPTextModel] (SD1.5/SD2.x) or
@@ -45,7 +68,7 @@ class DiffusersAdapter:
         reference_unet=None,
         force_zeros_for_empty_prompt: bool | None = None,
     ):
-        check_family(family)
+        check_family(family, UNET_FAMILIES, "a UNet model (SD3 / FLUX models load as a FlowAdapter)")
         want = 2 if family == "sdxl" else 1
         if len(text_encoders) != want or len(tokenizers) != want:
             raise ValueError(
@@ -197,25 +220,6 @@ class DiffusersAdapter:
             for m in toggled:
                 m.enable_adapters(True)
             self._use_reference_unet = False
-
-    # ------------------------------------------------------------------ VAE
-    def _vae_factors(self) -> tuple[float, float]:
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return float(cfg.scaling_factor), float(shift)
-
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        scale, shift = self._vae_factors()
-        x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2.0 - 1.0
-        dist = self.vae.encode(x).latent_dist
-        z = dist.sample(generator) if generator is not None else dist.mode()
-        return ((z - shift) * scale).to(self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scale, shift = self._vae_factors()
-        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / scale + shift
-        x = self.vae.decode(z, return_dict=False)[0]
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         mods = [self.unet, *self.text_encoders]

@@ -127,3 +127,23 @@ def sampling_sigmas(steps: int, shift: Callable[[torch.Tensor], torch.Tensor] | 
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     return s if shift is None else shift(s)
+
+
+def mean_eps_weight(scheme: str = "logit_normal", shift: float = 1.0, points: int = 20001) -> float:
+    """E[(1 − σ)²] under the training density `scheme` with the static `shift` applied to σ (trapezoid rule).
+
+    At one noise level the ε error is (1 − σ)² times the velocity error (docs/training.md), so a β tuned on ε-scale
+    errors keeps its mean strength on velocity errors as β_v = β_ε · E[(1 − σ)²]: 1/3 (uniform), 0.2934
+    (logit-normal, FLUX: no static shift), 0.1134 (logit-normal with SD3's shift 3), 0.1760 (uniform, shift 3)."""
+    if scheme not in TIMESTEP_SAMPLING:
+        raise ValueError(f"scheme={scheme!r} is not a timestep sampling; valid values: {', '.join(TIMESTEP_SAMPLING)}")
+    if scheme == "uniform":
+        x = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+        w = torch.ones_like(x)
+    else:  # σ = sigmoid(u), u ~ N(0, 1)
+        u = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
+        x, w = torch.sigmoid(u), torch.exp(-(u**2) / 2) / math.sqrt(2 * math.pi)
+        x = x.clamp(0.0, 1.0)
+    s = shift_sigma(x, shift) if shift != 1.0 else x
+    grid = x if scheme == "uniform" else torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
+    return float(torch.trapezoid(w * (1 - s) ** 2, grid))

@@ -15,27 +15,49 @@ Family detection (`detect_family`) reads only the checkpoint's key names (the sa
 SDXL ``conditioner.embedders.1.model.``, SD2.x ``cond_stage_model.model.``, SD1.x ``cond_stage_model.transformer.``.
 Keys cannot tell an SD2.x v-prediction model (768, e.g. SD2.1) from an epsilon one (SD2.x-base, 512): the shipped
 sd2 config is v-prediction, so load SD2-base checkpoints with ``prediction_type="epsilon"``.
+
+Flow models (SD3, FLUX): `load_model` returns a `FlowAdapter` (`models.loading_flow` does the work). Files: a
+StableDiffusion3Pipeline / FluxPipeline diffusers folder, or an all-in-one ``.safetensors`` in the layout ComfyUI's
+CheckpointLoaderSimple reads: transformer ``model.diffusion_model.*`` (original MMDiT ``joint_blocks`` / BFL
+``double_blocks``), VAE ``first_stage_model.*`` (SD3) or ``vae.*`` (FLUX), text encoders
+``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` (SD3) and
+``text_encoders.t5xxl.transformer.*`` (FLUX always; optional for SD3, which then runs without T5; ``t5=False`` skips
+it). Transformer-only files (BFL's ``flux1-dev.safetensors``, ``sd3.5_large.safetensors``) are refused with what to
+add. The transformer's shape is read from its keys; the rest comes from ``popalign_core/configs/{sd3,flux}``
+(SD3.5-medium, FLUX.1-dev) or ``config_dir``. The T5 tokenizer is never shipped: ``t5_tokenizer=<folder>``, else
+``<config_dir>/tokenizer_3`` (SD3) / ``tokenizer_2`` (FLUX), else a diffusers folder's own; it is the diffusers
+model's tokenizer_2|3/ folder or ComfyUI's ``comfy/text_encoders/t5_tokenizer/``. ``prediction_type`` must be None
+(flow models predict the velocity).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from popalign_core.common.fileio import read_safetensors, safetensors_keys
+from popalign_core.common.fileio import safetensors_keys
 from popalign_core.common.userinput import check_device
-from popalign_core.models.adapter import FAMILIES, PREDICTION_TYPES
+from popalign_core.models.adapter import FAMILIES, FLOW_FAMILIES, PREDICTION_TYPES
 from popalign_core.models.diffusers_adapter import DiffusersAdapter
+from popalign_core.models.loading_common import (
+    DAMAGED_HINT,
+    DTYPES,
+    PICKLE_SUFFIXES,
+    check_choice,
+    check_materialised,
+    checkpoint_keys,
+    component_weights,
+    quiet_loading,
+    read_json,
+    read_prefixed,
+    require_files,
+)
 from popalign_core.models.tokenizers import clip_tokenizer
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 FAMILY_CONFIG_DIRS = {family: CONFIGS_DIR / family for family in FAMILIES}
 # text-encoder key prefix that identifies each family, checked in this order (an SDXL file has no cond_stage_model)
@@ -55,8 +77,13 @@ COMPONENT_PREFIXES = {
     },
     "text_encoder_2": {"sdxl": ("conditioner.embedders.1.model.",)},
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PIPELINE_CLASSES = {"StableDiffusionPipeline": ("sd15", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+#: families we recognise by their keys but do not support (checked before the supported ones' markers)
+UNSUPPORTED_KEY_MARKERS = {
+    "FLUX.2": "model.diffusion_model.double_stream_modulation_img.",
+    "Chroma": "model.diffusion_model.distilled_guidance_layer.",
+    "SDXL refiner": "conditioner.embedders.0.model.",
+}
 
 _WHERE = (
     "put a single-file checkpoint (.safetensors, e.g. in ComfyUI's models/checkpoints/ folder) at that path, "
@@ -68,49 +95,39 @@ def _components(family: str) -> list[str]:
     return ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
 
 
-def _check_choice(name: str, value, valid: Iterable) -> None:
-    valid = tuple(valid)
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(str, valid))}")
-
-
 def detect_family(keys: Iterable[str] | Mapping) -> str:
-    """Family ("sd15", "sd2" or "sdxl") of an original-layout checkpoint from its key names.
+    """Family ("sd15", "sd2", "sdxl", "sd3" or "flux") of an original-layout checkpoint from its key names.
 
-    keys: the checkpoint's keys (or the state dict itself). Only names are read.
+    keys: the checkpoint's keys (or the state dict itself). Only names are read. UNet families by text encoder
+    (`FAMILY_KEY_MARKERS`), flow families by transformer (``joint_blocks.``: SD3, ``double_blocks.``: FLUX, with the
+    ``model.diffusion_model.`` prefix or, in a transformer-only file, without). A recognised family that is not
+    supported (`UNSUPPORTED_KEY_MARKERS`) is a ValueError naming it and the supported ones.
     SD2.x detection cannot tell v-prediction from epsilon (see the module docstring).
     """
+    from popalign_core.models.loading_flow import TRANSFORMER_MARKERS, flow_family_of_keys
+
     keys = list(keys)
+    for name, marker in UNSUPPORTED_KEY_MARKERS.items():
+        if any(k.startswith(marker) for k in keys):
+            raise ValueError(
+                f"the checkpoint is a {name} model (keys {marker}*), which is not supported; "
+                f"supported families: {', '.join(FAMILIES)}"
+            )
+    flow = flow_family_of_keys(keys)
+    if flow is not None:
+        return flow[0]
     for family, marker in FAMILY_KEY_MARKERS.items():
         if any(k.startswith(marker) for k in keys):
             return family
     seen = Counter(".".join(k.split(".")[:2]) for k in keys)
     shown = ", ".join(f"{p}.* ({n})" for p, n in seen.most_common(8)) or "no keys at all"
+    flow_markers = [f"'model.diffusion_model.{m}' ({f})" for f, m in TRANSFORMER_MARKERS.items()]
     raise ValueError(
         "cannot detect the model family from the checkpoint keys: expected text-encoder keys starting with "
-        + ", ".join(f"{m!r} ({f})" for f, m in FAMILY_KEY_MARKERS.items())
-        + f"; seen: {shown}. UNet-only files, diffusers-layout single files and SDXL refiners are not supported."
+        + ", ".join([f"{m!r} ({f})" for f, m in FAMILY_KEY_MARKERS.items()] + flow_markers)
+        + f"; seen: {shown}. Supported families: {', '.join(FAMILIES)}. UNet-only files, diffusers-layout single "
+        "files and SDXL refiners are not supported."
     )
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON config file of a model folder; a damaged one is a ValueError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"config file {str(path)!r} is damaged ({e}); copy the model folder again from its source"
-        ) from None
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {str(path)!r} is not a JSON object; copy the model folder again")
-    return d
-
-
-def _require_files(root: Path, rel_paths: Iterable[str], what: str) -> None:
-    for rel in rel_paths:
-        if not (root / rel).is_file():
-            raise FileNotFoundError(f"{what} {root} is missing {rel} (expected file: {root / rel})")
 
 
 def _config_files(family: str) -> list[str]:
@@ -120,7 +137,7 @@ def _config_files(family: str) -> list[str]:
 def _scheduler_from_dir(root: Path, prediction_type: str | None):
     import diffusers
 
-    cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    cfg = read_json(root / "scheduler" / "scheduler_config.json")
     name = cfg.get("_class_name", "DDIMScheduler")
     cls = getattr(diffusers, name, None)
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
@@ -157,72 +174,7 @@ def _pipeline_extras(family: str) -> dict:
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def _check_materialised(modules: Mapping[str, torch.nn.Module], source: str) -> None:
-    for name, module in modules.items():
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-            raise ValueError(
-                f"{source}: no weights for {name} parameter(s) {shown}; the weight file and config disagree (a "
-                "file of another model, a LoRA, or a damaged copy): copy the model again"
-            )
-
-
-class _LoadLogFilter(logging.Filter):
-    """Drops diffusers' "modules that should be kept in float32: []" warning (logged on every dtype cast even when the
-    list is empty; nothing to act on) and keeps its "Some weights of X were not initialized from the model checkpoint"
-    warnings (a multi-line list of names) in `missing`: `_quiet_loading` turns them into one error."""
-
-    def __init__(self):
-        super().__init__()
-        self.missing: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "were not initialized from the model checkpoint" in msg:
-            self.missing.append(msg.split(" were not")[0].removeprefix("Some weights of ").strip())
-            return False
-        return "should be kept in float32: []" not in msg
-
-
-@contextmanager
-def _quiet_loading(source: object) -> Iterator[None]:
-    """Loading without diffusers' noise; a component whose weights were missing from its file (diffusers fills them
-    in at random with a warning) is a ValueError naming `source`."""
-    import warnings
-
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    flt = _LoadLogFilter()
-    log.addFilter(flt)
-    try:
-        with warnings.catch_warnings():
-            # diffusers >= 0.36 renames torch_dtype to dtype; the older name works in every supported version
-            warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
-            yield
-    finally:
-        log.removeFilter(flt)
-    if flt.missing:
-        raise ValueError(
-            f"{source}: weights of {', '.join(flt.missing)} are missing from its weight file; the file does not "
-            "belong to this model (or is damaged): copy the model again"
-        )
-
-
-_DAMAGED_HINT = (
-    "the file is damaged or incomplete (compare its size with the original, download or copy it again) or is not a "
-    "safetensors checkpoint"
-)
-
-
 # ------------------------------------------------------------------------------------------------------ single file
-def _safetensors_keys(path: Path) -> list[str]:
-    return safetensors_keys(path, "checkpoint", _DAMAGED_HINT)[0]
-
-
-def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return read_safetensors(path, "checkpoint", _DAMAGED_HINT, keys=lambda k: k.startswith(prefixes))[0]
-
-
 def _load_single_file_pipeline(
     path: Path, family: str, prediction_type: str | None, torch_dtype: torch.dtype, config_dir: Path
 ):
@@ -240,7 +192,7 @@ def _load_single_file_pipeline(
     comps = {}
     for name in _components(family):
         prefixes = COMPONENT_PREFIXES[name] if name in ("unet", "vae") else COMPONENT_PREFIXES[name][family]
-        sd = _read_prefixed(path, prefixes)
+        sd = read_prefixed(path, prefixes)
         if not sd:
             raise ValueError(f"{path}: no {name} weights (no keys starting with {' or '.join(prefixes)})")
         try:
@@ -254,49 +206,25 @@ def _load_single_file_pipeline(
         except (ValueError, RuntimeError, KeyError) as e:
             raise ValueError(f"{path}: cannot load the {name} with the {family} config in {config_dir}: {e}") from e
         del sd
-    _check_materialised(comps, f"{path} with config {config_dir}")
+    check_materialised(comps, f"{path} with config {config_dir}")
     comps["scheduler"] = _scheduler_from_dir(config_dir, prediction_type)
     comps.update(_tokenizers(family))
     return _pipeline_class(family)(**comps, **_pipeline_extras(family))
 
 
 # -------------------------------------------------------------------------------------------------- diffusers folder
-_WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
-
-
-def _component_weights(root: Path, name: str, library: str) -> str:
-    """Check `root/name` holds safetensors weights; returns their variant: "" (plain) or "fp16" (only that)."""
-    folder = root / name
-    stem = _WEIGHT_NAMES.get(library, "diffusion_pytorch_model")
-    for variant in (None, "fp16"):
-        infix = f".{variant}" if variant else ""
-        single, sharded = folder / f"{stem}{infix}.safetensors", folder / f"{stem}.safetensors.index{infix}.json"
-        if single.is_file() or sharded.is_file():
-            return variant or ""
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickles:
-        raise ValueError(
-            f"{folder}: only pickle weights ({', '.join(pickles)}); they are never loaded here (unsafe). "
-            "Convert them to .safetensors first (e.g. load and save_pretrained(..., safe_serialization=True))."
-        )
-    expected = folder / f"{stem}.safetensors"
-    raise FileNotFoundError(
-        f"diffusers folder {root} is missing {name}/{stem}.safetensors (expected file: {expected})"
-    )
-
-
 def _folder_family(root: Path, index: dict, family: str) -> str:
     cls_name = index.get("_class_name")
     if cls_name not in PIPELINE_CLASSES:
         raise ValueError(
-            f"{root / 'model_index.json'}: _class_name={cls_name!r} is not supported; "
-            f"valid values: {', '.join(PIPELINE_CLASSES)}"
+            f"{root / 'model_index.json'}: _class_name={cls_name!r} is not supported; valid values: "
+            f"{', '.join([*PIPELINE_CLASSES, 'StableDiffusion3Pipeline', 'FluxPipeline'])}"
         )
     if cls_name == "StableDiffusionXLPipeline":
         guessed = "sdxl"
     else:
         te_cfg = root / "text_encoder" / "config.json"
-        act = _read_json(te_cfg).get("hidden_act", "quick_gelu") if te_cfg.is_file() else "quick_gelu"
+        act = read_json(te_cfg).get("hidden_act", "quick_gelu") if te_cfg.is_file() else "quick_gelu"
         guessed = "sd2" if act == "gelu" else "sd15"
     if family == "auto":
         return guessed
@@ -306,19 +234,19 @@ def _folder_family(root: Path, index: dict, family: str) -> str:
 
 
 def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, torch_dtype: torch.dtype):
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     family = _folder_family(root, index, family)
     names = _components(family)
-    _require_files(root, [f"{c}/config.json" for c in names] + ["scheduler/scheduler_config.json"], "diffusers folder")
+    require_files(root, [f"{c}/config.json" for c in names] + ["scheduler/scheduler_config.json"], "diffusers folder")
     variants = set()
     for name in names:
         library = (index.get(name) or ["diffusers"])[0]
-        variants.add(_component_weights(root, name, library))
+        variants.add(component_weights(root, name, library))
     variant = "fp16" if variants == {"fp16"} else None
 
     for name in names:  # a damaged weight file is named before diffusers reads it
         for f in sorted((root / name).glob("*.safetensors")):
-            safetensors_keys(f, f"{name} weight file", _DAMAGED_HINT.replace("checkpoint", "diffusers model"))
+            safetensors_keys(f, f"{name} weight file", DAMAGED_HINT.replace("checkpoint", "diffusers model"))
     extras = _pipeline_extras(family)
     for tok_name, tok in _tokenizers(family).items():  # the folder's own tokenizer wins when it has one
         tok_dir = root / tok_name
@@ -328,7 +256,7 @@ def _load_folder_pipeline(root: Path, family: str, prediction_type: str | None, 
         str(root), local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype, variant=variant, **extras
     )
     modules = {n: m for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
-    _check_materialised(modules, f"diffusers folder {root}")  # e.g. a weight file replaced by a LoRA
+    check_materialised(modules, f"diffusers folder {root}")  # e.g. a weight file replaced by a LoRA
     pipe.scheduler = _override_prediction_type(pipe.scheduler, prediction_type)
     return pipe, family
 
@@ -359,15 +287,23 @@ def load_pipeline(
     dtype: str = "fp32",
     device: str | torch.device = "cpu",
     config_dir: str | os.PathLike | None = None,
+    t5: bool | None = None,
+    t5_tokenizer: str | os.PathLike | None = None,
 ):
-    """Load a diffusers `StableDiffusionPipeline` / `StableDiffusionXLPipeline`, offline; returns (pipeline, family).
+    """Load a diffusers pipeline offline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+    `StableDiffusion3Pipeline` or `FluxPipeline`); returns (pipeline, family).
 
     Arguments as in `load_model`. Everything cheap (path, suffix, argument names, config files, checkpoint key names)
     is validated before any weight is read.
     """
-    _check_choice("family", family, ("auto", *FAMILIES))
-    _check_choice("dtype", dtype, DTYPES)
-    _check_choice("prediction_type", prediction_type, (None, *PREDICTION_TYPES))
+    from popalign_core.models import loading_flow as lf
+
+    check_choice("family", family, ("auto", *FAMILIES))
+    check_choice("dtype", dtype, DTYPES)
+    if family in FLOW_FAMILIES:
+        lf.check_flow_arguments(family, prediction_type, t5, t5_tokenizer)
+    check_choice("prediction_type", prediction_type, (None, *PREDICTION_TYPES))
+    check_choice("t5", t5, (None, True, False))
     torch_dtype = DTYPES[dtype]
     check_device(device)
     p = resolve_model_path(path)
@@ -385,8 +321,14 @@ def load_pipeline(
             raise FileNotFoundError(
                 f"{p} is a folder but has no model_index.json, so it is no diffusers model{hint}; {_WHERE}"
             )
-        with _quiet_loading(f"diffusers folder {p}"):
-            pipe, family = _load_folder_pipeline(p, family, prediction_type, torch_dtype)
+        index = read_json(p / "model_index.json")
+        if index.get("_class_name") in lf.PIPELINE_CLASSES:
+            lf.check_flow_arguments(lf.PIPELINE_CLASSES[index["_class_name"]], prediction_type, t5, t5_tokenizer)
+            with quiet_loading(f"diffusers folder {p}"):
+                pipe, family = lf.load_flow_folder(p, index, family, torch_dtype, t5, t5_tokenizer)
+        else:
+            with quiet_loading(f"diffusers folder {p}"):
+                pipe, family = _load_folder_pipeline(p, family, prediction_type, torch_dtype)
     else:
         suffix = p.suffix.lower()
         if suffix in PICKLE_SUFFIXES:
@@ -398,20 +340,26 @@ def load_pipeline(
             raise ValueError(
                 f"{p}: unsupported file type {suffix or '(none)'!r}; valid: .safetensors or a diffusers folder"
             )
-        detected = detect_family(_safetensors_keys(p))
+        keys = checkpoint_keys(p)
+        detected = detect_family(keys)
         if family not in ("auto", detected):
             raise ValueError(
                 f"family={family!r} but {p} is a {detected!r} checkpoint by its keys; valid values: auto, {detected}"
             )
         family = detected
+        flow = family in FLOW_FAMILIES
+        files = lf.flow_config_files(family, t5 is not False) if flow else _config_files(family)
         cfg = Path(config_dir).expanduser() if config_dir is not None else FAMILY_CONFIG_DIRS[family]
         if not cfg.is_dir():
-            raise FileNotFoundError(
-                f"config_dir {str(cfg)!r} is not a folder (it needs {', '.join(_config_files(family))})"
-            )
-        _require_files(cfg, _config_files(family), "config folder")
-        with _quiet_loading(f"checkpoint {p}"):
-            pipe = _load_single_file_pipeline(p, family, prediction_type, torch_dtype, cfg)
+            raise FileNotFoundError(f"config_dir {str(cfg)!r} is not a folder (it needs {', '.join(files)})")
+        if flow:
+            lf.check_flow_arguments(family, prediction_type, t5, t5_tokenizer)
+            with quiet_loading(f"checkpoint {p}"):
+                pipe = lf.load_flow_single_file(p, family, keys, torch_dtype, cfg, t5, t5_tokenizer)
+        else:
+            require_files(cfg, files, "config folder")
+            with quiet_loading(f"checkpoint {p}"):
+                pipe = _load_single_file_pipeline(p, family, prediction_type, torch_dtype, cfg)
 
     if family == "sdxl" and torch_dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         # the SDXL VAE overflows in fp16 (NaN images); the adapter encodes/decodes in the VAE's own dtype
@@ -428,26 +376,52 @@ def load_model(
     dtype: str = "fp32",
     device: str | torch.device = "cpu",
     config_dir: str | os.PathLike | None = None,
+    t5: bool | None = None,
+    t5_tokenizer: str | os.PathLike | None = None,
 ):
-    """Load a Stable Diffusion model offline and wrap it in a `DiffusersAdapter`.
+    """Load a Stable Diffusion model offline and wrap it in a `DiffusersAdapter` (UNet families) or a `FlowAdapter`
+    (SD3, FLUX).
 
     path: a single-file ``.safetensors`` checkpoint in the original layout (ComfyUI's ``models/checkpoints/``,
         A1111, CivitAI), or a diffusers folder with ``model_index.json`` (loaded with ``from_pretrained``,
         safetensors only; a folder without tokenizer files gets the shipped CLIP tokenizer), or ``"toyworld"``
         (the toy world shipped with the package).
-    family: "auto" (detected from the checkpoint keys or the folder's configs), "sd15", "sd2" or "sdxl";
-        an explicit family must match what is detected.
+        SD3 / FLUX: an all-in-one single file (transformer, VAE, text encoders: ComfyUI's checkpoint layout) or a
+        StableDiffusion3Pipeline / FluxPipeline folder (module docstring, "Flow models").
+    family: "auto" (detected from the checkpoint keys or the folder's configs), "sd15", "sd2", "sdxl", "sd3" or
+        "flux"; an explicit family must match what is detected.
     prediction_type: None (the config's), "epsilon" or "v_prediction". SD2.x checkpoints cannot be told apart by
         their keys: the shipped sd2 config is v-prediction (SD2.1-768); pass "epsilon" for SD2.x-base models.
+        Flow models predict the velocity: only None.
     dtype: "fp32", "fp16" or "bf16" (SDXL in fp16 keeps its VAE in fp32, as diffusers' ``force_upcast`` does).
     device: where the models go ("cpu", "cuda", ...).
     config_dir: diffusers config folder used for single files instead of the shipped one of the detected family
-        (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` [, ``text_encoder_2/``], ``scheduler/``).
+        (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` [, ``text_encoder_2/``], ``scheduler/``;
+        SD3 / FLUX: ``transformer/``, ``vae/``, ``text_encoder*/``, ``scheduler/``, optionally the T5 tokenizer in
+        ``tokenizer_3/`` (SD3) / ``tokenizer_2/`` (FLUX)).
+    t5: SD3 / FLUX only. None: use T5 when the file or folder has it (FLUX always needs it); True: T5 required
+        (an error when missing); False: load SD3 without T5 (saves its ~4.7B parameters; zeros in its place).
+    t5_tokenizer: folder of the T5 tokenizer (``tokenizer.json`` or ``spiece.model``: the diffusers model's
+        ``tokenizer_2/`` (FLUX) / ``tokenizer_3/`` (SD3), or ComfyUI's ``comfy/text_encoders/t5_tokenizer/``); needed
+        for single files unless the config folder has one; overrides a folder's own.
     Raises FileNotFoundError (missing path or config/component file, naming it), ValueError (bad argument, pickle
     file, unknown layout).
     """
 
     pipe, family = load_pipeline(
-        path, family=family, prediction_type=prediction_type, dtype=dtype, device=device, config_dir=config_dir
+        path,
+        family=family,
+        prediction_type=prediction_type,
+        dtype=dtype,
+        device=device,
+        config_dir=config_dir,
+        t5=t5,
+        t5_tokenizer=t5_tokenizer,
     )
+    if family in FLOW_FAMILIES:
+        from popalign_core.models.flow_adapter import FlowAdapter
+        from popalign_core.models.tiny_flow import encoders_of
+
+        encoders, tokenizers = encoders_of(pipe.components, family)
+        return FlowAdapter(pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler, family)
     return DiffusersAdapter.from_pipeline(pipe, family=family)

@@ -47,11 +47,14 @@ from popalign_core.models.adapter import Conditioning
 __all__ = [
     "OUTPUTS",
     "SCHEDULERS",
+    "SCHEDULER_CHOICES",
     "SEED_ENCODING_VERSION",
     "SamplerConfig",
     "SchedulerSpec",
     "batch_invariance_tolerance",
     "build_scheduler",
+    "prepare_scheduler",
+    "resolve_scheduler",
     "derive_seed",
     "initial_noise",
     "resolve_size",
@@ -107,6 +110,7 @@ class SchedulerSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     stochastic: bool = False
     help: str = ""
+    flow: bool = False  # a flow-matching sampler (velocity models: SD3, FLUX); the others need epsilon / v models
 
     def __call__(self, train_config: Mapping[str, Any]):
         """A fresh diffusers scheduler for `train_config` (e.g. `adapter.noise_scheduler.config`)."""
@@ -155,7 +159,16 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "heun": SchedulerSpec(
         "HeunDiscreteScheduler", dict(_NO_SIGMA_SCHEDULES), help="Heun (2nd order, two UNet passes per step)"
     ),
+    "flow_euler": SchedulerSpec(
+        "FlowMatchEulerDiscreteScheduler",
+        {"stochastic_sampling": False, "invert_sigmas": False, **_NO_SIGMA_SCHEDULES},
+        help="flow-matching Euler with the model's shift (SD3, FLUX): x <- x + (sigma' - sigma) v",
+        flow=True,
+    ),
 }
+#: `SamplerConfig.scheduler` value that picks the model's default: flow_euler for flow models, ddim for the others
+AUTO_SCHEDULER = "auto"
+SCHEDULER_CHOICES = (AUTO_SCHEDULER, *SCHEDULERS)
 
 
 def build_scheduler(name: str, train_config: Mapping[str, Any]):
@@ -163,6 +176,54 @@ def build_scheduler(name: str, train_config: Mapping[str, Any]):
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler={name!r} is not a known scheduler; valid values: {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](train_config)
+
+
+def scale_model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's input scaling (flow schedulers have none: the model takes x_sigma as it is)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
+def _is_flow(adapter) -> bool:
+    return getattr(adapter, "prediction_type", None) == "flow"
+
+
+def resolve_scheduler(adapter, name: str) -> str:
+    """The scheduler `name` means for `adapter`: "auto" is flow_euler for a flow model, ddim otherwise; a flow
+    sampler on an epsilon / v model or the reverse is a ValueError naming the valid ones."""
+    flow = _is_flow(adapter)
+    if name == AUTO_SCHEDULER:
+        return "flow_euler" if flow else "ddim"
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is not a known scheduler; valid values: {', '.join(SCHEDULER_CHOICES)}")
+    if SCHEDULERS[name].flow != flow:
+        valid = [AUTO_SCHEDULER, *(k for k, v in SCHEDULERS.items() if v.flow == flow)]
+        kind = "a flow-matching model (velocity)" if flow else "an epsilon / v-prediction model"
+        raise ValueError(
+            f"scheduler={name!r} cannot sample {getattr(adapter, 'family', 'this model')!r}, {kind}; valid values: "
+            + ", ".join(valid)
+        )
+    return name
+
+
+def prepare_scheduler(adapter, name: str, steps: int, size: tuple[int, int], device=None):
+    """A fresh scheduler `name` for `adapter` with its `steps` timesteps set. Flow models with a dynamic shift
+    (FLUX) get the sigmas of FLUX.1's reference sampler and diffusers' FluxPipeline, linspace(1, 0, steps + 1)
+    shifted with μ from the number of image tokens of an image of `size` (`models.flow.flux_mu`); SD3 gets the
+    scheduler's own (diffusers' StableDiffusion3Pipeline)."""
+    scheduler = build_scheduler(resolve_scheduler(adapter, name), adapter.noise_scheduler.config)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):  # FLUX: sigmas linspace(1, 0, steps + 1), shifted by mu
+        from popalign_core.models.flow import flux_mu, sampling_sigmas
+
+        f = int(adapter.vae_scale_factor) * int(getattr(adapter, "patch_size", 1))
+        c = scheduler.config  # the model's own line (diffusers' scheduler_config / ComfyUI's ModelSamplingFlux)
+        line = {"base": (c.base_image_seq_len, c.base_shift), "high": (c.max_image_seq_len, c.max_shift)}
+        kwargs["mu"] = flux_mu((size[0] // f) * (size[1] // f), **line)
+        kwargs["sigmas"] = sampling_sigmas(steps)[:-1].numpy()
+        steps = None
+    scheduler.set_timesteps(steps, device=device if device is not None else adapter.device, **kwargs)
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -175,10 +236,14 @@ class SamplerConfig:
 
     steps: int = _help("Number of sampling steps (scheduler inference steps).", default=25)
     guidance_scale: float = _help(
-        "Classifier-free guidance scale (>= 0); 1 skips the unconditional pass, 0 gives the unconditional model.",
+        "Classifier-free guidance scale (>= 0); 1 skips the unconditional pass, 0 gives the unconditional model. "
+        "FLUX.1-dev takes it as its embedded guidance input instead (no unconditional pass).",
         default=7.5,
     )
-    scheduler: str = _help(f"Sampling scheduler; one of: {', '.join(SCHEDULERS)}.", default="ddim")
+    scheduler: str = _help(
+        f"Sampling scheduler; one of: {', '.join(SCHEDULER_CHOICES)} (auto: ddim, or flow_euler for SD3 / FLUX).",
+        default=AUTO_SCHEDULER,
+    )
     height: int | None = _help(
         "Image height in pixels; None = the model's native size. Must be a multiple of the VAE factor.", default=None
     )
@@ -207,9 +272,9 @@ class SamplerConfig:
         gs = self.guidance_scale
         if not isinstance(gs, int | float) or isinstance(gs, bool) or not math.isfinite(gs) or gs < 0:
             raise ValueError(f"guidance_scale: expected a finite number >= 0, got {gs!r}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler not in SCHEDULER_CHOICES:
             raise ValueError(
-                f"scheduler={self.scheduler!r} is not a known scheduler; valid values: {', '.join(SCHEDULERS)}"
+                f"scheduler={self.scheduler!r} is not a known scheduler; valid values: {', '.join(SCHEDULER_CHOICES)}"
             )
         for name in ("height", "width"):
             v = getattr(self, name)
@@ -236,8 +301,9 @@ class SamplerConfig:
 
 
 def resolve_size(adapter, config: SamplerConfig) -> tuple[int, int]:
-    """(height, width) in pixels: the config's, or the model's native size; checked against the VAE factor."""
-    f = int(adapter.vae_scale_factor)
+    """(height, width) in pixels: the config's, or the model's native size; checked against the VAE factor times the
+    model's patch size (2 for SD3 / FLUX)."""
+    f = int(adapter.vae_scale_factor) * int(getattr(adapter, "patch_size", 1))
     native = int(getattr(adapter, "native_size", 0) or 0)
     out = []
     for name in ("height", "width"):
@@ -247,7 +313,8 @@ def resolve_size(adapter, config: SamplerConfig) -> tuple[int, int]:
                 raise ValueError(f"{name}: the adapter has no native_size; set {name} explicitly")
             v = native
         if v % f:
-            raise ValueError(f"{name}={v} must be a multiple of the VAE scale factor {f} (e.g. {max(f, v // f * f)})")
+            what = "VAE scale factor" if f == int(adapter.vae_scale_factor) else "VAE factor x patch size"
+            raise ValueError(f"{name}={v} must be a multiple of the {what} {f} (e.g. {max(f, v // f * f)})")
         out.append(v)
     return out[0], out[1]
 
@@ -302,9 +369,8 @@ def _sample_batch(
     gens = _generators(requests, config.seed)
     latents = _draw_noise(gens, (int(adapter.latent_channels), height // f, width // f)).to(device)
 
-    scheduler = build_scheduler(config.scheduler, adapter.noise_scheduler.config)  # fresh state for every batch
-    scheduler.set_timesteps(config.steps, device=device)
-    latents = latents * scheduler.init_noise_sigma
+    scheduler = prepare_scheduler(adapter, config.scheduler, config.steps, size, device)  # fresh for every batch
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma = 1
     step_params = inspect.signature(scheduler.step).parameters
     step_kwargs: dict[str, Any] = {}
     if "generator" in step_params:
@@ -315,14 +381,16 @@ def _sample_batch(
         raise ValueError(f"eta: scheduler {config.scheduler!r} does not take eta")
 
     cond = adapter.encode_prompt([p for p, _ in requests], height, width)
+    gs = float(config.guidance_scale)
+    if cond.guidance is not None:  # guidance-distilled model (FLUX.1-dev): the scale is an input, no uncond pass
+        cond = replace(cond, guidance=torch.full_like(cond.guidance, gs))
     guided = uncond is not None
     if guided:
         cond = Conditioning.cat([uncond.repeat(n), cond])
-    gs = float(config.guidance_scale)
 
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
-        x_in = scheduler.scale_model_input(x_in, t)
+        x_in = scale_model_input(scheduler, x_in, t)
         pred = adapter.predict(x_in, t, cond).float()
         if guided:
             pred_uncond, pred_cond = pred.chunk(2)
@@ -352,6 +420,7 @@ def sample(
     requests = _check_requests(requests)
     config.validate()
     size = resolve_size(adapter, config)
+    resolve_scheduler(adapter, config.scheduler)
     if config.steps > int(adapter.num_train_timesteps):
         raise ValueError(f"steps={config.steps} exceeds the model's num_train_timesteps={adapter.num_train_timesteps}")
     if progress is not None and not callable(progress):
@@ -368,7 +437,7 @@ def sample(
     done = 0
     with torch.no_grad():
         uncond = None
-        if config.guidance_scale != 1:
+        if config.guidance_scale != 1 and not getattr(adapter, "guidance_embeds", False):
             uncond = adapter.encode_prompt([config.negative_prompt], *size)
         for start in range(0, len(unique), config.batch_size):
             chunk = unique[start : start + config.batch_size]

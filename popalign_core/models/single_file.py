@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from popalign_core.common.fileio import atomic_path
-from popalign_core.models.adapter import check_family
+from popalign_core.models.adapter import UNET_FAMILIES, check_family
 from popalign_core.models.loading import DTYPES
 
 UNET_PREFIX = "model.diffusion_model."
@@ -350,7 +350,7 @@ def to_original_state_dict(components: Mapping, family: str) -> dict[str, torch.
     Tensors are shared with the models where no reshaping is needed (no copy); see the module docstring for the
     SD2 text-encoder choices.
     """
-    check_family(family)
+    check_family(family, UNET_FAMILIES, "models.single_file (flow families: models.flow_single_file)")
     missing = [name for name in _required(family) if components.get(name) is None]
     if missing:
         raise ValueError(f"components: missing {', '.join(missing)} (needed for family {family!r})")
@@ -384,7 +384,13 @@ def save_single_file(
     The file is written atomically: to a temporary file in the same folder, then moved over `path` with
     `os.replace`, so a reader never sees a half-written checkpoint.
     """
-    check_family(family)
+    check_family(family, UNET_FAMILIES, "models.single_file (flow families: models.flow_single_file)")
+    return write_checkpoint(lambda: to_original_state_dict(components, family), family, path, dtype, metadata)
+
+
+def write_checkpoint(make_state_dict, family: str, path, dtype: str = "fp32", metadata: dict | None = None) -> Path:
+    """Check `dtype` and `path` (before `make_state_dict()` builds the original-layout dict), cast floating-point
+    tensors to `dtype`, and write them atomically with the metadata (format, popalign.family, `metadata`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; valid values: {', '.join(DTYPES)}")
     path = Path(path)
@@ -392,17 +398,14 @@ def save_single_file(
         raise ValueError(f"path={str(path)!r}: a single-file checkpoint must end in .safetensors")
     from safetensors.torch import save_file
 
-    torch_dtype = DTYPES[dtype]
-    sd = to_original_state_dict(components, family)
     tensors = {}
-    for key, value in sd.items():
+    for key, value in make_state_dict().items():
         value = value.detach()
         if value.is_floating_point():
-            value = value.to(torch_dtype)
+            value = value.to(DTYPES[dtype])
         tensors[key] = value.to("cpu").contiguous()
     meta = {"format": "pt", "popalign.family": family}
     meta.update(metadata or {})
-
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -3,39 +3,33 @@
 Every model is built from a config with a fixed seed, so two calls give bit-identical weights; nothing is downloaded.
 Families: "sd15" (CLIP-L-style text encoder, epsilon), "sd2" (OpenCLIP-style encoder, linear projections,
 v-prediction), "sdxl" (two text encoders, pooled embeddings, time ids). Images are 32x32, latents 16x16.
+The flow families (sd3, flux) are in `models.tiny_flow`; `get_dummy_adapter` builds either.
 """
 
 from __future__ import annotations
 
 import torch
 
-from popalign_core.models.adapter import check_family
+from popalign_core.models.adapter import FLOW_FAMILIES, UNET_FAMILIES, check_family
 from popalign_core.models.diffusers_adapter import DiffusersAdapter
+from popalign_core.models.tiny_flow import get_dummy_flow_adapter
+from popalign_core.models.tiny_parts import TINY_IMAGE_SIZE, tiny_text_encoder_config
 from popalign_core.models.tokenizers import clip_tokenizer
 
-TINY_IMAGE_SIZE = 32
-
-
-def tiny_text_encoder_config(hidden_act: str = "quick_gelu", hidden_size: int = 32, projection_dim: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        projection_dim=projection_dim,
-        hidden_act=hidden_act,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407 if hidden_act == "quick_gelu" else 0,
-    )
+__all__ = [
+    "TINY_IMAGE_SIZE",
+    "get_dummy_adapter",
+    "get_dummy_components",
+    "get_dummy_pipeline",
+    "tiny_scheduler_config",
+    "tiny_text_encoder_config",
+    "tiny_unet_config",
+    "tiny_vae_config",
+]
 
 
 def tiny_unet_config(family: str) -> dict:
-    check_family(family)
+    check_family(family, UNET_FAMILIES, "a tiny UNet")
     base = dict(
         sample_size=TINY_IMAGE_SIZE // 2,
         in_channels=4,
@@ -89,7 +83,7 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_scheduler_config(family: str) -> dict:
-    check_family(family)
+    check_family(family, UNET_FAMILIES, "a DDPM schedule")
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -107,7 +101,7 @@ def get_dummy_components(family: str = "sd15", seed: int = 0) -> dict:
 
     Keys: unet, vae, text_encoder[, text_encoder_2], tokenizer[, tokenizer_2], scheduler.
     """
-    check_family(family)
+    check_family(family, UNET_FAMILIES, "tiny UNet components (flow families: models.tiny_flow)")
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -144,9 +138,16 @@ def get_dummy_pipeline(family: str = "sd15", seed: int = 0):
     return StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def get_dummy_adapter(family: str = "sd15", seed: int = 0):
-    """A `DiffusersAdapter` over the tiny components (training schedule: DDPM with the same betas)."""
+def get_dummy_adapter(family: str = "sd15", seed: int = 0, **kwargs):
+    """A `DiffusersAdapter` over the tiny components (training schedule: DDPM with the same betas); for "sd3" and
+    "flux" a `FlowAdapter` over `models.tiny_flow`'s components (keyword arguments go there)."""
     from diffusers import DDPMScheduler
+
+    check_family(family)
+    if family in FLOW_FAMILIES:
+        return get_dummy_flow_adapter(family, seed, **kwargs)
+    if kwargs:
+        raise ValueError(f"{', '.join(kwargs)}: options of the tiny flow models only, not of {family!r}")
 
     comps = get_dummy_components(family, seed)
     encs = [comps["text_encoder"]] + ([comps["text_encoder_2"]] if family == "sdxl" else [])

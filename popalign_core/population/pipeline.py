@@ -30,7 +30,7 @@ from popalign_core.common.userinput import (
     read_yaml,
 )
 from popalign_core.models.loading import load_model
-from popalign_core.models.sampling import SCHEDULERS, SamplerConfig
+from popalign_core.models.sampling import SCHEDULER_CHOICES, SamplerConfig
 from popalign_core.population.build import BUILD_OUTPUTS, BUILD_RULES, ON_SHORT, BuildConfig, build_preferences
 from popalign_core.population.filter import FILTER_OUTPUTS, FilterConfig, check_rows, filter_population
 from popalign_core.population.prompts import (
@@ -281,7 +281,7 @@ def _sampler_args(p: ArgumentParser) -> None:
     h = SamplerConfig.help()
     p.add_argument("--steps", type=integer, default=25, help=h["steps"])
     p.add_argument("--guidance-scale", type=number, default=7.5, help=h["guidance_scale"])
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help=h["scheduler"])
+    p.add_argument("--scheduler", default="auto", choices=list(SCHEDULER_CHOICES), help=h["scheduler"])
     p.add_argument("--seed", type=integer, default=0, help=h["seed"])
     p.add_argument("--batch-size", type=integer, default=8, help=h["batch_size"])
     p.add_argument("--height", type=integer, default=None, help=h["height"])
@@ -308,7 +308,7 @@ def _parser() -> ArgumentParser:
     smp.add_argument("--neutral-per-prompt", type=integer, default=None,
                      help="losing images per neutral prompt (default: as many as its augmented rows)")  # fmt: skip
     smp.add_argument("--time-budget", type=number, default=None, help="stop cleanly after this many seconds")
-    smp.add_argument("--family", default="auto", help="model family: auto, sd15, sd2, sdxl")
+    smp.add_argument("--family", default="auto", help="model family: auto, sd15, sd2, sdxl, sd3, flux")
     smp.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     smp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     _sampler_args(smp)

@@ -40,7 +40,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from popalign_core.common.distributed import Distributed
 from popalign_core.common.fileio import atomic_path, atomic_write_text, claim_output_dir, clean_temporaries
 from popalign_core.common.manifest import write_manifest
 from popalign_core.common.userinput import user_error
-from popalign_core.models.sampling import SamplerConfig, derive_seed, sample
+from popalign_core.models.sampling import SamplerConfig, derive_seed, resolve_scheduler, sample
 
 __all__ = ["MANIFEST", "RUN_FILE", "SamplingStopped", "image_name", "population_jobs", "read_samples",
            "sample_population"]  # fmt: skip
@@ -330,6 +330,7 @@ def _validate_sampling(adapter, jobs, out: Path, config, model_id, model_hash, t
 
     log = log or (lambda m: None)
     jobs, keys = _check_sampling(jobs, config, time_budget_s)
+    config = replace(config, scheduler=resolve_scheduler(adapter, config.scheduler))  # "auto" -> recorded by name
     t0 = time.time()
     if model_hash is None:
         from popalign_core.lora.files import model_hash as _mh

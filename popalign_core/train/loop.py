@@ -40,6 +40,7 @@ from popalign_core.common.fileio import (
 )
 from popalign_core.common.userinput import parse_value, read_yaml, user_error
 from popalign_core.lora.files import save_lora_formats
+from popalign_core.models.families import FLOW_FAMILIES
 from popalign_core.models.loading import load_model
 from popalign_core.train.runconfig import config_fingerprint
 
@@ -86,8 +87,13 @@ def load_training_model(cfg):
         fam = parts[1]
         seed = parse_value(parts[2]) if len(parts) > 2 else 0
         if len(parts) > 3 or isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"model={cfg.model!r}: a tiny model is 'tiny:<sd15|sd2|sdxl>[:<integer seed>]'")
+            raise ValueError(f"model={cfg.model!r}: a tiny model is 'tiny:<sd15|sd2|sdxl|sd3|flux>[:<integer seed>]'")
         adapter = get_dummy_adapter(fam, seed=seed)
+        if cfg.prediction_type is not None and fam in FLOW_FAMILIES:
+            raise ValueError(
+                f"prediction_type={cfg.prediction_type!r}: {fam} is a flow-matching model, it predicts the velocity; "
+                "leave prediction_type unset"
+            )
         if cfg.prediction_type is not None and cfg.prediction_type != adapter.prediction_type:
             from diffusers import DDPMScheduler
 

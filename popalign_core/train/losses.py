@@ -36,11 +36,13 @@ from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 
 __all__ = [
+    "FLOW_RESTATED_BETA",
     "LOSSES",
     "LossInputs",
     "LossOutput",
     "LossSpec",
     "compute_loss",
+    "flow_hparams",
     "loss_config",
     "per_sample_error",
 ]
@@ -501,6 +503,22 @@ def loss_config(name: str, **hparams):
 def loss_defaults(name: str) -> dict:
     """Default hyper-parameters of loss `name` (what a UI shows when the loss is selected)."""
     return dataclasses.asdict(loss_config(name))
+
+
+#: losses whose beta multiplies a difference of per-sample errors (inside a sigmoid): on velocity errors their
+#: default beta is restated as beta_v = beta_eps * E[(1 - sigma)^2] (docs/training.md, "Flow-matching models"). DSPO
+#: is not among them: its one beta is also the weight of a prediction difference, which the velocity form keeps.
+FLOW_RESTATED_BETA = ("dpo", "popalign", "rpo", "kto")
+
+
+def flow_hparams(name: str, hparams: dict, beta_scale: float) -> dict:
+    """`hparams` for loss `name` on a flow model whose training density has E[(1 - sigma)^2] = beta_scale: an unset
+    beta of a `FLOW_RESTATED_BETA` loss becomes its default times beta_scale; a beta the user set is kept."""
+    if name not in FLOW_RESTATED_BETA or "beta" in hparams:
+        return dict(hparams)
+    if not (0.0 < float(beta_scale) <= 1.0):
+        raise ValueError(f"beta_scale={beta_scale!r}: expected E[(1 - sigma)^2] in (0, 1]")
+    return {**hparams, "beta": loss_defaults(name)["beta"] * float(beta_scale)}
 
 
 def _validate(name: str, spec: LossSpec, x: LossInputs, anchor_weight: float) -> bool:

@@ -8,6 +8,7 @@ implementation; unpaired samples get their own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,18 @@ class Anchor:
     ref_cond: Conditioning | None = None  # the frozen reference's conditioning (default: `cond`, detached)
 
 
+def timestep_sampler(adapter) -> Callable[[int, torch.Generator | None], torch.Tensor] | int:
+    """What `shared_noise_and_timesteps` draws timesteps with for `adapter`: the adapter's own training density
+    (`sample_timesteps`, the flow families: t = 1000·σ, σ logit-normal or uniform) or, for the DDPM families, the
+    number of training timesteps (t uniform over the integers 0 .. T-1)."""
+    draw = getattr(adapter, "sample_timesteps", None)
+    return draw if callable(draw) else int(adapter.num_train_timesteps)
+
+
 def shared_noise_and_timesteps(
     label: torch.Tensor,
     shape: torch.Size,
-    num_train_timesteps: int,
+    num_train_timesteps: int | Callable[[int, torch.Generator | None], torch.Tensor],
     generator: torch.Generator | None,
     *,
     pair: bool,
@@ -38,10 +47,16 @@ def shared_noise_and_timesteps(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise [B, ...] and timesteps [B] drawn on CPU from `generator`; with `pair`, the k-th -1 sample copies the
-    noise and timestep of the k-th +1 sample."""
+    noise and timestep of the k-th +1 sample.
+
+    num_train_timesteps: T (integer timesteps uniform in 0 .. T-1) or a sampler (n, generator) -> [n] timesteps
+    (`timestep_sampler(adapter)`)."""
     b = shape[0]
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    t = torch.randint(0, num_train_timesteps, (b,), generator=generator)
+    if callable(num_train_timesteps):
+        t = num_train_timesteps(b, generator)
+    else:
+        t = torch.randint(0, num_train_timesteps, (b,), generator=generator)
     if pair:
         w = torch.nonzero(label.cpu() > 0).flatten()
         lo = torch.nonzero(label.cpu() < 0).flatten()
@@ -82,7 +97,7 @@ def preference_loss(
         raise ValueError("noise and timesteps: give both or neither")
     if noise is None:
         noise, t = shared_noise_and_timesteps(
-            label, latents.shape, adapter.num_train_timesteps, generator, pair=True, device=device, dtype=dtype
+            label, latents.shape, timestep_sampler(adapter), generator, pair=True, device=device, dtype=dtype
         )
     else:
         if noise.shape != latents.shape or timesteps.shape != (latents.shape[0],):
@@ -113,7 +128,7 @@ def preference_loss(
             a_noise, a_t = shared_noise_and_timesteps(
                 torch.ones(anchor.latents.shape[0]),
                 anchor.latents.shape,
-                adapter.num_train_timesteps,
+                timestep_sampler(adapter),
                 generator,
                 pair=False,
                 device=device,

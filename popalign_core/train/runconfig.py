@@ -33,8 +33,9 @@ from popalign_core.common.userinput import (
     flag_type,
     read_yaml,
 )
+from popalign_core.models.families import FAMILIES as MODEL_FAMILIES
 
-FAMILIES = ("auto", "sd15", "sd2", "sdxl")
+FAMILIES = ("auto", *MODEL_FAMILIES)
 LORA_FORMAT_CHOICES = ("kohya", "diffusers")
 #: fields that may change when a run is resumed (not part of the fingerprint)
 RESUMABLE_CHANGES = ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints")
@@ -115,24 +116,26 @@ class RunConfig:
 
     # model
     model: str = _help(
-        "base model: a .safetensors checkpoint, a diffusers folder, or 'tiny:<sd15|sd2|sdxl>' (a seeded tiny model "
-        "built from configs, for tests and examples)",
+        "base model: a .safetensors checkpoint, a diffusers folder, or 'tiny:<sd15|sd2|sdxl|sd3|flux>' (a seeded "
+        "tiny model built from configs, for tests and examples)",
         default="",
     )
-    family: str = _help("model family: auto, sd15, sd2, sdxl", default="auto")
+    family: str = _help("model family: auto, sd15, sd2, sdxl, sd3, flux", default="auto")
     model_config_dir: str | None = _help(
         "diffusers config folder for a single-file checkpoint (default: the shipped config of its family)",
         default=None,
     )
     prediction_type: str | None = _help(
-        "override the scheduler's prediction type: epsilon or v_prediction", default=None
+        "override the scheduler's prediction type: epsilon or v_prediction (UNet families only)", default=None
     )
     resolution: int | None = _help("training image side in pixels (default: the model's native size)", default=None)
     # what is trained
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: float | None = _help("LoRA alpha (default: equal to the rank, i.e. scale 1)", default=None)
     unet_targets: list = _help(
-        "UNet modules that get a LoRA", default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+        "UNet / transformer modules that get a LoRA; default: the family's attention projections (UNets: to_q, to_k, "
+        "to_v, to_out.0; SD3 / FLUX: those and add_q_proj, add_k_proj, add_v_proj, to_add_out)",
+        default_factory=lambda: ["default"],
     )
     text_encoder_targets: list = _help(
         "text-encoder modules that get a LoRA",

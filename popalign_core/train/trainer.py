@@ -34,6 +34,7 @@ from popalign_core.common.userinput import (
     parse_value,
 )
 from popalign_core.lora.files import LoraSpec, add_lora, lora_metadata, model_hash
+from popalign_core.lora.inject import denoiser_targets
 from popalign_core.models.adapter import Conditioning
 from popalign_core.models.sampling import SamplerConfig, sample
 from popalign_core.train.config import (  # noqa: F401 - re-exported: the module's public API
@@ -51,8 +52,8 @@ from popalign_core.train.loop import (  # noqa: F401 - re-exported
     load_training_model,
     train_outputs,
 )
-from popalign_core.train.losses import LOSSES, loss_config
-from popalign_core.train.objective import Anchor, preference_loss, shared_noise_and_timesteps
+from popalign_core.train.losses import LOSSES, flow_hparams, loss_config
+from popalign_core.train.objective import Anchor, preference_loss, shared_noise_and_timesteps, timestep_sampler
 from popalign_core.train.runconfig import (  # noqa: F401 - re-exported
     LORA_FORMAT_CHOICES,
     config_fingerprint,
@@ -94,9 +95,11 @@ class Trainer(TrainerBase):
     def _setup_model(self):
         cfg = self.cfg
         adapter = self._load_adapter()
+        self.loss_params = self._loss_params(adapter)
         torch.manual_seed(cfg.seed)
         if cfg.full_finetune:
-            adapter.reference_unet = copy.deepcopy(adapter.unet).requires_grad_(False).eval()
+            frozen = copy.deepcopy(adapter.unet).requires_grad_(False).eval()
+            setattr(adapter, "reference_transformer" if hasattr(adapter, "beta_scale") else "reference_unet", frozen)
             for m in [adapter.vae, *adapter.text_encoders]:
                 m.requires_grad_(False)
             adapter.unet.requires_grad_(True)
@@ -104,7 +107,7 @@ class Trainer(TrainerBase):
             spec = LoraSpec(
                 rank=cfg.lora_rank,
                 alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
-                unet_targets=tuple(cfg.unet_targets) if cfg.train_unet else None,
+                unet_targets=denoiser_targets(cfg.unet_targets) if cfg.train_unet else None,
                 text_encoder_targets=tuple(cfg.text_encoder_targets) if cfg.train_text_encoder else None,
             )
             add_lora(adapter, spec)
@@ -138,8 +141,10 @@ class Trainer(TrainerBase):
         self.win_idx = data.winning()
         self.lose_idx = data.losing()
         size = cfg.resolution or self.adapter.native_size
-        if size % self.adapter.vae_scale_factor:
-            raise ValueError(f"resolution={size} is invalid: must be a multiple of {self.adapter.vae_scale_factor}")
+        f = self.adapter.vae_scale_factor * getattr(self.adapter, "patch_size", 1)  # SD3 / FLUX: 2x2 patches
+        if size % f:
+            what = f" ({self.adapter.family}: VAE factor x patch size)" if f != self.adapter.vae_scale_factor else ""
+            raise ValueError(f"resolution={size} is invalid: must be a multiple of {f}{what}")
         self.size = size
         self._load_image = lambda i: load_image(data.samples[i].image, size)
         self.latent_cache: torch.Tensor | None = None
@@ -156,6 +161,19 @@ class Trainer(TrainerBase):
             with torch.no_grad(), self.adapter.reference():
                 cond = self.adapter.encode_prompt(captions, self.size, self.size)
             self.ref_text_cache = {c: cond.select([i]) for i, c in enumerate(captions)}
+
+    def _loss_params(self, adapter) -> dict:
+        """The loss hyper-parameters of this run: the config's, with an unset beta restated for velocity errors on
+        a flow model (`losses.flow_hparams`: beta_v = beta_eps * E[(1 - sigma)^2])."""
+        cfg = self.cfg
+        scale = getattr(adapter, "beta_scale", None)
+        if not callable(scale):
+            return dict(cfg.loss_params)
+        params = flow_hparams(cfg.loss, cfg.loss_params, scale())
+        if params.get("beta") != cfg.loss_params.get("beta"):
+            self.log(f"[train] {adapter.family}: flow model, beta = {params['beta']:.6g} (the {cfg.loss} default x "
+                     f"E[(1 - sigma)^2] = {scale():.4f}; set loss_params.beta to choose another)")  # fmt: skip
+        return params
 
     @torch.no_grad()
     def _encode_indices(self, idx: list[int], chunk: int = 16) -> torch.Tensor:
@@ -252,7 +270,7 @@ class Trainer(TrainerBase):
             self.size // self.adapter.vae_scale_factor,
         )
         noise, tsteps = shared_noise_and_timesteps(
-            torch.tensor(g_label), latent_shape, self.adapter.num_train_timesteps, g, pair=True
+            torch.tensor(g_label), latent_shape, timestep_sampler(self.adapter), g, pair=True
         )
         captions = [self.data.samples[i].caption for i in g_idx]
         if cfg.caption_dropout > 0:
@@ -263,7 +281,7 @@ class Trainer(TrainerBase):
             na = cfg.anchor_batch_size * self.dist.world
             anchor_pick = torch.randint(0, self.anchors[0].shape[0], (na,), generator=g).tolist()
             a_noise, a_t = shared_noise_and_timesteps(
-                torch.ones(na), (na,) + latent_shape[1:], self.adapter.num_train_timesteps, g, pair=False
+                torch.ones(na), (na,) + latent_shape[1:], timestep_sampler(self.adapter), g, pair=False
             )
         mine = self._mine(len(g_idx))
         if not mine:
@@ -310,7 +328,7 @@ class Trainer(TrainerBase):
                 ref_cond=ref_cond,
                 noise=noise[mine],
                 timesteps=tsteps[mine],
-                **cfg.loss_params,
+                **self.loss_params,
             )
         return out
 
@@ -324,7 +342,7 @@ class Trainer(TrainerBase):
             return {"unet": str(path)}
         meta = lora_metadata(
             loss=cfg.loss,
-            hyperparameters={**loss_config(cfg.loss, **cfg.loss_params).__dict__, "lr": cfg.lr, "steps": step},
+            hyperparameters={**loss_config(cfg.loss, **self.loss_params).__dict__, "lr": cfg.lr, "steps": step},
             base_model_hash=self.base_hash,
             data_hash=self.data_hash,
             popalign_step=str(step),

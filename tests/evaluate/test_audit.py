@@ -300,3 +300,17 @@ def test_cli_targets_file_inline_and_named_detector(sampled, weights, tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("popalign audit: error: ") and msg in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_audits_a_flow_model(weights, tmp_path, family):
+    """`popalign audit --model tiny:sd3|flux`: flow-Euler sampling (scheduler auto), recorded by its name."""
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(PROMPTS) + "\n")
+    rc = main(["--model", f"tiny:{family}", "--prompts", str(pf), "--images-per-prompt", "2", "--classifier",
+               "fairface", "--weights", weights, "--steps", "2", "--n-boot", str(N_BOOT), "--out", str(tmp_path / "a"),
+               "--no-report"])  # fmt: skip
+    assert rc == 0
+    res = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert res["settings"]["sampler"]["scheduler"] == "flow_euler"
+    assert res["settings"]["sampler"]["height"] == 32 and res["settings"]["model"] == f"tiny:{family}"

@@ -251,3 +251,20 @@ def test_demo_data_feeds_the_example_training_config(demo_run, tmp_path):
                       output_dir=str(tmp_path), steps=2, progress=False)  # fmt: skip
     summary = train(cfg, log=lambda m: None)
     assert Path(summary["outputs"]["kohya"]).is_file()
+
+
+def test_demo_data_feeds_the_flux_example(demo_run, tmp_path):
+    """examples/train_flux.yaml (tiny FLUX) trains on the demo's population data: a `lora_transformer_*` kohya file."""
+    from pathlib import Path
+
+    from popalign_core.lora.files import read_lora
+    from popalign_core.train.trainer import load_config, train
+
+    out, _ = demo_run
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_flux.yaml"
+    assert "runs/demo/pipeline/run/data/population.jsonl" in example.read_text()
+    cfg = load_config(example, data=str(out / "pipeline" / "run" / "data" / "population.jsonl"),
+                      output_dir=str(tmp_path), steps=2, progress=False)  # fmt: skip
+    summary = train(cfg, log=lambda m: None)
+    sd, meta, fmt = read_lora(summary["outputs"]["kohya"])
+    assert fmt == "kohya" and all(k.startswith("lora_transformer_") for k in sd) and meta["family"] == "flux"

@@ -354,8 +354,8 @@ def test_file_errors(trained, tmp_path):
     path = L.save_lora(xl, tmp_path / "xl.safetensors")
     with pytest.raises(ValueError, match="text_encoder_2"):
         L.load_lora(get_dummy_adapter("sd15"), path)
-    with pytest.raises(ValueError, match="family='sd3'"):
-        L.peft_to_kohya({}, "sd3")
+    with pytest.raises(ValueError, match="family='sd4'"):
+        L.peft_to_kohya({}, "sd4")
 
 
 def test_public_names_importable_from_files_and_package():

@@ -121,3 +121,15 @@ def test_velocity_errors_are_epsilon_errors_scaled_by_one_minus_sigma_squared(lo
                         beta=beta_eps * (1 - 0.6) ** 2)  # fmt: skip
     torch.testing.assert_close(on_v.per_sample, on_eps.per_sample, atol=1e-5, rtol=1e-4)
     assert on_v.loss.item() == pytest.approx(on_eps.loss.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("scheme,shift", [("uniform", 1.0), ("logit_normal", 1.0), ("logit_normal", 3.0),
+                                          ("uniform", 3.0)])  # fmt: skip
+def test_mean_eps_weight_is_the_expectation_of_one_minus_sigma_squared(scheme, shift):
+    g = torch.Generator().manual_seed(0)
+    s = F.sample_sigmas(400_000, scheme, g)
+    s = F.shift_sigma(s, shift) if shift != 1.0 else s
+    mc = float(((1 - s) ** 2).mean())
+    assert F.mean_eps_weight(scheme, shift) == pytest.approx(mc, abs=2e-3)
+    if (scheme, shift) == ("uniform", 1.0):
+        assert F.mean_eps_weight(scheme, shift) == pytest.approx(1 / 3, abs=1e-9)  # ∫ (1 − σ)² dσ

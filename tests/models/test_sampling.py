@@ -202,8 +202,11 @@ def test_progress_exception_stops_sampling(adapters):
 
 
 # ------------------------------------------------------------------------------------------------ schedulers
+UNET_SCHEDULERS = [k for k, s in SCHEDULERS.items() if not s.flow]
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd2"])
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", UNET_SCHEDULERS)
 def test_every_scheduler_runs(adapters, scheduler, family):
     adapter = adapters(family)
     out = sample(adapter, REQUESTS[:2], _cfg(steps=3, scheduler=scheduler))
@@ -279,7 +282,44 @@ class GaussianOracle:
         return nullcontext()
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+class FlowGaussianOracle(GaussianOracle):
+    """The exact velocity of Gaussian data N(MU, SD^2) under x = (1 - sigma) x0 + sigma eps (sigma = t / 1000):
+    with d = (1 - sigma)^2 SD^2 + sigma^2 and r = x - (1 - sigma) MU, E[x0|x] = MU + (1 - sigma) SD^2 r / d and
+    E[eps|x] = sigma r / d, so v = E[eps|x] - E[x0|x]."""
+
+    family = "sd3"
+    patch_size = 1
+
+    def __init__(self, shift: float = 3.0):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.prediction_type = "flow"
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        self.encoded = []
+
+    def predict(self, x, t, cond):
+        sig = float(t) / 1000
+        x = x.double()
+        d = (1 - sig) ** 2 * self.SD**2 + sig**2
+        r = x - (1 - sig) * self.MU
+        return (sig * r / d - (self.MU + (1 - sig) * self.SD**2 * r / d)).float()
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_samples_the_target_distribution(shift):
+    """flow_euler ("auto" on a flow model) maps N(0, I) to N(MU, SD^2) with the exact velocity; ddim is refused."""
+    reqs = [(f"p{k}", k) for k in range(16)]
+    cfg = SamplerConfig(steps=100, output="latents", batch_size=16, guidance_scale=3.0)
+    out = sample(FlowGaussianOracle(shift), reqs, cfg)
+    mean, std = float(out.mean()), float(out.std())
+    assert abs(mean - GaussianOracle.MU) < 0.04 and abs(std - GaussianOracle.SD) < 0.04
+    with pytest.raises(ValueError, match="scheduler='ddim' cannot sample 'sd3', a flow-matching model"):
+        sample(FlowGaussianOracle(shift), reqs, SamplerConfig(steps=2, scheduler="ddim"))
+    with pytest.raises(ValueError, match="scheduler='flow_euler' cannot sample 'sd15', an epsilon / v-prediction"):
+        sample(GaussianOracle("epsilon"), reqs, SamplerConfig(steps=2, scheduler="flow_euler"))
+
+
+@pytest.mark.parametrize("scheduler", UNET_SCHEDULERS)
 def test_scheduler_samples_target_distribution_eps_and_v(scheduler):
     reqs = [(f"p{k}", k) for k in range(16)]
     cfg = SamplerConfig(steps=100, scheduler=scheduler, output="latents", batch_size=16, guidance_scale=3.0)
@@ -390,7 +430,7 @@ def test_sdxl_non_native_size(adapters):
 def test_config_fields_have_help():
     assert set(SamplerConfig.help()) == {f.name for f in fields(SamplerConfig)}
     assert all(SamplerConfig.help().values())
-    assert SamplerConfig().scheduler == "ddim" and SamplerConfig().steps == 25 and OUTPUTS == ("tensor", "latents")
+    assert SamplerConfig().scheduler == "auto" and SamplerConfig().steps == 25 and OUTPUTS == ("tensor", "latents")
 
 
 @pytest.mark.parametrize(
@@ -398,7 +438,7 @@ def test_config_fields_have_help():
     [
         ({"steps": 0}, "steps"),
         ({"steps": 2.5}, "steps"),
-        ({"scheduler": "plms"}, "scheduler.*valid values: ddim"),
+        ({"scheduler": "plms"}, "scheduler.*valid values: auto, ddim"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"batch_size": 0}, "batch_size"),

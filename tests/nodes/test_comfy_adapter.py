@@ -156,10 +156,10 @@ def test_unsupported_model_type_is_named():
     spec = importlib.util.spec_from_file_location("pa_comfy_adapter_static", REPO / "nodes" / "comfy_adapter.py")
     ca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ca)
-    sd3 = type("SD3", (), {})()
+    other = type("AuraFlow", (), {})()  # SD3 / FLUX are supported since issue 19 (nodes/comfy_flow.py)
     model = type("M", (), {})()
-    model.model = type("B", (), {"model_config": sd3})()
-    with pytest.raises(ca.UnsupportedModel, match=r"ComfyUI model type 'SD3' is not supported by PopAlign; "
+    model.model = type("B", (), {"model_config": other})()
+    with pytest.raises(ca.UnsupportedModel, match=r"ComfyUI model type 'AuraFlow' is not supported by PopAlign; "
                                                   r"supported types: SD15, SD20, SDXL"):  # fmt: skip
         ca.family_of(model)
 

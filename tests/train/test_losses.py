@@ -389,3 +389,16 @@ def test_defaults_are_documented_per_loss():
 
         for f in dataclasses.fields(cfg):
             assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+
+
+def test_flow_hparams_restate_an_unset_beta_for_velocity_errors():
+    from popalign_core.train.losses import FLOW_RESTATED_BETA, flow_hparams
+
+    for name in FLOW_RESTATED_BETA:
+        out = flow_hparams(name, {"anchor_weight": 0.5}, 0.25)
+        assert out == {"anchor_weight": 0.5, "beta": loss_defaults(name)["beta"] * 0.25}
+        assert flow_hparams(name, {"beta": 7.0}, 0.25) == {"beta": 7.0}  # the user's beta is kept
+    for name in set(LOSSES) - set(FLOW_RESTATED_BETA):  # sft, dspo, mapo, orpo: beta is not on error differences
+        assert flow_hparams(name, {}, 0.25) == {}
+    with pytest.raises(ValueError, match=r"beta_scale=0.0: expected E\[\(1 - sigma\)\^2\] in \(0, 1\]"):
+        flow_hparams("dpo", {}, 0.0)

@@ -1,4 +1,5 @@
-"""The objective through the model adapter on tiny SD1.5 / SD2 (v-prediction) / SDXL models."""
+"""The objective through the model adapter on tiny SD1.5 / SD2 (v-prediction) / SDXL models and the flow-matching
+SD3 / FLUX models (velocity targets)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from popalign_core.models.tiny import get_dummy_adapter
 from popalign_core.train.losses import LOSSES
 from popalign_core.train.objective import preference_loss, shared_noise_and_timesteps
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 
 
 def test_pairs_share_noise_and_timestep_and_unpaired_do_not():
@@ -30,7 +31,7 @@ def batch(request):
     fam = request.param
     adapter = get_dummy_adapter(fam, seed=0)
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(4, 4, 16, 16, generator=g)
+    latents = torch.randn(4, adapter.latent_channels, 16, 16, generator=g)
     with torch.no_grad():
         cond = adapter.encode_prompt(["a photo of a doctor"] * 4)
     label = torch.tensor([1, 1, -1, -1])

@@ -346,11 +346,37 @@ def test_train_and_dal_configs_share_the_run_config_base():
             make(lora_rank=0)
         with pytest.raises(ValueError, match=r"resolution=4 is invalid: must be None .* \[8, 8192\] pixels"):
             make(resolution=4)
-        with pytest.raises(ValueError, match=r"family='sd3' is not supported; valid values: auto, sd15, sd2, sdxl"):
-            make(family="sd3")
+        with pytest.raises(ValueError, match=r"family='sd4' is not supported; valid values: auto, sd15, sd2, sdx"):
+            make(family="sd4")
     # the order of the YAML keys / flags is each config's own, not "inherited fields first"
     assert list(TrainConfig().to_dict())[:6] == ["model", "family", "model_config_dir", "prediction_type", "data",
                                                  "data_kind"]  # fmt: skip
     assert list(DALConfig(**dal).to_dict())[4] == "prompts"
     assert list(TrainConfig.fields_help()) == list(TrainConfig().to_dict())
     assert DALConfig(**dal, resolution=64).dft().height == 64
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("loss", ["popalign", "dspo"])
+def test_flow_models_train_a_transformer_lora(data, tmp_path, family, loss):
+    """`popalign train --model tiny:sd3|flux`: velocity targets, logit-normal timesteps; base and reference kept."""
+    tr = Trainer(_cfg(data, tmp_path, model=f"tiny:{family}", loss=loss), log=lambda m: None)
+    tr._setup_model()
+    init = _lora_params(tr)
+    base = {k: v.clone() for k, v in tr.adapter.transformer.state_dict().items() if "lora" not in k}
+    summary = tr.run()
+    after = _lora_params(tr)
+    assert [n for n in after if not torch.equal(after[n], init[n])], "no LoRA parameter changed"
+    for k, v in tr.adapter.transformer.state_dict().items():
+        if "lora" not in k:
+            assert torch.equal(v, base[k]), k
+    assert summary["steps"] == 2 and Path(summary["outputs"]["kohya"]).is_file()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_prediction_type_and_resolution_are_checked_for_flow_models(data, tmp_path):
+    with pytest.raises(ValueError, match="prediction_type='epsilon': sd3 is a flow-matching model"):
+        Trainer(_cfg(data, tmp_path, model="tiny:sd3", prediction_type="epsilon"), log=lambda m: None).run()
+    with pytest.raises(ValueError, match=r"resolution=30 is invalid: must be a multiple of 4 \(flux: VAE factor x "):
+        Trainer(_cfg(data, tmp_path / "r", model="tiny:flux", resolution=30), log=lambda m: None).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from . import _common as C
-from .train_nodes import run_training
+from .train_nodes import check_flow_text_encoder, run_training
 
 DEFAULT_TARGET = '{"gender": {"female": 0.75, "male": 0.25}}'
 
@@ -69,8 +69,14 @@ class PopAlignTargetDistribution:
 
 
 GRADIENT_TIP = (
-    "gradient through the sampler: a1 (adjusted, Algorithm A.1), solver (exact A_t = 1), exact (plain backprop)"
+    "gradient through the sampler: a1 (adjusted, Algorithm A.1), solver (exact A_t = 1), exact (plain backprop); "
+    "SD3 / FLUX: a1 runs as solver (A.1 needs a DDPM schedule; A_t = 1 is exact for their flow-Euler sampler)"
 )
+TRAIN_TIP = (
+    "what gets a LoRA: text_encoder (patent default), unet or both; SD3 / FLUX MODELs: unet (the transformer) only"
+)
+SAMPLER_STEPS_TIP = "steps of the generation with gradient (DPM-Solver++; flow-Euler on SD3 / FLUX)"
+GUIDANCE_TIP = "classifier-free guidance of that generation; FLUX.1-dev: its embedded guidance instead (typical 3.5)"
 EMBEDDER_TIP = (
     "image embedder of the semantics-preserving loss (weights in models/popalign/embedders/); none = no L_img"
 )
@@ -83,7 +89,8 @@ FACE_DETECTION_TIP = (
 class PopAlignDistributionalAlignment:
     DESCRIPTION = (
         "Distributional alignment (OT dynamic targets, Eq. 6, with semantics and face-realism losses) trained by "
-        "adjusted direct fine-tuning through ComfyUI's model: images are generated with gradient (DPM-Solver++), "
+        "adjusted direct fine-tuning through ComfyUI's model: images are generated with gradient (DPM-Solver++; "
+        "flow-Euler on SD3 / FLUX, where the LoRA goes on the transformer), "
         "classified, and pushed towards the target. Saves a kohya LoRA in models/loras/popalign/."
     )
     CATEGORY = C.category("alignment")
@@ -112,18 +119,13 @@ class PopAlignDistributionalAlignment:
             C.LINK("target", C.TARGET, "target distribution (PopAlign Target Distribution)"),
             C.LINK("classifier", C.CLASSIFIER, "a differentiable classifier (fairface, clip, deepface, toy)"),
             C.STRING("lora_name", "file name in models/loras/popalign/", "popalign_dal"),
-            C.CHOICE(
-                "train",
-                trainable,
-                "what gets a LoRA: text_encoder (patent default), unet or both",
-                default="text_encoder",
-            ),
+            C.CHOICE("train", trainable, TRAIN_TIP, default="text_encoder"),
             C.INT("steps", "optimiser steps", 100, 1, 1000000),
             C.FLOAT("learning_rate", "AdamW learning rate (patent: 5e-5)", 5e-5, 1e-8, 1.0, 1e-6, round=False),
             C.INT("lora_rank", "LoRA rank (patent: 50)", 50, 1, 256),
             C.INT("images_per_prompt", "N: images per prompt and step (the OT batch)", 8, 2, 256),
-            C.INT("sampler_steps", "DPM-Solver++ steps of the generation with gradient", 20, 1, 200),
-            C.FLOAT("guidance", "classifier-free guidance of that generation", 7.5, 0.0, 30.0, 0.1),
+            C.INT("sampler_steps", SAMPLER_STEPS_TIP, 20, 1, 200),
+            C.FLOAT("guidance", GUIDANCE_TIP, 7.5, 0.0, 30.0, 0.1),
             C.CHOICE("gradient", GRADIENTS, GRADIENT_TIP, default="a1"),
             C.FLOAT("threshold", "confidence threshold of the dynamic targets", 0.8, 0.01, 1.0, 0.01),
             C.CHOICE("embedder", ["none"] + list(EMBEDDERS), EMBEDDER_TIP, default="none"),
@@ -148,12 +150,10 @@ def dal_config(model, target, classifier, prompts, lora_name, train, steps, lear
     """The core's DALConfig from the node's inputs (checked in widget order; an unsupported MODEL fails early)."""
     from popalign_core.dal.trainer import DALConfig
 
-    from .comfy_adapter import family_of
-
     name = C.safe_name(lora_name, "lora_name")
     if not isinstance(target, dict) or "target" not in target:
         raise ValueError("target: expected a PopAlign target (PopAlign Target Distribution)")
-    family_of(model)
+    flow = check_flow_text_encoder(model, "train", train, train != "unet", "'unet'")
     emb = [] if more["embedder"] == "none" else [more["embedder"]]
     bank = more["face_bank"]
     detector = classifier.detector.name if (classifier.detector and more["face_detection"]) else None
@@ -173,7 +173,7 @@ def dal_config(model, target, classifier, prompts, lora_name, train, steps, lear
         face_embedder=emb[0] if emb else None,
         sampler_steps=int(more["sampler_steps"]),
         guidance_scale=float(more["guidance"]),
-        gradient=more["gradient"],
+        **(flow_sampler(more["gradient"]) if flow else {"gradient": more["gradient"]}),
         resolution=int(more["resolution"]) or None,
         train=train,
         lora_rank=int(lora_rank),
@@ -191,6 +191,16 @@ def dal_config(model, target, classifier, prompts, lora_name, train, steps, lear
     if bank != "none" and not emb:
         raise ValueError("face_bank: the face-realism loss needs an embedder (choose one besides 'none')")
     return cfg
+
+
+def flow_sampler(gradient: str) -> dict:
+    """DALConfig's sampler of a flow model (SD3 / FLUX): the flow-Euler scheduler, and "solver" for "a1" (the core
+    refuses both the DDPM / DPM-Solver++ schedulers and A.1 on flow models: A.1's C_t = 1/A_t comes from a DDPM
+    training schedule; for flow-Euler, z_0 = z_T + sum_i (sigma_i+1 - sigma_i) v_i, so A_t = 1, i.e. "solver", is
+    A.1's adjusted gradient made exact). UNet models keep the node's DPM-Solver++ default (their run keys too)."""
+    if gradient == "a1":
+        print("[PopAlign] DAL on an SD3 / FLUX MODEL: gradient 'a1' runs as 'solver' (A_t = 1, flow-Euler sampler)")
+    return {"scheduler": "flow_euler", "gradient": "solver" if gradient == "a1" else gradient}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -122,6 +122,10 @@ class StepReporter:
 
 
 LOSS_TIP = "training loss; its default hyper-parameters apply unless overridden in loss_params"
+TEXT_ENCODER_TIP = (
+    "also train a LoRA on the text encoder(s) (SD1.x / SD2.x / SDXL; an SD3 / FLUX MODEL trains the transformer "
+    "only: leave it off)"
+)
 LOSS_PARAMS_TIP = "JSON overrides of the loss's hyper-parameters, e.g. {\"beta\": 500}; {} = the loss's defaults"
 
 
@@ -155,7 +159,7 @@ class PopAlignLoRATrainer:
             C.FLOAT("learning_rate", "AdamW learning rate", 1e-4, 1e-8, 1.0, 1e-5, round=False),
             C.INT("lora_rank", "LoRA rank", 8, 1, 256),
             C.INT("batch_size", "images (population losses) or pairs per step", 4, 1, 256),
-            C.BOOLEAN("train_text_encoder", "also train a LoRA on the text encoder(s)", False),
+            C.BOOLEAN("train_text_encoder", TEXT_ENCODER_TIP, False),
             C.INT("resolution", "training image side in pixels; 0 = the model's native size", 0, 0, 4096, 8),
             C.INT("seed", "seed of the LoRA init, batches, noise and timesteps", 0, 0, 0xFFFFFFFF),
             C.INT(
@@ -176,15 +180,14 @@ def train_config(model, dataset, loss, loss_params, lora_name, **s):
     """The core's TrainConfig from the trainer node's inputs (checked first; an unsupported MODEL fails early)."""
     from popalign_core.train.trainer import TrainConfig
 
-    from .comfy_adapter import family_of
-
     name = C.safe_name(lora_name, "lora_name")
     params = C.parse_json(loss_params, "loss_params", {})
     if not isinstance(params, dict):
         raise ValueError('loss_params: expected a JSON object of hyper-parameters, e.g. {"beta": 500}')
     if not isinstance(dataset, dict) or "manifest" not in dataset:
         raise ValueError("dataset: expected a PopAlign data set (PopAlign Build / Load Preference Data)")
-    family_of(model)  # an unsupported model type fails before anything else
+    te = bool(s["train_text_encoder"])
+    check_flow_text_encoder(model, "train_text_encoder", te, te, "False")
     return TrainConfig(
         model="comfyui",
         data=dataset["manifest"],
@@ -204,6 +207,26 @@ def train_config(model, dataset, loss, loss_params, lora_name, **s):
         resume="none" if s["restart"] else "auto",
         output_dir="",
     )
+
+
+def check_flow_text_encoder(model, arg: str, value, text_encoder: bool, valid: str) -> bool:
+    """Whether `model` is a flow model (SD3 / FLUX); an unsupported model type fails here (before anything else),
+    and so does a text-encoder LoRA on a flow model: ComfyUI's CLIP encodes their prompts (CLIP-L / -G and T5-XXL;
+    nodes/comfy_flow.py) and PopAlign does not train it. An error, not a silent transformer-only run: the CLIP output
+    would not carry what the settings ask for, and the run folder key would name a run that never happened.
+    `value`: the input's value as the message names it; `valid`: the value that works."""
+    from popalign_core.models.families import FLOW_FAMILIES
+
+    from .comfy_adapter import family_of, model_type_name
+
+    family = family_of(model)
+    if family in FLOW_FAMILIES and text_encoder:
+        raise ValueError(
+            f"{arg}={value!r}: the MODEL is {model_type_name(model)} ({family}), whose text encoders PopAlign does "
+            f"not train in ComfyUI (its prompts go through ComfyUI's own CLIP); valid value: {arg}={valid} (a LoRA "
+            "on the transformer)"
+        )
+    return family in FLOW_FAMILIES
 
 
 def run_training(kind: str, trainer_cls, cfg, model, clip, vae, unique_id):

@@ -7,9 +7,11 @@ this repository's ``examples/`` folder. The API files sit one folder down, so th
 
 The graphs are defined once here, in API format, with defaults for a real SD1.5 checkpoint. The UI-format files
 (what ComfyUI's "Load" / drag-and-drop reads) are derived from them and from ComfyUI's /object_info (widget order,
-input and output types), with a left-to-right layout by graph depth.
+input and output types), with a left-to-right layout by graph depth. An API node's ``_meta.title`` (ComfyUI's API
+format has it) becomes the UI node's title. The FLUX.1 workflows (`FLUX_WORKFLOWS`) use nodes of ComfyUI 0.3.x only:
+`write_all` writes the workflows whose nodes the given /object_info has (`available`), so the script starts 0.3.75.
 
-    python tools/make_workflows.py            # starts a headless ComfyUI (tests/comfy_support.py) for /object_info
+    python tools/make_workflows.py            # starts a headless ComfyUI 0.3.75 (tests/comfy_support.py)
     python tools/make_workflows.py --object-info info.json   # or reads a saved /object_info
 
 The tests (tests/nodes/test_comfyui_nodes.py) check that the committed files are what this script writes.
@@ -221,12 +223,133 @@ def compare_lora() -> dict:
     }
 
 
-WORKFLOWS = {
+# ------------------------------------------------------------------------------------------------- FLUX.1
+# The same flows on FLUX.1-dev, loaded as ComfyUI's stock FLUX graphs load it (docs/comfyui.md, "FLUX and SD3"):
+# UNETLoader (models/diffusion_models/), DualCLIPLoader type flux (clip_l + t5xxl, models/text_encoders/), VAELoader
+# (models/vae/ae.safetensors); sampling as FLUX.1-dev is sampled (cfg 1.0, euler, simple; its embedded guidance is
+# 3.5, ComfyUI's default, which the stock preview branch sets with FluxGuidance). Nodes of ComfyUI >= 0.3 only.
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CLIP = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
+FLUX_VAE = "ae.safetensors"
+FLUX_SAMPLER = {**SAMPLER, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "width": 1024,
+                "height": 1024, "batch_size": 2}  # fmt: skip
+FLUX_GUIDANCE = 3.5
+FLUX_TRAIN_RESOLUTION = 512  # training / DAL image side (FLUX samples at 1024; 512 keeps activations small)
+
+
+def _flux_loaders() -> dict:
+    """Nodes 1-3: MODEL, CLIP, VAE of FLUX.1-dev (titles carry the notes a user needs)."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_UNET, "weight_dtype": "default"},
+              "_meta": {"title": "Load FLUX.1-dev (weight_dtype fp8_e4m3fn works)"}},
+        "2": {"class_type": "DualCLIPLoader",
+              "inputs": {"clip_name1": FLUX_CLIP[0], "clip_name2": FLUX_CLIP[1], "type": "flux"},
+              "_meta": {"title": "CLIP-L + T5-XXL (t5xxl_fp8_e4m3fn works)"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": FLUX_VAE}, "_meta": {"title": "FLUX VAE (ae)"}},
+    }  # fmt: skip
+
+
+def _flux_preview(start: int, model, prefix: str) -> dict:
+    """A stock FLUX.1-dev sample of `model` (CLIPTextEncode -> FluxGuidance -> KSampler cfg 1, euler, simple)."""
+    s = str
+    return {
+        s(start): {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a doctor", "clip": ["2", 0]}},
+        s(start + 1): {"class_type": "FluxGuidance", "inputs": {"conditioning": [s(start), 0],
+                                                                 "guidance": FLUX_GUIDANCE}},
+        s(start + 2): {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        s(start + 3): {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024,
+                                                                        "batch_size": 1}},
+        s(start + 4): {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": [s(start + 1), 0], "negative": [s(start + 2), 0], "latent_image": [s(start + 3), 0],
+            "denoise": 1.0}},
+        s(start + 5): {"class_type": "VAEDecode", "inputs": {"samples": [s(start + 4), 0], "vae": ["3", 0]}},
+        s(start + 6): _save([s(start + 5), 0], prefix),
+    }  # fmt: skip
+
+
+def _flux_version(graph: dict, sampler_ids: tuple[str, ...], seed_of: dict) -> dict:
+    """An SD1.5 graph (nodes "1" checkpoint, "2" detector, "3" classifier, ...) on FLUX: the checkpoint's outputs
+    become the three loaders' (node ids shifted by 2), samplers use FLUX's settings."""
+    shift = {k: str(int(k) + 2) for k in graph if k != "1"}
+    remap = {0: ("1", 0), 1: ("2", 0), 2: ("3", 0)}  # MODEL, CLIP, VAE of the checkpoint -> UNET, CLIP, VAE loaders
+
+    def link(v):
+        if _is_link(v):
+            return list(remap[v[1]]) if v[0] == "1" else [shift[v[0]], v[1]]
+        return v
+
+    out = _flux_loaders()
+    for k, node in graph.items():
+        if k == "1":
+            continue
+        new = {**node, "inputs": {n: link(v) for n, v in node["inputs"].items()}}
+        if k in sampler_ids:
+            new["inputs"].update(FLUX_SAMPLER, seed=seed_of[k])
+        out[shift[k]] = new
+    return out
+
+
+def flux_bias_audit() -> dict:
+    """(a) on FLUX.1-dev: 50 images per neutral prompt -> FairFace gender shares, discrepancy, chart."""
+    return _flux_version(bias_audit(), ("4",), {"4": 0})
+
+
+def flux_popalign_train() -> dict:
+    """(b) on FLUX.1-dev: PopAlign LoRA on the transformer (lora_transformer_* keys), audit before / after, and a
+    stock FLUX sample of the trained model."""
+    g = _flux_version(popalign_train(), ("5", "9", "11"), {"5": 1, "9": 2, "11": 2})
+    g["10"]["inputs"].update(resolution=FLUX_TRAIN_RESOLUTION, batch_size=2, lora_name="popalign_flux_lora")
+    return {**g, **_flux_preview(20, ["10", 0], "popalign/flux_lora_preview")}
+
+
+def flux_distributional_alignment() -> dict:
+    """(c) on FLUX.1-dev: DAL on the transformer (train unet, flow-Euler sampler, solver gradient, embedded
+    guidance 3.5) to a 75/25 female/male target, audit before / after, and a stock FLUX sample."""
+    g = _flux_version(distributional_alignment(), ("6", "8"), {"6": 3, "8": 3})
+    g["7"]["inputs"].update(lora_name="popalign_flux_dal_75_25", train="unet", lora_rank=16, learning_rate=1e-5,
+                            sampler_steps=20, guidance=FLUX_GUIDANCE, gradient="solver",
+                            resolution=FLUX_TRAIN_RESOLUTION, micro_batch=1)  # fmt: skip
+    return {**g, **_flux_preview(20, ["7", 0], "popalign/flux_dal_preview")}
+
+
+SD_WORKFLOWS = {
     "bias_audit": bias_audit,
     "popalign_train": popalign_train,
     "distributional_alignment": distributional_alignment,
     "compare_lora": compare_lora,
 }
+FLUX_WORKFLOWS = {
+    "flux_bias_audit": flux_bias_audit,
+    "flux_popalign_train": flux_popalign_train,
+    "flux_distributional_alignment": flux_distributional_alignment,
+}
+WORKFLOWS = {**SD_WORKFLOWS, **FLUX_WORKFLOWS}
+
+
+def _fits(node: dict, info: dict) -> bool:
+    """`info` has the node's type with every input it sets, and every dropdown value it sets (model file names
+    aside: those are whatever the server's folders hold)."""
+    spec = info.get(node["class_type"])
+    if spec is None:
+        return False
+    inputs = {**(spec["input"].get("required") or {}), **(spec["input"].get("optional") or {})}
+    for name, v in node["inputs"].items():
+        if name not in inputs:
+            return False
+        kind = inputs[name][0]
+        if isinstance(kind, list) and not _is_link(v) and v not in kind and not str(v).endswith(MODEL_FILES):
+            return False
+    return True
+
+
+MODEL_FILES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def available(info: dict) -> list[str]:
+    """The workflows `info` (/object_info) can run (`_fits` for every node): the FLUX ones need ComfyUI >= 0.3 (the
+    2024 ComfyUI has no FluxGuidance, no UNETLoader weight_dtype, no DualCLIPLoader type flux)."""
+    return [n for n, fn in WORKFLOWS.items() if all(_fits(node, info) for node in fn().values())]
 
 
 # --------------------------------------------------------------------------------------------------- UI format
@@ -328,6 +451,7 @@ def to_ui(api: dict, info: dict, title: str) -> dict:
             "outputs": [{"name": n, "type": t, "links": None, "slot_index": i}
                         for i, (n, t) in enumerate(zip(spec["output_name"], spec["output"]))],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
+            **({"title": node["_meta"]["title"]} if "_meta" in node else {}),
         })  # fmt: skip
     for n in nodes:
         for o in n["outputs"]:
@@ -342,10 +466,11 @@ def to_ui(api: dict, info: dict, title: str) -> dict:
 
 
 def write_all(info: dict, out: Path = OUT) -> list[Path]:
+    """Write every workflow `info` (/object_info) has the nodes for (`available`); the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fn in WORKFLOWS.items():
-        api = fn()
+    for name in available(info):
+        api = WORKFLOWS[name]()
         for path, data in ((out / "api" / f"{name}.api.json", api), (out / f"{name}.json", to_ui(api, info, name))):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=2) + "\n")
@@ -359,7 +484,7 @@ def _object_info_from_server() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import comfy_support as cs
 
-    comfy = cs.obtain_comfyui()
+    comfy = cs.obtain_comfyui(version="0.3.75")  # the FLUX workflows need its nodes
     with tempfile.TemporaryDirectory() as tmp:
         nodes_dir = Path(tmp) / "custom_nodes"
         nodes_dir.mkdir()

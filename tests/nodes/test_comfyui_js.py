@@ -518,6 +518,8 @@ def test_templates_browser_shows_the_workflows_with_their_thumbnails(page):
 def test_workflow_screenshot_and_round_trip(page, name):
     from PIL import Image, ImageStat
 
+    if name in mw.FLUX_WORKFLOWS and page.frontend != "vue":
+        pytest.skip(f"{name} uses nodes the 2024 ComfyUI does not have (FLUX: ComfyUI 0.3.x)")
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     page.load(ui)
     # saving the loaded workflow keeps every node's widgets_values (the DOM widgets add none)

@@ -134,7 +134,7 @@ def test_loss_defaults_route(server):
 
 def test_committed_workflows_are_what_the_generator_writes(object_info, tmp_path):
     written = mw.write_all(object_info, tmp_path)
-    assert len(written) == 2 * len(mw.WORKFLOWS)
+    assert len(written) == 2 * len(mw.available(object_info))  # the FLUX ones need ComfyUI 0.3.x's nodes
     for p in written:
         rel = p.relative_to(tmp_path)
         stale = f"example_workflows/{rel} is stale: run tools/make_workflows.py"
@@ -162,6 +162,8 @@ def test_templates_are_the_ui_workflows_with_thumbnails(server):
 
 @pytest.mark.parametrize("name", list(mw.WORKFLOWS))
 def test_ui_workflow_uses_existing_nodes_and_inputs(object_info, name):
+    if name not in mw.available(object_info):
+        pytest.skip(f"{name} uses nodes this ComfyUI does not have (FLUX: ComfyUI 0.3.x)")
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     by_id = {n["id"]: n for n in ui["nodes"]}
     for n in ui["nodes"]:

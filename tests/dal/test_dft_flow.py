@@ -14,6 +14,7 @@ from popalign_core.models.tiny import get_dummy_adapter
 
 REQ = [("a photo of a doctor", 0), ("a photo of a nurse", 1)]
 FAMILIES = ["sd3", "flux"]
+FAMILIES_FAST_SD3 = ["sd3", pytest.param("flux", marks=pytest.mark.slow)]  # the longer runs: FLUX in the slow tier
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -100,7 +101,7 @@ def test_solver_gradient_matches_step_by_step_construction(adapter):
             p.requires_grad_(False)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_FAST_SD3)
 def test_exact_gradient_is_the_true_derivative(family):
     """`exact` = backprop through the chain. diffusers' flow-Euler step and our VAE decode compute in float32, so
     the derivative is checked by central differences of an independent float64 Euler chain (x <- x + (sigma' -
@@ -162,7 +163,7 @@ def test_flow_sampler_refused_on_a_unet_model():
         dft.generate(ad, ["a"], torch.zeros(1, 4, 16, 16), _cfg(gradient="a1"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_FAST_SD3)
 def test_dal_trains_a_flow_model_end_to_end(family, tmp_path):
     """`popalign dal --model tiny:sd3|flux --scheduler flow_euler --gradient solver --train unet`: a transformer
     LoRA trained through the flow sampler; the default 'a1' gradient is refused at setup, before any step."""

@@ -259,6 +259,7 @@ def test_trainer_on_sd3_saves_a_transformer_lora_the_stock_loader_applies(server
     assert "lora key not loaded" not in log and "not loaded" not in log
 
 
+@pytest.mark.slow  # ~50 s; the fast tier covers the node mapping and the core DAL on flow models
 def test_flux_distributional_alignment_graph_runs_on_sd3(server):
     entry = server.run_prompt(swap_loaders(flux_api("flux_distributional_alignment")), timeout=600)
     keys = lora_keys(server.loras / "popalign" / "popalign_flux_dal_75_25.safetensors")

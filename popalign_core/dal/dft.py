@@ -49,7 +49,13 @@ from torch.utils.checkpoint import checkpoint
 from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 from popalign_core.models.adapter import Conditioning
-from popalign_core.models.sampling import AUTO_SCHEDULER, SCHEDULERS, prepare_scheduler, scale_model_input
+from popalign_core.models.sampling import (
+    AUTO_SCHEDULER,
+    SCHEDULERS,
+    prepare_scheduler,
+    resolve_scheduler,
+    scale_model_input,
+)
 
 __all__ = ["GRADIENTS", "DFTConfig", "a1_coefficients", "generate", "grad_coefficients", "solver_coefficients"]
 
@@ -119,13 +125,7 @@ def check_model(adapter, config: DFTConfig) -> None:
     """ValueError unless `config` can run on `adapter`: a flow model (SD3, FLUX) needs the flow-Euler sampler
     (scheduler "flow_euler" or "auto") and the "solver" or "exact" gradient; epsilon / v models any other."""
     flow = getattr(adapter, "prediction_type", None) == "flow"
-    name = config.scheduler
-    if name != AUTO_SCHEDULER and SCHEDULERS[name].flow != flow:
-        kind = "a flow-matching model" if flow else "an epsilon / v-prediction model"
-        valid = [AUTO_SCHEDULER, *(k for k, s in SCHEDULERS.items() if s.flow == flow and not s.stochastic)]
-        raise ValueError(
-            f"scheduler={name!r} cannot sample {adapter.family!r}, {kind}; valid values: {', '.join(valid)}"
-        )
+    resolve_scheduler(adapter, config.scheduler, deterministic=True)
     f = int(adapter.vae_scale_factor) * int(getattr(adapter, "patch_size", 1))
     for name, v in zip(("height", "width"), _size(adapter, config)):
         if v % f:
@@ -140,9 +140,7 @@ def check_model(adapter, config: DFTConfig) -> None:
 
 
 def _scheduler(adapter, config: DFTConfig, device=None):
-    name = AUTO_SCHEDULER if config.scheduler == AUTO_SCHEDULER else config.scheduler
-    if name == AUTO_SCHEDULER and getattr(adapter, "prediction_type", None) != "flow":
-        name = "dpmpp_2m"
+    name = resolve_scheduler(adapter, config.scheduler, auto="dpmpp_2m")  # "auto": dpmpp_2m, flow_euler (SD3 / FLUX)
     return prepare_scheduler(adapter, name, config.steps, _size(adapter, config), device)
 
 

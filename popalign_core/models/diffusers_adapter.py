@@ -23,6 +23,19 @@ def _peft_layers(modules) -> Iterator[torch.nn.Module]:
                 yield m
 
 
+@contextmanager
+def adapters_off(modules):
+    """Context in which every enabled peft adapter layer under `modules` (None entries skipped) is disabled."""
+    toggled = [m for m in _peft_layers(modules) if not m.disable_adapters]
+    for m in toggled:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in toggled:
+            m.enable_adapters(True)
+
+
 class VAECodec:
     """`encode_images` / `decode` over ``self.vae`` (an AutoencoderKL) with its scaling and shift factors, for both
     adapters: latents = (z - shift_factor) * scaling_factor (SD3 / FLUX have a shift, SD1.5 / SDXL none)."""
@@ -209,16 +222,11 @@ class DiffusersAdapter(VAECodec):
     @contextmanager
     def reference(self):
         """Reference model: peft adapters disabled on UNet and text encoders (or the frozen copy, if one is set)."""
-        if self.reference_unet is not None:
-            self._use_reference_unet = True
-        toggled = [m for m in _peft_layers([self.unet, *self.text_encoders]) if not m.disable_adapters]
-        for m in toggled:
-            m.enable_adapters(False)
+        self._use_reference_unet = self.reference_unet is not None
         try:
-            yield self
+            with adapters_off([self.unet, *self.text_encoders]):
+                yield self
         finally:
-            for m in toggled:
-                m.enable_adapters(True)
             self._use_reference_unet = False
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -29,7 +29,7 @@ import torch
 
 from popalign_core.models import flow
 from popalign_core.models.adapter import FLOW_FAMILIES, FLOW_PREDICTION, Conditioning, check_family
-from popalign_core.models.diffusers_adapter import VAECodec, _peft_layers
+from popalign_core.models.diffusers_adapter import VAECodec, adapters_off
 from popalign_core.models.families import FAMILY_SPECS
 
 #: default embedded guidance of FLUX.1-dev (diffusers' FluxPipeline and its LoRA trainer)
@@ -238,8 +238,7 @@ class FlowAdapter(VAECodec):
         self.check_latent_size(h, w)
         t = self.sigmas(t, b) * self.num_train_timesteps
         x = x_t.to(self.dtype)
-        net = self.reference_transformer if (self._use_reference and self.reference_transformer is not None) else None
-        net = net if net is not None else self.transformer
+        net = self.reference_transformer if self._use_reference else self.transformer
         if self.family == "sd3":
             return net(
                 hidden_states=x,
@@ -274,14 +273,10 @@ class FlowAdapter(VAECodec):
         """Reference model: peft adapters disabled on the transformer and the text encoders (or the frozen copy, if
         one is set)."""
         self._use_reference = self.reference_transformer is not None
-        toggled = [m for m in _peft_layers([self.transformer, *self.text_encoders]) if not m.disable_adapters]
-        for m in toggled:
-            m.enable_adapters(False)
         try:
-            yield self
+            with adapters_off([self.transformer, *self.text_encoders]):
+                yield self
         finally:
-            for m in toggled:
-                m.enable_adapters(True)
             self._use_reference = False
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

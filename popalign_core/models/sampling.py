@@ -43,6 +43,7 @@ import torch
 from popalign_core.common.fields import help_field as _help
 from popalign_core.common.userinput import check_containers, coerce_numbers
 from popalign_core.models.adapter import Conditioning
+from popalign_core.models.flow import flux_mu, sampling_sigmas
 
 __all__ = [
     "OUTPUTS",
@@ -188,16 +189,18 @@ def _is_flow(adapter) -> bool:
     return getattr(adapter, "prediction_type", None) == "flow"
 
 
-def resolve_scheduler(adapter, name: str) -> str:
-    """The scheduler `name` means for `adapter`: "auto" is flow_euler for a flow model, ddim otherwise; a flow
-    sampler on an epsilon / v model or the reverse is a ValueError naming the valid ones."""
+def resolve_scheduler(adapter, name: str, auto: str = "ddim", deterministic: bool = False) -> str:
+    """The scheduler `name` means for `adapter`: "auto" is flow_euler for a flow model, `auto` otherwise; a flow
+    sampler on an epsilon / v model or the reverse is a ValueError naming the valid ones (only the deterministic
+    ones with `deterministic`, as DFT needs)."""
     flow = _is_flow(adapter)
     if name == AUTO_SCHEDULER:
-        return "flow_euler" if flow else "ddim"
+        return "flow_euler" if flow else auto
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler={name!r} is not a known scheduler; valid values: {', '.join(SCHEDULER_CHOICES)}")
     if SCHEDULERS[name].flow != flow:
-        valid = [AUTO_SCHEDULER, *(k for k, v in SCHEDULERS.items() if v.flow == flow)]
+        ok = (k for k, v in SCHEDULERS.items() if v.flow == flow and not (deterministic and v.stochastic))
+        valid = [AUTO_SCHEDULER, *ok]
         kind = "a flow-matching model (velocity)" if flow else "an epsilon / v-prediction model"
         raise ValueError(
             f"scheduler={name!r} cannot sample {getattr(adapter, 'family', 'this model')!r}, {kind}; valid values: "
@@ -214,8 +217,6 @@ def prepare_scheduler(adapter, name: str, steps: int, size: tuple[int, int], dev
     scheduler = build_scheduler(resolve_scheduler(adapter, name), adapter.noise_scheduler.config)
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):  # FLUX: sigmas linspace(1, 0, steps + 1), shifted by mu
-        from popalign_core.models.flow import flux_mu, sampling_sigmas
-
         f = int(adapter.vae_scale_factor) * int(getattr(adapter, "patch_size", 1))
         c = scheduler.config  # the model's own line (diffusers' scheduler_config / ComfyUI's ModelSamplingFlux)
         line = {"base": (c.base_image_seq_len, c.base_shift), "high": (c.max_image_seq_len, c.max_shift)}

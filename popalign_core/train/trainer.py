@@ -35,7 +35,7 @@ from popalign_core.common.userinput import (
 )
 from popalign_core.lora.files import LoraSpec, add_lora, lora_metadata, model_hash
 from popalign_core.lora.inject import denoiser_targets
-from popalign_core.models.adapter import Conditioning
+from popalign_core.models.adapter import FLOW_PREDICTION, Conditioning
 from popalign_core.models.sampling import SamplerConfig, sample
 from popalign_core.train.config import (  # noqa: F401 - re-exported: the module's public API
     MIXED_PRECISION,
@@ -99,7 +99,8 @@ class Trainer(TrainerBase):
         torch.manual_seed(cfg.seed)
         if cfg.full_finetune:
             frozen = copy.deepcopy(adapter.unet).requires_grad_(False).eval()
-            setattr(adapter, "reference_transformer" if hasattr(adapter, "beta_scale") else "reference_unet", frozen)
+            flow = adapter.prediction_type == FLOW_PREDICTION
+            setattr(adapter, "reference_transformer" if flow else "reference_unet", frozen)
             for m in [adapter.vae, *adapter.text_encoders]:
                 m.requires_grad_(False)
             adapter.unet.requires_grad_(True)

@@ -1,17 +1,20 @@
 """Memory of LoRA training on a ComfyUI FLUX MODEL: the node pack's weight-sharing views (nodes/comfy_flow.py).
 
     python bench/comfy_flow_memory.py                          # FLUX.1 width, 2 double + 2 single blocks, fp8
+    python bench/comfy_flow_memory.py --layers 19 --single-layers 38 --compute bf16 --steps 1   # all of FLUX.1
+    python bench/comfy_flow_memory.py --checkpointing off      # keep every block's activations (the node's "off")
     python bench/comfy_flow_memory.py --weight-dtype bf16 --layers 4
     python bench/comfy_flow_memory.py --variants views,copy    # also the second-copy baseline
     python bench/comfy_flow_memory.py --resolution 256 --steps 1   # quicker smoke run (numbers: smaller activations)
 
 The model is a ComfyUI ``Flux`` built from ``comfy.supported_models.Flux`` at FLUX.1's full width (hidden 3072, 24
 heads, RoPE axes [16, 56, 56], 16 latent channels, T5 width 4096, CLIP-pooled 768, guidance embedding) with
-``--layers`` N double and N single blocks, random weights stored as UNETLoader holds them: fp8_e4m3fn or bf16 with
-ComfyUI's manual cast to the compute dtype (``--compute``: fp32, what ComfyUI casts to on CPU, or bf16), loaded under
-``torch.inference_mode()`` (inference tensors, as ComfyUI's loaders leave them). Each variant runs in its own
-ComfyUI 0.3.75 child process (tests/comfy_support.py) with ``MALLOC_MMAP_THRESHOLD_=65536`` (else glibc keeps freed
-blocks and RSS only grows). After the model is loaded, the RSS is read (base), the high-water mark reset, then
+``--layers`` double and ``--single-layers`` single blocks (default: as many as double), random weights stored as
+UNETLoader holds them: fp8_e4m3fn or bf16 with ComfyUI's manual cast to the compute dtype (``--compute``: fp32, what
+ComfyUI casts to on CPU, or bf16), loaded under ``torch.inference_mode()`` (inference tensors, as ComfyUI's loaders
+leave them). Each variant runs in its own ComfyUI 0.3.75 child process (tests/comfy_support.py) with
+``MALLOC_MMAP_THRESHOLD_=65536`` (else glibc keeps freed blocks and RSS only grows). After the model is loaded, the RSS
+is read (base), the high-water mark reset, then
 
 - ``views`` (what the LoRA Trainer node does): `nodes.comfy_flow.flow_adapter_from_comfy(model, None, None, base)`
   (no CLIP: hand-made conditioning T5 [B, 256, 4096], pooled [B, 768], guidance 3.5): a diffusers
@@ -20,11 +23,14 @@ blocks and RSS only grows). After the model is loaded, the RSS is read (base), t
   FluxTransformer2DModel in the compute dtype (the view is built first and dropped; its clone of the weights is
   freed before the copy is made),
 
-then a LoRA (rank 8, the default flow targets), AdamW and ``--steps`` PopAlign steps (batch 2 = one +/- pair,
+then a LoRA (rank 8, the default flow targets), gradient checkpointing of the transformer's blocks as the LoRA
+Trainer node turns it on for SD3 / FLUX (``--checkpointing on``, the default; each block's activations are recomputed
+in backward, only its inputs are kept), AdamW and ``--steps`` PopAlign steps (batch 2 = one +/- pair,
 64x64 latents at 512x512 = 1024 image tokens + 256 text tokens). Printed: the model's size as ComfyUI holds it, the
 RSS increase over base at its peak (VmHWM), that as a multiple of the model's size (target for views: <= 0.15x),
 step times, and the breakdown that can be counted: LoRA weights, gradients and AdamW state (exact), tensors saved
-for backward during one step (autograd saved-tensor hooks, unique storages: the activations), and the largest
+for backward during one step (autograd saved-tensor hooks, unique storages: the activations outside the
+checkpointed blocks, i.e. all of them with ``--checkpointing off``), and the largest
 single per-layer cast weight (the cast buffer a `CastLinear` holds at a time).
 """
 
@@ -44,10 +50,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 TEXT_TOKENS, GUIDANCE, VARIANTS = 256, 3.5, ("views", "copy")
 
 
-def flux_unet_config(layers: int) -> dict:
-    """ComfyUI's unet_config of FLUX.1-dev with `layers` double and `layers` single blocks."""
+def flux_unet_config(layers: int, single: int | None = None) -> dict:
+    """ComfyUI's unet_config of FLUX.1-dev with `layers` double and `single` (default: `layers`) single blocks."""
+    single = layers if single is None else single
     return dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=layers, depth_single_blocks=layers,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=layers, depth_single_blocks=single,
                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)  # fmt: skip
 
 
@@ -62,7 +69,7 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def build_flux(layers: int, weight_dtype: str, compute: str, seed: int = 0):
+def build_flux(layers: int, weight_dtype: str, compute: str, seed: int = 0, single: int | None = None):
     """ModelPatcher of the ComfyUI Flux (module docstring); weights N(0, 1/fan_in), norm scales 1, filled per tensor
     in place under inference mode (no second copy of the model at any time)."""
     import comfy.model_patcher
@@ -71,7 +78,7 @@ def build_flux(layers: int, weight_dtype: str, compute: str, seed: int = 0):
 
     wd = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[weight_dtype]
     cd = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
-    cfg = comfy.supported_models.Flux(flux_unet_config(layers))
+    cfg = comfy.supported_models.Flux(flux_unet_config(layers, single))
     cfg.set_inference_dtype(wd, None if cd == wd else cd)
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -87,16 +94,10 @@ def build_flux(layers: int, weight_dtype: str, compute: str, seed: int = 0):
 
 
 def _pack():
-    """nodes/ imported as the package pa_nodes (ComfyUI owns the name `nodes`); returns (comfy_adapter, comfy_flow)."""
-    import importlib
-    import types
+    """(comfy_adapter, comfy_flow) of the node pack, imported as the package pa_nodes (ComfyUI owns `nodes`)."""
+    import comfy_support as cs
 
-    if "pa_nodes" not in sys.modules:
-        pkg = types.ModuleType("pa_nodes")
-        pkg.__path__ = [str(ROOT / "nodes")]
-        sys.modules["pa_nodes"] = pkg
-        sys.path.append(str(ROOT))
-    return importlib.import_module("pa_nodes.comfy_adapter"), importlib.import_module("pa_nodes.comfy_flow")
+    return cs.node_module("comfy_adapter", ROOT), cs.node_module("comfy_flow", ROOT)
 
 
 def _copy_adapter(model, ca, cf):
@@ -152,7 +153,7 @@ def job(job: dict, log) -> dict:
     from popalign_core.train.objective import preference_loss
 
     ca, cf = _pack()
-    model = build_flux(job["layers"], job["weight_dtype"], job["compute"])
+    model = build_flux(job["layers"], job["weight_dtype"], job["compute"], single=job["single_layers"])
     size = sum(t.numel() * t.element_size() for t in model.model.diffusion_model.state_dict().values())
     gc.collect()
     base = _status("VmRSS")
@@ -170,6 +171,8 @@ def job(job: dict, log) -> dict:
         out["largest_cast_bytes"] = _largest_cast(adapter.transformer, adapter.dtype)
         torch.manual_seed(0)
         add_lora(adapter, LoraSpec(rank=8, alpha=8.0, unet_targets="default"))
+        if job["checkpointing"] == "on":
+            adapter.transformer.enable_gradient_checkpointing()
         params = [p for p in adapter.trainable_parameters() if p.requires_grad]
         out["lora_bytes"] = sum(p.numel() * p.element_size() for p in params)
         out["lora_dtypes"] = sorted({str(p.dtype) for p in params})
@@ -211,9 +214,10 @@ def _gib(x: float) -> str:
 def _report(args, rows: dict) -> None:
     r0 = next(iter(rows.values()))
     size = r0["model_bytes"]
-    print(f"ComfyUI Flux, {args.layers}+{args.layers} blocks, {r0['params'] / 1e9:.3f}B params, weights "
+    print(f"ComfyUI Flux, {args.layers}+{args.single_layers} blocks, {r0['params'] / 1e9:.3f}B params, weights "
           f"{args.weight_dtype}, compute {r0['compute']}, {args.resolution}x{args.resolution}, batch 2, "
-          f"{args.steps} PopAlign steps; model as ComfyUI holds it: {_gib(size)} GiB")  # fmt: skip
+          f"{args.steps} PopAlign steps, gradient checkpointing {args.checkpointing}; model as ComfyUI holds it: "
+          f"{_gib(size)} GiB")  # fmt: skip
     print("| variant | base RSS | after setup | +setup | +peak | +peak / model | step s | losses |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for v, r in rows.items():
@@ -241,7 +245,10 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", default="flux", choices=["flux"], help="flow family (SD3: not yet)")
-    ap.add_argument("--layers", type=int, default=2, help="double and single blocks, each (FLUX.1: 19 / 38)")
+    ap.add_argument("--layers", type=int, default=2, help="double blocks (FLUX.1: 19)")
+    ap.add_argument("--single-layers", type=int, help="single blocks (FLUX.1: 38; default: as many as --layers)")
+    ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
+                    help="gradient checkpointing of the blocks (the LoRA Trainer node: on for FLUX)")  # fmt: skip
     ap.add_argument("--weight-dtype", default="fp8", choices=["fp8", "bf16"], help="stored weights (UNETLoader)")
     ap.add_argument("--compute", default="fp32", choices=["fp32", "bf16"], help="ComfyUI's manual-cast dtype")
     ap.add_argument("--resolution", type=int, default=512, help="image side (latent = side / 8)")
@@ -249,19 +256,22 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="views", help="comma-separated: views, copy (default: %(default)s)")
     ap.add_argument("--log", help="append each step's numbers to this file as they come")
     args = ap.parse_args(argv)
+    args.single_layers = args.layers if args.single_layers is None else args.single_layers
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise SystemExit(f"--variants: {bad or variants} not valid; valid: {', '.join(VARIANTS)}")
-    if args.layers < 1 or args.steps < 1 or args.resolution % 16:
-        raise SystemExit(f"--layers {args.layers} / --steps {args.steps} must be >= 1, --resolution "
+    if min(args.layers, args.single_layers, args.steps) < 1 or args.resolution % 16:
+        raise SystemExit(f"--layers {args.layers} / --single-layers {args.single_layers} / --steps {args.steps} must "
+                         f"be >= 1, --resolution "
                          f"{args.resolution} a multiple of 16")  # fmt: skip
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the child: freed memory goes back to the OS
     comfy = cs.obtain_comfyui(version="0.3.75")
     rows = {}
     for v in variants:
-        job_ = {"variant": v, "layers": args.layers, "weight_dtype": args.weight_dtype, "compute": args.compute,
-                "resolution": args.resolution, "steps": args.steps, "log": args.log}  # fmt: skip
+        job_ = {"variant": v, "layers": args.layers, "single_layers": args.single_layers, "log": args.log,
+                "weight_dtype": args.weight_dtype, "compute": args.compute, "resolution": args.resolution,
+                "steps": args.steps, "checkpointing": args.checkpointing}  # fmt: skip
         rows[v] = cs.run_in_comfy(f"{__file__}:job", job_, comfy_dir=comfy, timeout=7200)
     _report(args, rows)
     return 0

@@ -30,6 +30,22 @@ function casts the weight per layer in forward and again in backward and saves t
 step holds at most one layer's cast weight (not a compute-dtype copy of the model); other layers with stored weights
 (patch-embedding conv, RMS norms, SD3's position table) cast theirs on the fly (small).
 
+Scaled-fp8 files (``sd3.5_large_fp8_scaled``, Comfy-Org's ``*_fp8_scaled`` FLUX): ComfyUI 0.3.75 detects the
+``scaled_fp8`` marker (``comfy/model_detection.py``) and builds every Linear from ``comfy/ops.py`` scaled_fp8_ops:
+an fp8 weight W (and bias), a float32 per-tensor ``scale_weight`` s, and with fp8 optimizations (a marker that is
+not 2 elements long) a ``scale_input``. Without fp8 matrix multiplication its forward is y = x·(s·W)ᵀ + b in the
+compute dtype, s multiplying the smaller of W and x (both cast first); ``scale_input`` is then unused. A view's
+Linear shares W and s (s a non-persistent buffer; a fused q/k/v's s goes to each of its slices) and `CastLinear`
+computes the same products in forward and backward: no dequantised copy. fp8 matrix multiplication (ComfyUI's
+scaled_fp8_ops with ``fp8_matrix_mult``, or fp8_ops from UNETLoader fp8_e4m3fn_fast / ``--fast fp8_matrix_mult``,
+on a GPU with fp8 compute such as H100 / RTX 40xx): ComfyUI then quantises each layer's input to fp8 (x /
+scale_input clamped to ±448, 3 mantissa bits) for ``torch._scaled_mm``, a step function with zero gradient almost
+everywhere. The views train through the same stored weights without that input rounding (what ComfyUI computes
+without fp8 matrix multiplication; the usual way to train over a quantised base, e.g. QLoRA, kohya ``--fp8_base``),
+and the console says so: the LoRA then applies to ComfyUI's fp8 path as any LoRA does. Refused, by name
+(UnsupportedModel): per-layer mixed-precision files (``_quantization_metadata``, ``comfy/quant_ops.py``
+QuantizedTensor weights). Load the bf16 / fp16 model instead (UNETLoader fp8_e4m3fn keeps the memory low).
+
 The helpers shared with the UNet adapter (errors, model sampling, inference-tensor replacement, VAE view, loading)
 are passed in as `base` (the ``comfy_adapter`` module): the pack's import graph stays acyclic.
 """
@@ -47,7 +63,8 @@ from popalign_core.models.flow_adapter import FLUX_GUIDANCE, FlowAdapter
 #: the ComfyUI timestep multiplier (t = multiplier·σ) each diffusers transformer's timestep convention matches
 MULTIPLIERS = {"sd3": 1000.0, "flux": 1.0}
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-_SCALED_FP8 = ("scaled_fp8", ".scale_weight", ".scale_input")
+_SCALES = (".scale_weight", ".scale_input")  # a scaled-fp8 Linear's per-tensor scales in ComfyUI (comfy/ops.py)
+LOAD_INSTEAD = "load the bf16 / fp16 model instead (UNETLoader weight_dtype fp8_e4m3fn keeps its memory low)"
 NO_TEXT_ENCODER = (
     "SD3 / FLUX in ComfyUI encode prompts with ComfyUI's own CLIP, which PopAlign does not train; train the "
     "transformer only (turn train_text_encoder off)"
@@ -55,32 +72,47 @@ NO_TEXT_ENCODER = (
 
 
 # --------------------------------------------------------------------------------------------------- cast layers
+def _scaled(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None):
+    """(a, W) cast to a's dtype with the per-tensor scale s on the smaller of the two: ComfyUI's scaled_fp8_ops
+    Linear (``comfy/ops.py``: ``weight.numel() < input.numel()`` scales W, else the input), so products round
+    alike."""
+    w = weight.to(a.dtype)
+    if scale is None:
+        return a, w
+    s = scale.to(a.dtype)
+    return (a, w * s) if w.numel() < a.numel() else (a * s, w)
+
+
 class _FrozenCastLinear(torch.autograd.Function):
-    """y = x Wᵀ + b with a frozen W stored in another dtype: W is cast to x's dtype in forward and again in backward;
-    only the stored tensor is saved (grad x = grad y · W; W and b get no gradient)."""
+    """y = x (s·W)ᵀ + b with a frozen W stored in another dtype and an optional per-tensor scale s (scaled fp8;
+    None: s = 1): W (and s) are cast to x's dtype in forward and again in backward; only the stored tensors are
+    saved (grad x = grad y · s·W; W, b and s get no gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    def forward(ctx, x, weight, bias, scale):
+        ctx.save_for_backward(weight, scale)
+        return torch.nn.functional.linear(*_scaled(x, weight, scale), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None, None
+        weight, scale = ctx.saved_tensors
+        g, w = _scaled(grad, weight, scale)
+        return g @ w, None, None, None
 
 
 class CastLinear(torch.nn.Linear):
-    """A frozen Linear whose weight stays in its stored dtype (fp8 / bf16), cast per call (`_FrozenCastLinear`)."""
+    """A frozen Linear whose weight stays in its stored dtype (fp8 / bf16), cast per call (`_FrozenCastLinear`);
+    a ``scale_weight`` buffer (scaled fp8) multiplies the cast weight as ComfyUI's scaled_fp8_ops do."""
 
     def forward(self, x):
-        if self.weight.dtype == x.dtype:
+        scale = self._buffers.get("scale_weight")
+        if scale is None and self.weight.dtype == x.dtype:
             return super().forward(x)
         if self.weight.requires_grad:
             raise RuntimeError(
                 f"a {self.weight.dtype} weight cast per layer cannot be trained itself; train a LoRA over it"
             )
-        return _FrozenCastLinear.apply(x, self.weight, self.bias)
+        return _FrozenCastLinear.apply(x, self.weight, self.bias, scale)
 
 
 def _cast_pos_embed(self, height, width):
@@ -103,7 +135,7 @@ def cast_stored_weights(view: torch.nn.Module, compute: torch.dtype, base) -> in
     n = 0
     for name, m in view.named_modules():
         own = [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None and t.is_floating_point()]
-        if not any(t.dtype != compute for t in own):
+        if not any(t.dtype != compute for t in own) and "scale_weight" not in m._buffers:
             continue
         cls = type(m)
         if cls is torch.nn.Linear:
@@ -190,6 +222,69 @@ def transformer_config(comfy_sd: dict, family: str, model, base) -> dict:
     return {**{k: v for k, v in cfg.items() if not k.startswith("_")}, **over}
 
 
+def _fp8_matmul(layer) -> str | None:
+    """How ComfyUI's Linear `layer` multiplies in fp8, quantising its input (``comfy/ops.py`` fp8_linear, e4m3fn
+    weights only), or None: scaled_fp8_ops built with ``fp8_matrix_mult`` (read from its forward's closure), or
+    fp8_ops (chosen only on a GPU with fp8 compute)."""
+    if not FP8_DTYPES or getattr(getattr(layer, "weight", None), "dtype", None) != FP8_DTYPES[0]:
+        return None
+    fn = getattr(type(layer), "forward_comfy_cast_weights", None)
+    free = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    if "fp8_matrix_mult" in free:
+        on = fn.__closure__[free.index("fp8_matrix_mult")].cell_contents
+        return "a scaled-fp8 file with fp8 optimizations on a GPU with fp8 compute" if on else None
+    if type(layer).__qualname__.startswith("fp8_ops."):
+        return "UNETLoader weight_dtype fp8_e4m3fn_fast or --fast fp8_matrix_mult on a GPU with fp8 compute"
+    return None
+
+
+def check_comfy_ops(model, base) -> str | None:
+    """Before anything loads: UnsupportedModel naming a per-layer mixed-precision quantised MODEL (the views cannot
+    train over it); for a MODEL ComfyUI runs with fp8 matrix multiplication, the note the console prints (module
+    docstring: training goes through the dequantised weights), else None."""
+    what = f"the {base.model_type_name(model)} model"
+    if getattr(model.model.model_config, "layer_quant_config", None):
+        raise base.UnsupportedModel(
+            f"model: {what} is a per-layer mixed-precision quantised file (_quantization_metadata, ComfyUI "
+            f"quant_ops), which PopAlign cannot train over; {LOAD_INSTEAD}"
+        )
+    for name, m in model.model.diffusion_model.named_modules():
+        how = _fp8_matmul(m)
+        if how is not None:
+            return (
+                f"[PopAlign] {what}: ComfyUI runs its Linear layers ({name}, ...) with fp8 matrix multiplication "
+                f"({how}), rounding each layer's input to fp8; training goes through the same fp8 weights without "
+                "that rounding (it has no gradient), and the LoRA applies to ComfyUI's fp8 path as any LoRA does"
+            )
+    return None
+
+
+def comfy_scales(model, comfy_sd: dict, base) -> dict[str, torch.Tensor]:
+    """The per-tensor ``scale_weight`` of each scaled-fp8 Linear of the MODEL's ``diffusion_model`` by module name
+    ({} for other models); UnsupportedModel for a scale that is not one value."""
+    scales = {k.removesuffix(".scale_weight"): v for k, v in comfy_sd.items() if k.endswith(".scale_weight")}
+    bad = next((k for k, v in scales.items() if v.numel() != 1), None)
+    if bad is not None:
+        raise base.UnsupportedModel(f"model: {bad}.scale_weight has shape {tuple(scales[bad].shape)}; scaled fp8 "
+                                    f"has one scale per weight tensor")  # fmt: skip
+    return scales
+
+
+def _attach_scales(view: torch.nn.Module, rules, scales: dict[str, torch.Tensor], base) -> None:
+    """Give each view Linear made from a scaled ComfyUI Linear (or a row slice of one) that Linear's scale: the
+    same tensor, as a non-persistent ``scale_weight`` buffer (`CastLinear` applies it)."""
+    done = set()
+    for orig, diff, _ in rules:
+        name = orig.removesuffix(".weight")
+        if name != orig and name in scales:
+            for d in diff:
+                view.get_submodule(d.removesuffix(".weight")).register_buffer("scale_weight", scales[name], False)
+            done.add(name)
+    if done != set(scales):
+        left = sorted(set(scales) - done)[:6]
+        raise base.UnsupportedModel(f"model: scaled-fp8 layers without a view Linear: {left}")
+
+
 def _storages(tensors) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
@@ -202,10 +297,8 @@ def transformer_view(model, family: str, base):
     from popalign_core.models.loading_flow import layout_from_original, transformer_layout
 
     comfy_sd = {k: v.detach() for k, v in model.model.diffusion_model.state_dict(keep_vars=True).items()}
-    scaled = sorted(k for k in comfy_sd if k.endswith(_SCALED_FP8))
-    if scaled:
-        raise base.UnsupportedModel(f"model: a scaled-fp8 checkpoint ({scaled[0]}, ...) is not supported; load the "
-                                    "bf16 / fp16 model (UNETLoader weight_dtype fp8_e4m3fn works)")  # fmt: skip
+    scales = comfy_scales(model, comfy_sd, base)
+    comfy_sd = {k: v for k, v in comfy_sd.items() if not k.endswith(_SCALES)}
     cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
     with torch.device("meta"):
         view = cls.from_config(transformer_config(comfy_sd, family, model, base))
@@ -220,6 +313,7 @@ def transformer_view(model, family: str, base):
     except ValueError as e:
         raise base.UnsupportedModel(str(e)) from None
     base._assign(view, source, "model (transformer)")
+    _attach_scales(view, rules, scales, base)
     shared = _storages(comfy_sd.values())
     copied = sum(p.numel() * p.element_size() for p in view.state_dict().values()
                  if p.untyped_storage().data_ptr() not in shared)  # fmt: skip
@@ -296,6 +390,9 @@ def flow_adapter_from_comfy(model, clip, vae, base, *, trainable: bool = True) -
     module. clip / vae may be None (no prompt encoding / no images). Outside ``torch.inference_mode()``."""
     family = flow_family_of(model, base)
     noise = flow_scheduler_of(model, family, base)
+    note = check_comfy_ops(model, base)
+    if note:
+        print(note)
     base.load_for_training(model, *(x.patcher for x in (clip, vae) if x is not None))
     if trainable:
         base.make_weights_trainable(model.model.diffusion_model)

@@ -69,15 +69,28 @@ class PopAlignAugmentPrompts:
         return (json.dumps(out.rows), "\n".join(r["prompt"] for r in out.rows), "\n".join(skipped))
 
 
-def _conditioning(clip, text: str):
+def _conditioning(clip, text: str, guidance: float | None = None):
+    """ComfyUI's CONDITIONING of `text` (as CLIPTextEncode), with FLUX's guidance value (as FluxGuidance) if given."""
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    return [[cond, {"pooled_output": pooled}]]
+    extra = {} if guidance is None else {"guidance": float(guidance)}
+    return [[cond, {"pooled_output": pooled, **extra}]]
+
+
+def guidance_of(model, guidance: float) -> float | None:
+    """`guidance` for a MODEL with a guidance input (FLUX.1-dev and its fine-tunes), None for the others
+    (FLUX.1-schnell, SD3, UNets: they have no such input and ComfyUI ignores the value)."""
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    return float(guidance) if unet_config.get("guidance_embed") else None
 
 
 SAMPLER_PROMPTS_TIP = (
     "augmented rows (JSON, from PopAlign Augment Prompts) or plain prompts, one per line (then every image is a "
     "neutral, losing one)"
+)
+GUIDANCE_TIP = (
+    "FLUX guidance (what the FluxGuidance node sets; FLUX.1-dev's default 3.5), used by models with a guidance "
+    "input only (FLUX.1-dev and its fine-tunes); other models ignore it. For FLUX leave cfg at 1.0"
 )
 NEUTRAL_TIP = "losing (neutral-prompt) images per neutral prompt; -1 = as many as its augmented rows; 0 = none"
 
@@ -119,14 +132,20 @@ class PopAlignPopulationSampler:
             C.INT("height", "image height in pixels", 512, 64, 4096, 8),
             C.INT("batch_size", "images sampled at once (same prompt)", 4, 1, 256),
         )
-        optional = (C.STRING("negative_prompt", "negative prompt for every image", "", multiline=True),)
+        optional = (
+            C.STRING("negative_prompt", "negative prompt for every image", "", multiline=True),
+            C.FLOAT("guidance", GUIDANCE_TIP, 3.5, 0.0, 100.0, 0.1),
+        )
         return C.input_types(required, optional)
 
-    def run(self, model, clip, vae, prompts, neutral_per_prompt, batch_size, negative_prompt="", **sampling):
+    def run(self, model, clip, vae, prompts, neutral_per_prompt, batch_size, negative_prompt="", guidance=3.5,
+            **sampling):  # fmt: skip
         jobs = _jobs(prompts, neutral_per_prompt)
         if sampling["width"] % 8 or sampling["height"] % 8:
             raise ValueError(f"width/height: {sampling['width']}x{sampling['height']} must be multiples of 8")
         settings = {k: sampling[k] for k in SETTINGS} | {"negative_prompt": negative_prompt}
+        g = guidance_of(model, guidance)
+        settings |= {} if g is None else {"guidance": g}  # recorded only where the model uses it
         images, rows = sample_jobs(model, clip, vae, jobs, int(batch_size), settings)
         return (images, {"rows": rows, "settings": settings})
 
@@ -136,10 +155,11 @@ SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "width", "height", "see
 
 def sample_jobs(model, clip, vae, jobs: list[dict], batch_size: int, s: dict):
     """(IMAGE batch in job order, rows with their seeds): ComfyUI's sampler over `jobs`, `batch_size` images of one
-    prompt at a time, each from its own noise (seed derived from s["seed"], the prompt and the index)."""
+    prompt at a time, each from its own noise (seed derived from s["seed"], the prompt and the index); s["guidance"]
+    (optional): FLUX's guidance value on both conditionings."""
     import torch
 
-    neg = _conditioning(clip, s["negative_prompt"] or "")
+    neg = _conditioning(clip, s["negative_prompt"] or "", s.get("guidance"))
     bar = C.Progress(len(jobs))
     by_prompt: dict[str, list[dict]] = {}
     for j in jobs:
@@ -147,7 +167,7 @@ def sample_jobs(model, clip, vae, jobs: list[dict], batch_size: int, s: dict):
     order = {(j["prompt"], j["index"]): k for k, j in enumerate(jobs)}
     done: dict[int, object] = {}
     for prompt, pjobs in by_prompt.items():
-        pos = _conditioning(clip, prompt)
+        pos = _conditioning(clip, prompt, s.get("guidance"))
         for start in range(0, len(pjobs), batch_size):
             chunk = pjobs[start : start + batch_size]
             for j, sd, img in zip(chunk, *_sample_chunk(model, vae, chunk, pos, neg, s)):
@@ -159,6 +179,12 @@ def sample_jobs(model, clip, vae, jobs: list[dict], batch_size: int, s: dict):
 
 def _sample_chunk(model, vae, chunk: list[dict], pos, neg, s: dict) -> tuple[list[int], object]:
     """(seeds, decoded images) of jobs of one prompt sampled at once."""
+    seeds, samples = sample_latents(model, chunk, pos, neg, s)
+    return seeds, vae.decode(samples)
+
+
+def sample_latents(model, chunk: list[dict], pos, neg, s: dict) -> tuple[list[int], object]:
+    """(seeds, latents) of jobs of one prompt sampled at once (ComfyUI's sampler, one seeded noise per job)."""
     import comfy.sample
     import torch
 
@@ -173,7 +199,7 @@ def _sample_chunk(model, vae, chunk: list[dict], pos, neg, s: dict) -> tuple[lis
     samples = comfy.sample.sample(
         model, noise, *sampling, pos, neg, latent, denoise=1.0, disable_pbar=True, seed=seeds[0]
     )
-    return seeds, vae.decode(samples)
+    return seeds, samples
 
 
 def _jobs(text: str, neutral_per_prompt: int) -> list[dict]:

@@ -126,6 +126,12 @@ TEXT_ENCODER_TIP = (
     "also train a LoRA on the text encoder(s) (SD1.x / SD2.x / SDXL; an SD3 / FLUX MODEL trains the transformer "
     "only: leave it off)"
 )
+CHECKPOINTING = ("auto", "on", "off")
+CHECKPOINTING_TIP = (
+    "gradient checkpointing: recompute the denoiser's blocks in the backward pass instead of keeping their "
+    "activations (much less memory, one more forward pass per step); auto = on for SD3 / FLUX (their activations "
+    "would dominate a step's memory), off for SD1.x / SD2.x / SDXL; switching it keeps the run (resumes)"
+)
 LOSS_PARAMS_TIP = "JSON overrides of the loss's hyper-parameters, e.g. {\"beta\": 500}; {} = the loss's defaults"
 
 
@@ -167,7 +173,8 @@ class PopAlignLoRATrainer:
             ),
             C.BOOLEAN("restart", "ignore an existing checkpoint of the same run and start over", False),
         )
-        return C.input_types(required, hidden={"unique_id": "UNIQUE_ID"})
+        optional = (C.CHOICE("gradient_checkpointing", CHECKPOINTING, CHECKPOINTING_TIP, default="auto"),)
+        return C.input_types(required, optional, hidden={"unique_id": "UNIQUE_ID"})
 
     def train(self, model, clip, vae, dataset, loss, loss_params, lora_name, unique_id=None, **settings):
         from popalign_core.train.trainer import Trainer
@@ -187,7 +194,10 @@ def train_config(model, dataset, loss, loss_params, lora_name, **s):
     if not isinstance(dataset, dict) or "manifest" not in dataset:
         raise ValueError("dataset: expected a PopAlign data set (PopAlign Build / Load Preference Data)")
     te = bool(s["train_text_encoder"])
-    check_flow_text_encoder(model, "train_text_encoder", te, te, "False")
+    flow = check_flow_text_encoder(model, "train_text_encoder", te, te, "False")
+    ckpt = s.get("gradient_checkpointing", "auto")  # optional: graphs saved before it existed run as "auto"
+    if ckpt not in CHECKPOINTING:
+        raise ValueError(f"gradient_checkpointing: {ckpt!r} is not valid; valid: {', '.join(CHECKPOINTING)}")
     return TrainConfig(
         model="comfyui",
         data=dataset["manifest"],
@@ -198,6 +208,7 @@ def train_config(model, dataset, loss, loss_params, lora_name, **s):
         lora_rank=int(s["lora_rank"]),
         batch_size=int(s["batch_size"]),
         train_text_encoder=bool(s["train_text_encoder"]),
+        gradient_checkpointing=ckpt == "on" or (ckpt == "auto" and flow),
         resolution=int(s["resolution"]) or None,
         seed=int(s["seed"]),
         lora_name=name,

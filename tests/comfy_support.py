@@ -477,6 +477,21 @@ def setup_comfy(
     return capture
 
 
+def node_module(name: str, repo: str | os.PathLike = REPO_ROOT):
+    """``<repo>/nodes/<name>.py`` imported as ``pa_nodes.<name>``: the node pack as a package named pa_nodes (ComfyUI
+    owns the name ``nodes``), so its relative imports work, inside a ComfyUI child or outside ComfyUI (the node
+    modules import ``comfy`` lazily)."""
+    import types
+
+    if "pa_nodes" not in sys.modules:
+        pkg = types.ModuleType("pa_nodes")
+        pkg.__path__ = [str(Path(repo) / "nodes")]
+        sys.modules["pa_nodes"] = pkg
+        if str(repo) not in sys.path:
+            sys.path.append(str(repo))
+    return importlib.import_module(f"pa_nodes.{name}")
+
+
 def _load_target(target: str):
     file, sep, func = target.rpartition(":")
     if not sep or not file or not func:

@@ -227,13 +227,14 @@ def compare_lora() -> dict:
 # The same flows on FLUX.1-dev, loaded as ComfyUI's stock FLUX graphs load it (docs/comfyui.md, "FLUX and SD3"):
 # UNETLoader (models/diffusion_models/), DualCLIPLoader type flux (clip_l + t5xxl, models/text_encoders/), VAELoader
 # (models/vae/ae.safetensors); sampling as FLUX.1-dev is sampled (cfg 1.0, euler, simple; its embedded guidance is
-# 3.5, ComfyUI's default, which the stock preview branch sets with FluxGuidance). Nodes of ComfyUI >= 0.3 only.
+# 3.5: the Population Sampler's guidance input, and FluxGuidance in the stock preview branch). Nodes of ComfyUI >= 0.3
+# only.
 FLUX_UNET = "flux1-dev.safetensors"
 FLUX_CLIP = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
 FLUX_VAE = "ae.safetensors"
-FLUX_SAMPLER = {**SAMPLER, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "width": 1024,
-                "height": 1024, "batch_size": 2}  # fmt: skip
 FLUX_GUIDANCE = 3.5
+FLUX_SAMPLER = {**SAMPLER, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "width": 1024,
+                "height": 1024, "batch_size": 2, "guidance": FLUX_GUIDANCE}  # fmt: skip
 FLUX_TRAIN_RESOLUTION = 512  # training / DAL image side (FLUX samples at 1024; 512 keeps activations small)
 
 

@@ -64,6 +64,7 @@ from popalign_core.evaluate.audit_files import (  # noqa: F401  (re-exported)
 )
 from popalign_core.evaluate.compare import COMPARE_OUTPUTS, compare_audits, compare_main  # noqa: F401  (re-exported)
 from popalign_core.evaluate.metrics import POOLED_NOTE
+from popalign_core.models.loading_options import MODEL_FILE_OPTIONS, add_model_file_arguments, model_spec
 from popalign_core.models.sampling import SCHEDULER_CHOICES, SamplerConfig
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ def _parser() -> ArgumentParser:
         "--model",
         help="checkpoint (.safetensors), diffusers folder, 'toyworld' (the shipped toy world) or 'tiny:sd15'",
     )
+    add_model_file_arguments(src)
     src.add_argument("--prompts", help="prompts file: one prompt a line, # comments")
     src.add_argument("--images-per-prompt", type=integer, default=16)
     src.add_argument("--images", help="folder of images (sub-folders = prompts without --manifest)")
@@ -348,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
     a = _parser().parse_args(argv)
+    given = [n for n in MODEL_FILE_OPTIONS if getattr(a, n, None) not in (None, [])] if a.model is None else []
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')}: a model-file option needs --model (it loads the model)")
     config = _config_of_args(a)
     res = run_audit(
-        model=a.model,
+        model=model_spec(a.model, a) if a.model is not None else None,
         prompts=a.prompts,
         images_per_prompt=a.images_per_prompt,
         images_dir=a.images,

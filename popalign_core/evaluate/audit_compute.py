@@ -40,7 +40,22 @@ CLASSIFY_CHUNK = 32  # images read and classified at a time
 # ------------------------------------------------------------------------------------------------ sampling
 def audit_adapter(model: Any) -> tuple[str, Any]:
     """(how the audit names the model, its adapter) of a checkpoint path, diffusers folder, 'toyworld',
-    'tiny:<family>[:seed]' or a ready adapter."""
+    'tiny:<family>[:seed]', a ready adapter, or a `models.loading_options.model_spec` mapping (``{"model": path,
+    "text_encoders": [...], "vae": ..., "t5_tokenizer": ..., "config_dir": ...}``: `load_model`'s keywords)."""
+    if isinstance(model, Mapping):
+        from popalign_core.models.loading import load_model
+        from popalign_core.models.loading_options import MODEL_FILE_OPTIONS
+
+        valid = {"model", *(kw for kw, _ in MODEL_FILE_OPTIONS.values())}
+        bad = sorted(set(model) - valid) or ([] if "model" in model else ["(no 'model')"])
+        if bad:
+            raise ValueError(f"`model` mapping: unexpected key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
+        spec = str(model["model"])
+        opts = {k: v for k, v in model.items() if k != "model"}
+        if spec.startswith("tiny:") and opts:
+            raise ValueError(f"{next(iter(opts))}: only used for checkpoints and model folders; {spec} is built from "
+                             "the package's own configs")  # fmt: skip
+        return spec, load_model(spec, **opts)
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
         if spec.startswith("tiny:"):

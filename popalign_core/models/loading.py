@@ -16,25 +16,40 @@ SDXL ``conditioner.embedders.1.model.``, SD2.x ``cond_stage_model.model.``, SD1.
 Keys cannot tell an SD2.x v-prediction model (768, e.g. SD2.1) from an epsilon one (SD2.x-base, 512): the shipped
 sd2 config is v-prediction, so load SD2-base checkpoints with ``prediction_type="epsilon"``.
 
-Flow models (SD3, FLUX): `load_model` returns a `FlowAdapter` (`models.loading_flow` does the work). Files: a
-StableDiffusion3Pipeline / FluxPipeline diffusers folder, or an all-in-one ``.safetensors`` in the layout ComfyUI's
-CheckpointLoaderSimple reads: transformer ``model.diffusion_model.*`` (original MMDiT ``joint_blocks`` / BFL
-``double_blocks``), VAE ``first_stage_model.*`` (SD3) or ``vae.*`` (FLUX), text encoders
-``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` (SD3) and
-``text_encoders.t5xxl.transformer.*`` (FLUX always; optional for SD3, which then runs without T5; ``t5=False`` skips
-it). Transformer-only files (BFL's ``flux1-dev.safetensors``, ``sd3.5_large.safetensors``) are refused with what to
-add. The transformer's shape is read from its keys; the rest comes from ``popalign_core/configs/{sd3,flux}``
+Flow models (SD3, FLUX): `load_model` returns a `FlowAdapter` (`models.loading_flow` builds the components,
+`models.flow_parts` gathers them from the files). Files: a StableDiffusion3Pipeline / FluxPipeline diffusers folder,
+or single files:
+
+- all-in-one, the layout ComfyUI's CheckpointLoaderSimple reads: transformer ``model.diffusion_model.*`` (original
+  MMDiT ``joint_blocks`` / BFL ``double_blocks``), VAE ``first_stage_model.*`` (SD3) or ``vae.*`` (FLUX), text
+  encoders ``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` (SD3) and
+  ``text_encoders.t5xxl.transformer.*`` (FLUX always; optional for SD3, which then runs without T5; ``t5=False``
+  skips it);
+- separate, as ComfyUI's UNETLoader / DualCLIPLoader / TripleCLIPLoader / VAELoader read them: the transformer file is
+  `path` (BFL's ``flux1-dev.safetensors`` without the prefix, ``sd3.5_large.safetensors`` with it and maybe bundled
+  encoders / VAE); ``text_encoders=[...]`` adds text-encoder files in the transformers layout (``clip_l``: CLIP
+  ``text_model.*``, ``clip_g``: with ``text_projection.weight``, ``t5xxl``: ``shared.weight`` + ``encoder.block.*``;
+  fp16, fp32, float8 (upcast when read) or ComfyUI's scaled fp8), each file's slot read from its keys and its width /
+  depth against the config folder (CLIP-L 768, CLIP-G 1280, T5-XXL 4096 wide in the shipped configs); ``vae=`` a
+  VAE file (LDM ``encoder.down.*`` / ``decoder.up.*``, e.g. FLUX's ``ae.safetensors``, or diffusers layout, with or
+  without a ``first_stage_model.`` / ``vae.`` prefix). A component given separately replaces the bundled one; what
+  is still missing is an error naming the file, the missing parts and which file to give (e.g. "FLUX needs clip_l
+  and t5xxl text encoders and a VAE: give text_encoders=[<t5xxl file>]").
+
+The transformer's shape is read from its keys; the rest comes from ``popalign_core/configs/{sd3,flux}``
 (SD3.5-medium, FLUX.1-dev) or ``config_dir``. The T5 tokenizer is never shipped: ``t5_tokenizer=<folder>``, else
-``<config_dir>/tokenizer_3`` (SD3) / ``tokenizer_2`` (FLUX), else a diffusers folder's own; it is the diffusers
-model's tokenizer_2|3/ folder or ComfyUI's ``comfy/text_encoders/t5_tokenizer/``. ``prediction_type`` must be None
-(flow models predict the velocity).
+``<config_dir>/tokenizer_3`` (SD3) / ``tokenizer_2`` (FLUX), else (single files) ``<root>/comfy/text_encoders/
+t5_tokenizer/`` when a model file lies in a ComfyUI tree (``<root>/models/{unet,checkpoints,diffusion_models,clip,
+text_encoders}/...``), else a diffusers folder's own; else an error naming the folder to pass. ``prediction_type``
+must be None (flow models predict the velocity). ``text_encoders`` / ``vae`` are refused for the UNet families and
+for diffusers folders.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -49,6 +64,7 @@ from popalign_core.models.loading_common import (
     PICKLE_SUFFIXES,
     check_choice,
     check_materialised,
+    check_parts_arguments,
     checkpoint_keys,
     component_weights,
     quiet_loading,
@@ -279,6 +295,13 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return Path(path).expanduser()
 
 
+def _check_no_t5_options(t5, t5_tokenizer, what: str) -> None:
+    """t5 / t5_tokenizer given for a UNet model (which has no T5): an error, not an option silently ignored."""
+    given = [n for n, v in (("t5", t5), ("t5_tokenizer", t5_tokenizer)) if v is not None]
+    if given:
+        raise ValueError(f"{given[0]}: SD3 / FLUX only (their T5 text encoder); {what}, which has none: leave unset")
+
+
 def load_pipeline(
     path: str | os.PathLike,
     *,
@@ -289,6 +312,8 @@ def load_pipeline(
     config_dir: str | os.PathLike | None = None,
     t5: bool | None = None,
     t5_tokenizer: str | os.PathLike | None = None,
+    text_encoders: Sequence[str | os.PathLike] | None = None,
+    vae: str | os.PathLike | None = None,
 ):
     """Load a diffusers pipeline offline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
     `StableDiffusion3Pipeline` or `FluxPipeline`); returns (pipeline, family).
@@ -297,6 +322,7 @@ def load_pipeline(
     is validated before any weight is read.
     """
     from popalign_core.models import loading_flow as lf
+    from popalign_core.models.flow_parts import load_flow_single_file
 
     check_choice("family", family, ("auto", *FAMILIES))
     check_choice("dtype", dtype, DTYPES)
@@ -304,6 +330,8 @@ def load_pipeline(
         lf.check_flow_arguments(family, prediction_type, t5, t5_tokenizer)
     check_choice("prediction_type", prediction_type, (None, *PREDICTION_TYPES))
     check_choice("t5", t5, (None, True, False))
+    text_encoders = check_parts_arguments(text_encoders, vae)
+    parts_given = bool(text_encoders) or vae is not None
     torch_dtype = DTYPES[dtype]
     check_device(device)
     p = resolve_model_path(path)
@@ -311,9 +339,10 @@ def load_pipeline(
         raise FileNotFoundError(f"model path {str(p)!r} does not exist: {_WHERE}")
 
     if p.is_dir():
-        if config_dir is not None:
+        if config_dir is not None or parts_given:
+            name = "config_dir" if config_dir is not None else "text_encoders" if text_encoders else "vae"
             raise ValueError(
-                "config_dir: only used for single-file checkpoints; a diffusers folder has its own configs"
+                f"{name}: only used for single-file checkpoints; a diffusers folder has its own configs and components"
             )
         if not (p / "model_index.json").is_file():
             found = sorted(x.name for x in p.glob("*.safetensors"))
@@ -327,6 +356,7 @@ def load_pipeline(
             with quiet_loading(f"diffusers folder {p}"):
                 pipe, family = lf.load_flow_folder(p, index, family, torch_dtype, t5, t5_tokenizer)
         else:
+            _check_no_t5_options(t5, t5_tokenizer, f"{p} is a UNet diffusers folder")
             with quiet_loading(f"diffusers folder {p}"):
                 pipe, family = _load_folder_pipeline(p, family, prediction_type, torch_dtype)
     else:
@@ -348,6 +378,11 @@ def load_pipeline(
             )
         family = detected
         flow = family in FLOW_FAMILIES
+        if parts_given and not flow:
+            raise ValueError(
+                f"text_encoders / vae: separate component files are read for SD3 / FLUX only; {p} is a {family!r} "
+                "checkpoint, which holds its own text encoders and VAE"
+            )
         files = lf.flow_config_files(family, t5 is not False) if flow else _config_files(family)
         cfg = Path(config_dir).expanduser() if config_dir is not None else FAMILY_CONFIG_DIRS[family]
         if not cfg.is_dir():
@@ -355,8 +390,9 @@ def load_pipeline(
         if flow:
             lf.check_flow_arguments(family, prediction_type, t5, t5_tokenizer)
             with quiet_loading(f"checkpoint {p}"):
-                pipe = lf.load_flow_single_file(p, family, keys, torch_dtype, cfg, t5, t5_tokenizer)
+                pipe = load_flow_single_file(p, family, keys, torch_dtype, cfg, t5, t5_tokenizer, text_encoders, vae)
         else:
+            _check_no_t5_options(t5, t5_tokenizer, f"{p} is a {family!r} checkpoint")
             require_files(cfg, files, "config folder")
             with quiet_loading(f"checkpoint {p}"):
                 pipe = _load_single_file_pipeline(p, family, prediction_type, torch_dtype, cfg)
@@ -378,6 +414,8 @@ def load_model(
     config_dir: str | os.PathLike | None = None,
     t5: bool | None = None,
     t5_tokenizer: str | os.PathLike | None = None,
+    text_encoders: Sequence[str | os.PathLike] | None = None,
+    vae: str | os.PathLike | None = None,
 ):
     """Load a Stable Diffusion model offline and wrap it in a `DiffusersAdapter` (UNet families) or a `FlowAdapter`
     (SD3, FLUX).
@@ -386,8 +424,9 @@ def load_model(
         A1111, CivitAI), or a diffusers folder with ``model_index.json`` (loaded with ``from_pretrained``,
         safetensors only; a folder without tokenizer files gets the shipped CLIP tokenizer), or ``"toyworld"``
         (the toy world shipped with the package).
-        SD3 / FLUX: an all-in-one single file (transformer, VAE, text encoders: ComfyUI's checkpoint layout) or a
-        StableDiffusion3Pipeline / FluxPipeline folder (module docstring, "Flow models").
+        SD3 / FLUX: an all-in-one single file (transformer, VAE, text encoders: ComfyUI's checkpoint layout), a
+        transformer file completed by `text_encoders` / `vae`, or a StableDiffusion3Pipeline / FluxPipeline folder
+        (module docstring, "Flow models").
     family: "auto" (detected from the checkpoint keys or the folder's configs), "sd15", "sd2", "sdxl", "sd3" or
         "flux"; an explicit family must match what is detected.
     prediction_type: None (the config's), "epsilon" or "v_prediction". SD2.x checkpoints cannot be told apart by
@@ -403,7 +442,13 @@ def load_model(
         (an error when missing); False: load SD3 without T5 (saves its ~4.7B parameters; zeros in its place).
     t5_tokenizer: folder of the T5 tokenizer (``tokenizer.json`` or ``spiece.model``: the diffusers model's
         ``tokenizer_2/`` (FLUX) / ``tokenizer_3/`` (SD3), or ComfyUI's ``comfy/text_encoders/t5_tokenizer/``); needed
-        for single files unless the config folder has one; overrides a folder's own.
+        for single files unless the config folder has one or the file lies in a ComfyUI tree (module docstring);
+        overrides a folder's own.
+    text_encoders: SD3 / FLUX single files only: text-encoder files (one path or a list; ComfyUI's
+        ``models/clip/`` / ``models/text_encoders/`` files: clip_l, clip_g, t5xxl, fp8 ones too) completing or
+        replacing the ones bundled in `path`; each file's slot is read from its keys and shapes.
+    vae: SD3 / FLUX single files only: a VAE file (e.g. ComfyUI's ``models/vae/ae.safetensors``) completing or
+        replacing the bundled one.
     Raises FileNotFoundError (missing path or config/component file, naming it), ValueError (bad argument, pickle
     file, unknown layout).
     """
@@ -417,6 +462,8 @@ def load_model(
         config_dir=config_dir,
         t5=t5,
         t5_tokenizer=t5_tokenizer,
+        text_encoders=text_encoders,
+        vae=vae,
     )
     if family in FLOW_FAMILIES:
         from popalign_core.models.flow_adapter import FlowAdapter

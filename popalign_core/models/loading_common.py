@@ -131,3 +131,24 @@ def component_weights(root: Path, name: str, library: str) -> str:
     raise FileNotFoundError(
         f"diffusers folder {root} is missing {name}/{stem}.safetensors (expected file: {expected})"
     )
+
+
+def check_parts_arguments(text_encoders, vae) -> list:
+    """`load_model`'s text_encoders (None, one path or a list of paths) as a list, and vae (None or one path);
+    anything else is a ValueError naming the argument."""
+    import os
+
+    def is_path(v) -> bool:
+        return isinstance(v, str | os.PathLike) and bool(os.fspath(v).strip())
+
+    if vae is not None and not is_path(vae):
+        raise ValueError(f"vae={vae!r} is invalid: expected the path of a VAE .safetensors file, or None")
+    if text_encoders is None:
+        return []
+    files = [text_encoders] if isinstance(text_encoders, str | os.PathLike) else text_encoders
+    if not isinstance(files, list | tuple) or not all(is_path(f) for f in files):
+        raise ValueError(
+            f"text_encoders={text_encoders!r} is invalid: expected a list of text-encoder .safetensors paths "
+            "(e.g. [clip_l.safetensors, t5xxl_fp16.safetensors]), or None"
+        )
+    return list(files)

@@ -1,4 +1,5 @@
-"""Offline loading of the flow families (SD3.x, FLUX.1): a diffusers folder or an all-in-one single file -> pipeline.
+"""Offline loading of the flow families (SD3.x, FLUX.1): a diffusers folder -> pipeline, and the components of single
+files (`models.flow_parts` gathers them from one all-in-one file or separate component files).
 
 `models.loading.load_pipeline` / `load_model` dispatch here for "sd3" and "flux"; `load_model` wraps the pipeline in
 a `FlowAdapter`. Nothing is fetched: configs come from ``popalign_core/configs/{sd3,flux}`` (official SD3.5-medium and
@@ -34,11 +35,9 @@ from pathlib import Path
 import torch
 
 from popalign_core.models.loading_common import (
-    DAMAGED_HINT,
     check_materialised,
     component_weights,
     read_json,
-    read_prefixed,
     require_files,
 )
 from popalign_core.models.tokenizers import T5_TOKENIZER_FILES, clip_tokenizer, t5_tokenizer
@@ -63,7 +62,7 @@ T5_TOKENIZER_DIRS = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
 PIPELINE_CLASSES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 #: the width diffusers' FLUX single-file conversion assumes (every FLUX.1 model)
 FLUX_WIDTH = 3072
-_NOT_TRANSFORMER = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
+NOT_TRANSFORMER = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
 _T5_WHERE = (
     "the T5 tokenizer: pass t5_tokenizer=<folder> (the diffusers model's {dir}/ folder, or ComfyUI's "
     "comfy/text_encoders/t5_tokenizer/), or put tokenizer.json / spiece.model into {where}"
@@ -271,65 +270,46 @@ def transformer_overrides(sd: Mapping[str, torch.Tensor], family: str, base: Map
     return dict(out, attention_head_dim=head_dim, num_attention_heads=hidden // head_dim)
 
 
-def _load_transformer(path: Path, family: str, prefix: str, cfg: Path, torch_dtype: torch.dtype):
+def load_transformer(sd: dict, where: str, family: str, cfg: Path, torch_dtype: torch.dtype):
+    """The SD3 / FLUX transformer from its original-layout tensors `sd` (no prefix); `where`: the file, for errors."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-    if prefix:
-        sd = read_prefixed(path, (prefix,))
-    else:
-        from popalign_core.common.fileio import read_safetensors
-
-        sd = read_safetensors(path, "checkpoint", DAMAGED_HINT, keys=lambda k: not k.startswith(_NOT_TRANSFORMER))[0]
-    sd = {k[len(prefix) :]: v for k, v in sd.items()}
     base = read_json(cfg / "transformer" / "config.json")
     try:
         over = transformer_overrides(sd, family, base)
     except KeyError as e:
-        raise ValueError(f"{path}: not a complete {family} transformer (no {e.args[0]!r} weight)") from None
+        raise ValueError(f"{where}: not a complete {family} transformer (no {e.args[0]!r} weight)") from None
     if family == "flux" and over["attention_head_dim"] * over["num_attention_heads"] != FLUX_WIDTH:
         with torch.device("meta"):
             meta = cls.from_config({**base, **over})
         shapes = {k: v.shape for k, v in meta.state_dict().items()}
-        sd = layout_from_original(sd, transformer_layout(meta, family), shapes, str(path))
+        sd = layout_from_original(sd, transformer_layout(meta, family), shapes, where)
     common = {"config": str(cfg), "subfolder": "transformer", "local_files_only": True, "torch_dtype": torch_dtype}
     return cls.from_single_file(sd, **common, **over)
 
 
-def _load_text_encoder(path: Path, family: str, name: str, cfg: Path, torch_dtype: torch.dtype):
+def load_text_encoder(sd: dict, family: str, name: str, cfg: Path, torch_dtype: torch.dtype):
+    """Text encoder `name` (text_encoder, text_encoder_2 [, text_encoder_3]) from its tensors in the transformers
+    layout (no prefix: ``text_model.*`` [+ ``text_projection.weight``], T5 ``shared.weight`` + ``encoder.*``)."""
     from diffusers.loaders.single_file_utils import (
         create_diffusers_clip_model_from_ldm,
         create_diffusers_t5_model_from_checkpoint,
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-    sd = read_prefixed(path, (TEXT_ENCODER_PREFIXES[family][name],))
+    prefix = TEXT_ENCODER_PREFIXES[family][name]
     common = {"config": str(cfg), "subfolder": name, "local_files_only": True, "torch_dtype": torch_dtype}
     if name == T5_COMPONENT[family]:
+        sd = {prefix + k: v for k, v in sd.items()}
         model = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint=sd, **common)
         model.tie_weights()  # files hold `shared` only; the encoder's embedding is the same tensor
         return model.eval()  # diffusers' T5 loader leaves it in training mode (dropout on)
+    # CLIP-L's projection is the identity / unused (module docstring): only CLIP-G's is read
+    keep = ("text_model.", "text_projection.") if name == "text_encoder_2" else ("text_model.",)
+    sd = {prefix + k: v for k, v in sd.items() if k.startswith(keep)}
     cls = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
     return create_diffusers_clip_model_from_ldm(cls, checkpoint=sd, **common)
-
-
-def _check_parts(path: Path, family: str, keys: list[str], prefix: str, t5: bool | None) -> bool:
-    """Which parts the file has; ValueError for a transformer-only file or missing parts. Returns: load T5."""
-    pref = TEXT_ENCODER_PREFIXES[family]
-    has = {name: any(k.startswith(p) for k in keys) for name, p in pref.items()}
-    has_vae = any(k.startswith(VAE_PREFIXES[family]) for k in keys)
-    t5_name = T5_COMPONENT[family]
-    need = [n for n in pref if n != t5_name] + ([t5_name] if family == "flux" or t5 else [])
-    missing = [f"{pref[n]}* ({n})" for n in need if not has[n]] + ([] if has_vae else [f"{VAE_PREFIXES[family][0]}*"])
-    if missing:
-        kind = "a transformer-only file" if not prefix or not (has_vae or any(has.values())) else "incomplete"
-        raise ValueError(
-            f"{path} is {kind}: no weights for {', '.join(missing)}. load_model needs an all-in-one {family} "
-            "checkpoint (transformer, VAE and text encoders in one file, the layout of ComfyUI's "
-            "CheckpointLoaderSimple / CheckpointSave, e.g. ComfyUI's all-in-one releases) or the diffusers "
-            "model folder" + (" (SD3 without T5: t5=False)" if family == "sd3" and t5 and not has[t5_name] else "")
-        )
-    return has[t5_name] and t5 is not False
 
 
 def resolve_t5_tokenizer(family: str, folder: Path | None, t5_tokenizer_dir, where: str):
@@ -344,38 +324,11 @@ def resolve_t5_tokenizer(family: str, folder: Path | None, t5_tokenizer_dir, whe
     )
 
 
-def _clip_tokenizers(family: str) -> dict:
+def clip_tokenizers(family: str) -> dict:
     toks = {"tokenizer": clip_tokenizer("clip")}
     if family == "sd3":
         toks["tokenizer_2"] = clip_tokenizer("openclip")
     return toks
-
-
-def load_flow_single_file(path: Path, family: str, keys: list[str], torch_dtype, cfg: Path, t5, t5_tokenizer_dir):
-    """An SD3 / FLUX pipeline from an original-layout single file (module docstring); each component reads only
-    its own tensors, each tensor is read once."""
-    from diffusers import AutoencoderKL
-
-    prefix = flow_family_of_keys(keys)[1]
-    use_t5 = _check_parts(path, family, keys, prefix, t5)
-    t5_name = T5_COMPONENT[family]
-    tok = (
-        resolve_t5_tokenizer(family, cfg / T5_TOKENIZER_DIRS[family], t5_tokenizer_dir, str(path)) if use_t5 else None
-    )
-    require_files(cfg, flow_config_files(family, use_t5), "config folder")
-    comps = {"transformer": _load_transformer(path, family, prefix, cfg, torch_dtype)}
-    vae_sd = read_prefixed(path, VAE_PREFIXES[family])
-    common = {"config": str(cfg), "local_files_only": True, "torch_dtype": torch_dtype}
-    comps["vae"] = AutoencoderKL.from_single_file(vae_sd, subfolder="vae", **common)
-    del vae_sd
-    for name in TEXT_ENCODER_PREFIXES[family]:
-        if name != t5_name or use_t5:
-            comps[name] = _load_text_encoder(path, family, name, cfg, torch_dtype)
-    check_materialised(comps, f"{path} with config {cfg}")
-    comps[t5_name] = comps.get(t5_name)
-    comps[T5_TOKENIZER_DIRS[family]] = tok
-    comps["scheduler"] = flow_scheduler(cfg)
-    return _pipeline_class(family)(**comps, **_clip_tokenizers(family))
 
 
 def flow_config_files(family: str, t5: bool = True) -> list[str]:
@@ -396,7 +349,7 @@ def flow_scheduler(root: Path):
     return FlowMatchEulerDiscreteScheduler.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
 
 
-def _pipeline_class(family: str):
+def pipeline_class(family: str):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
@@ -421,7 +374,7 @@ def load_flow_folder(root: Path, index: dict, family: str, torch_dtype, t5, t5_t
         component_weights(root, n.split("/")[0], (index.get(n.split("/")[0]) or ["diffusers"])[0]) for n in names
     }
     extras = {}
-    for tok_name, tok in _clip_tokenizers(family).items():
+    for tok_name, tok in clip_tokenizers(family).items():
         if not (root / tok_name).is_dir():
             extras[tok_name] = tok
     tok_dir = T5_TOKENIZER_DIRS[family]
@@ -430,7 +383,7 @@ def load_flow_folder(root: Path, index: dict, family: str, torch_dtype, t5, t5_t
             extras[tok_dir] = resolve_t5_tokenizer(family, root / tok_dir, t5_tokenizer_dir, str(root))
     else:
         extras.update({t5_name: None, tok_dir: None})
-    pipe = _pipeline_class(family).from_pretrained(
+    pipe = pipeline_class(family).from_pretrained(
         str(root),
         local_files_only=True,
         use_safetensors=True,

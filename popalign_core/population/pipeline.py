@@ -30,6 +30,7 @@ from popalign_core.common.userinput import (
     read_yaml,
 )
 from popalign_core.models.loading import load_model
+from popalign_core.models.loading_options import MODEL_FILE_OPTIONS, add_model_file_arguments, model_file_kwargs
 from popalign_core.models.sampling import SCHEDULER_CHOICES, SamplerConfig
 from popalign_core.population.build import BUILD_OUTPUTS, BUILD_RULES, ON_SHORT, BuildConfig, build_preferences
 from popalign_core.population.filter import FILTER_OUTPUTS, FilterConfig, check_rows, filter_population
@@ -115,7 +116,8 @@ PIPELINE_SECTIONS: dict[str, tuple[str, ...]] = {
     "filter": ("classifier", "classifier_options", "threshold", "axes"),
     "build": ("set_size", "set_count", "rule", "group_axes", "pairs", "seed", "on_short"),
 }  # fmt: skip
-PIPELINE_TOP = ("model", "prompts", "out", "family", "dtype", "device", "augment", "sample", "filter", "build")
+PIPELINE_TOP = ("model", "prompts", "out", "family", "dtype", "device", *MODEL_FILE_OPTIONS, "augment", "sample",
+                "filter", "build")  # fmt: skip
 
 
 def load_pipeline_config(path: str | Path | None = None, **overrides) -> dict:
@@ -235,7 +237,7 @@ def run_pipeline(config: dict, adapter=None, log=print, progress=None) -> dict:
         from popalign_core.models.loading import load_model
 
         kw = {k: config[k] for k in ("family", "dtype", "device") if config.get(k)}
-        adapter = load_model(config["model"], **kw)
+        adapter = load_model(config["model"], **kw, **model_file_kwargs(config))
     t = time.time()
     ssum = sample_population(
         adapter, jobs, out / "samples", scfg, str(config["model"]),
@@ -311,6 +313,7 @@ def _parser() -> ArgumentParser:
     smp.add_argument("--family", default="auto", help="model family: auto, sd15, sd2, sdxl, sd3, flux")
     smp.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     smp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_model_file_arguments(smp)
     _sampler_args(smp)
 
     flt = sub.add_parser("filter", help="classify a run's images; keep those that match their keywords")
@@ -467,7 +470,7 @@ def _sample_cmd(a, log) -> dict:
     kw = {"family": a.family, "dtype": a.dtype}
     if a.device:
         kw["device"] = a.device
-    adapter = load_model(a.model, **kw)
+    adapter = load_model(a.model, **kw, **model_file_kwargs(a))
     return sample_population(adapter, jobs, a.out, cfg, a.model, time_budget_s=a.time_budget, log=log)
 
 

@@ -53,7 +53,11 @@ class TrainConfig(RunConfig):
     grad_accum: int = _help("micro-batches accumulated per optimiser step", default=1)
     optimizer: str = _help("adamw, or adamw8bit (bitsandbytes, when installed)", default="adamw")
     mixed_precision: str = _help("no, fp16 or bf16 (accelerate autocast)", default="no")
-    gradient_checkpointing: bool = _help("recompute UNet activations in backward to save memory", default=False)
+    gradient_checkpointing: bool = _help(
+        "recompute the UNet / transformer blocks in backward to save memory (a memory switch: runs resume with it "
+        "flipped; advised for SD3 / FLUX)",
+        default=False,
+    )
     cache_latents: bool = _help("encode every image with the VAE once, before training", default=True)
     caption_dropout: float = _help(
         "probability of training a sample with an empty caption (public PopAlign code: 0.2; default off)", default=0.0

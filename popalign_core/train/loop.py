@@ -80,9 +80,10 @@ def load_training_model(cfg):
     if cfg.model.startswith("tiny:"):
         from popalign_core.models.tiny import get_dummy_adapter
 
-        if cfg.model_config_dir is not None:
-            raise ValueError("model_config_dir: only used for single-file checkpoints; a tiny model is built from the "
-                             "package's own configs")  # fmt: skip
+        for name in ("model_config_dir", "model_vae", "t5_tokenizer", "model_text_encoders"):
+            if getattr(cfg, name) not in (None, []):
+                raise ValueError(f"{name}: only used for single-file checkpoints and model folders; a tiny model is "
+                                 "built from the package's own configs")  # fmt: skip
         parts = cfg.model.split(":")
         fam = parts[1]
         seed = parse_value(parts[2]) if len(parts) > 2 else 0
@@ -105,7 +106,13 @@ def load_training_model(cfg):
         raise ValueError("model is empty: give a .safetensors checkpoint, a diffusers folder or 'tiny:sd15'")
 
     return load_model(
-        cfg.model, family=cfg.family, prediction_type=cfg.prediction_type, config_dir=cfg.model_config_dir
+        cfg.model,
+        family=cfg.family,
+        prediction_type=cfg.prediction_type,
+        config_dir=cfg.model_config_dir,
+        text_encoders=cfg.model_text_encoders or None,
+        vae=cfg.model_vae,
+        t5_tokenizer=cfg.t5_tokenizer,
     )
 
 
@@ -290,8 +297,10 @@ class TrainerBase:
             meta["fingerprint"], meta["optimizer"]["param_groups"], int(meta["step"])  # noqa: B018 - shape check
         except (ValueError, KeyError, TypeError) as e:
             raise TrainingError(f"checkpoint file {path / 'trainer_state.json'} is damaged ({e}); {hint}") from None
-        legacy = config_fingerprint(self.cfg.to_dict(), paths_as_given=True)
-        if meta["fingerprint"] not in (self.cfg.fingerprint(), legacy):
+        d = self.cfg.to_dict()
+        legacy = {config_fingerprint(d, paths_as_given=True), config_fingerprint(d, switches_as_set=True),
+                  config_fingerprint(d, paths_as_given=True, switches_as_set=True)}  # fmt: skip
+        if meta["fingerprint"] != self.cfg.fingerprint() and meta["fingerprint"] not in legacy:
             raise TrainingError(
                 f"checkpoint {path} was written by a run with a different configuration; use another output_dir "
                 "or resume=none to start over"

@@ -34,13 +34,21 @@ from popalign_core.common.userinput import (
     read_yaml,
 )
 from popalign_core.models.families import FAMILIES as MODEL_FAMILIES
+from popalign_core.models.loading_options import option_help
 
 FAMILIES = ("auto", *MODEL_FAMILIES)
 LORA_FORMAT_CHOICES = ("kohya", "diffusers")
 #: fields that may change when a run is resumed (not part of the fingerprint)
 RESUMABLE_CHANGES = ("output_dir", "progress", "resume", "steps", "checkpoint_every", "keep_checkpoints")
 #: path-valued fields: an existing file counts by its real location in the fingerprint
-PATH_FIELDS = ("model", "data", "model_config_dir", "prompts_file", "face_bank")
+PATH_FIELDS = ("model", "data", "model_config_dir", "model_vae", "t5_tokenizer", "prompts_file", "face_bank")
+#: fields added after runs were first fingerprinted: left out of the fingerprint while at their default, so runs
+#: started before they existed still resume
+OMIT_AT_DEFAULT = {"model_text_encoders": [], "model_vae": None, "t5_tokenizer": None}
+#: switches that change memory and time, not the numbers: hashed at these values whatever they are set to, so a run
+#: resumes after one is flipped (e.g. turned on after running out of memory); fingerprints written with another value
+#: are still accepted on resume (`config_fingerprint(..., switches_as_set=True)`)
+MEMORY_SWITCHES = {"gradient_checkpointing": False}
 
 
 # ------------------------------------------------------------------------------------------------ field checks
@@ -128,6 +136,9 @@ class RunConfig:
     prediction_type: str | None = _help(
         "override the scheduler's prediction type: epsilon or v_prediction (UNet families only)", default=None
     )
+    model_text_encoders: list = _help(option_help("model_text_encoders"), default_factory=list)
+    model_vae: str | None = _help(option_help("model_vae"), default=None)
+    t5_tokenizer: str | None = _help(option_help("t5_tokenizer"), default=None)
     resolution: int | None = _help("training image side in pixels (default: the model's native size)", default=None)
     # what is trained
     lora_rank: int = _help("LoRA rank", default=8)
@@ -240,18 +251,30 @@ class RunConfig:
                 ap.add_argument(flag, type=flag_type(hints[name]), default=None, metavar="VALUE", help=helptext)
 
 
-def config_fingerprint(d: dict, paths_as_given: bool = False) -> str:
-    """Hash of a run config's fields that must not change across a resume (not output/progress/steps). Paths of
-    existing files count by their real location, so `data/x.jsonl` and `/abs/data/x.jsonl` are the same run
-    (`paths_as_given`: the fingerprint of versions before that, still accepted on resume)."""
+def config_fingerprint(d: dict, paths_as_given: bool = False, switches_as_set: bool = False) -> str:
+    """Hash of a run config's fields that must not change across a resume (not output/progress/steps; memory
+    switches at their `MEMORY_SWITCHES` value). Paths of existing files count by their real location, so
+    `data/x.jsonl` and `/abs/data/x.jsonl` are the same run (`paths_as_given` / `switches_as_set`: the fingerprints
+    of versions before that, still accepted on resume)."""
     d = dict(d)
     for k in RESUMABLE_CHANGES:
         d.pop(k, None)
+    if not switches_as_set:
+        d.update({k: v for k, v in MEMORY_SWITCHES.items() if k in d})
+    for k, default in OMIT_AT_DEFAULT.items():
+        if k in d and d[k] == default:
+            d.pop(k)
+    real = (lambda v: v) if paths_as_given else _real_path
     for k in PATH_FIELDS:
-        v = d.get(k)
-        if not paths_as_given and isinstance(v, str) and v and os.path.exists(v):
-            d[k] = os.path.realpath(v)
+        if isinstance(d.get(k), str):
+            d[k] = real(d[k])
+    if isinstance(d.get("model_text_encoders"), list):
+        d["model_text_encoders"] = [real(v) if isinstance(v, str) else v for v in d["model_text_encoders"]]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _real_path(v: str) -> str:
+    return os.path.realpath(v) if v and os.path.exists(v) else v
 
 
 def load_yaml_config(cls, path: str | os.PathLike | None, overrides: dict, relative_keys: tuple[str, ...] = ()):

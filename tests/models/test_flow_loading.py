@@ -211,12 +211,12 @@ def test_t5_tokenizer_from_argument_or_a_clear_error(saved, tmp_path):
 
 
 def test_diffusers_folders(saved, tmp_path):
-    from popalign_core.models.loading_flow import _pipeline_class
+    from popalign_core.models.loading_flow import pipeline_class
 
     family, comps = saved["family"], dict(saved["comps"])
     if family == "sd3":  # SD3 folder without T5 loads without it
         comps.update(text_encoder_3=None, tokenizer_3=None)
-    _pipeline_class(family)(**comps).save_pretrained(tmp_path / "model", safe_serialization=True)
+    pipeline_class(family)(**comps).save_pretrained(tmp_path / "model", safe_serialization=True)
     loaded = load_model(tmp_path / "model")
     assert loaded.family == family
     assert_same_weights(saved["comps"]["transformer"], loaded.transformer, "transformer")

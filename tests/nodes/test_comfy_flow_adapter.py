@@ -4,19 +4,23 @@
 SD3: the smallest transformer ComfyUI detects as SD3 (MMDiT depth 1: width 64, one head; text widths 4096 / 2048,
 what ComfyUI's SD3 CLIP gives), written in ComfyUI's layout by our writer (`flow_single_file.transformer_to_original`)
 with a full-shape random 16-channel VAE, loaded by the stock CheckpointLoaderSimple (fp32) and UNETLoader
-(``weight_dtype`` fp8_e4m3fn); the CLIP is ComfyUI's SD3 CLIP with a random CLIP-L (what CLIPLoader type sd3 gives).
-FLUX: ComfyUI detects FLUX only at 3072 wide, so a tiny ComfyUI Flux / FluxSchnell is built from
-`comfy.supported_models` with a small unet_config (as tests/nodes/test_comfyui_lora_flow.py), with hand-made
-conditioning (T5-XXL cannot run in CI). Checked in the child (`comfy_support.run_in_comfy`): the view shares
-ComfyUI's storage (only the swapped final modulation halves are copies), the prediction is ComfyUI's own velocity
-(and ``apply_model`` = x − σ·v), prompts encode as CLIPTextEncode does, a LoRA step changes only LoRA weights and
-leaves ComfyUI's weights and output as they were, fp8 weights train; in the parent: per-sample flow losses and the
-popalign preference loss equal the standalone FlowAdapter's on the same weights, inputs and LoRA.
+(``weight_dtype`` fp8_e4m3fn; and a scaled-fp8 file, ``default``); the CLIP is ComfyUI's SD3 CLIP with a random
+CLIP-L (what CLIPLoader type sd3 gives). FLUX: ComfyUI detects FLUX only at 3072 wide, so a tiny ComfyUI Flux /
+FluxSchnell is built from `comfy.supported_models` with a small unet_config (as tests/nodes/test_comfyui_lora_flow.py),
+with hand-made conditioning (T5-XXL cannot run in CI); its scaled-fp8 variants give the file's ``scaled_fp8`` marker
+to the config as ``comfy/model_detection.py`` does, so ComfyUI's real scaled_fp8_ops build the layers. Checked in the
+child (`comfy_support.run_in_comfy`): the view shares ComfyUI's storage (only the swapped final modulation halves are
+copies), the prediction is ComfyUI's own velocity (and ``apply_model`` = x − σ·v), prompts encode as CLIPTextEncode
+does, a LoRA step changes only LoRA weights and leaves ComfyUI's weights and output as they were, fp8 and scaled-fp8
+weights train (their fp8 tensors and scales shared), fp8 matrix multiplication trains through the same view; in the
+parent: per-sample flow losses and the popalign preference loss equal the standalone FlowAdapter's on the same
+weights, inputs and LoRA.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import types
 from pathlib import Path
@@ -77,6 +81,25 @@ def standalone(transformer, family: str, shift: float | None):
     return FlowAdapter(transformer, comps["vae"], encs, toks, FlowMatchEulerDiscreteScheduler(**cfg), family)
 
 
+def scaled_fp8(orig: dict, scale_input: bool) -> dict:
+    """Original-layout tensors as a scaled-fp8 file stores them (ComfyUI ``comfy/ops.py`` scaled_fp8_ops): each
+    Linear weight W (the 2-D ones) as fp8 W / s with a float32 ``scale_weight`` s = max|W| / 256 (never 1), the
+    rest as they are, and the ``scaled_fp8`` marker (2 elements: no fp8 optimizations; empty: fp8 optimizations,
+    with a ``scale_input`` per Linear, which only ComfyUI's fp8 matrix multiplication reads)."""
+    fp8 = torch.float8_e4m3fn
+    out = {"scaled_fp8": torch.empty(0 if scale_input else 2, dtype=fp8)}
+    for k, v in orig.items():
+        if not (k.endswith(".weight") and v.ndim == 2):
+            out[k] = v.contiguous()
+            continue
+        s = v.abs().max().float() / 256
+        out[k] = (v / s).to(fp8)
+        out[k.removesuffix("weight") + "scale_weight"] = s
+        if scale_input:
+            out[k.removesuffix("weight") + "scale_input"] = torch.tensor(0.05)
+    return out
+
+
 def inputs(seed: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"latents": torch.randn(4, 16, 8, 8, generator=g), "noise": torch.randn(4, 16, 8, 8, generator=g),
@@ -109,13 +132,7 @@ def losses(adapter, t: dict, cond) -> dict:
 
 # ------------------------------------------------------------------------------------------------- child side
 def _pack(repo: str):
-    """nodes/ imported as a package named pa_nodes (ComfyUI owns the name `nodes`), so relative imports work."""
-    if "pa_nodes" not in sys.modules:
-        pkg = types.ModuleType("pa_nodes")
-        pkg.__path__ = [str(Path(repo) / "nodes")]
-        sys.modules["pa_nodes"] = pkg
-        sys.path.append(repo)
-    return importlib.import_module("pa_nodes.comfy_adapter")
+    return cs.node_module("comfy_adapter", repo)
 
 
 def _sharing(model, adapter) -> dict:
@@ -124,6 +141,20 @@ def _sharing(model, adapter) -> dict:
     copies = sorted(k for k, v in view.items() if v.untyped_storage().data_ptr() not in comfy)
     return {"copies": copies, "n_view": len(view), "copied_bytes": adapter.copied_bytes,
             "view_dtypes": sorted({str(v.dtype) for v in view.values()})}  # fmt: skip
+
+
+def _scaled_facts(model, adapter) -> dict:
+    """Before any LoRA: ComfyUI's Linear classes, the view's fp8 bytes, its Linears' scales (ComfyUI's tensors?)."""
+    dm = model.model.diffusion_model
+    comfy = {m.scale_weight.data_ptr() for m in dm.modules() if getattr(m, "scale_weight", None) is not None}
+    view = [m._buffers.get("scale_weight") for m in adapter.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    got = [s for s in view if s is not None]
+    fp8 = sum(v.numel() for v in adapter.transformer.state_dict().values() if v.dtype == torch.float8_e4m3fn)
+    return {"comfy_linear_ops": sorted({type(m).__qualname__ for m in dm.modules() if isinstance(m, torch.nn.Linear)}),
+            "comfy_scale_input": any(getattr(m, "scale_input", None) is not None for m in dm.modules()),
+            "n_linear": len(view), "n_scaled": len(got), "fp8_bytes": fp8,
+            "scales_shared": all(s.data_ptr() in comfy for s in got),
+            "scale_range": [min(map(float, got), default=1.0), max(map(float, got), default=1.0)]}  # fmt: skip
 
 
 def _velocity_checks(model, adapter, t, cond, extra) -> dict:
@@ -196,16 +227,17 @@ def sd3_job(job: dict, log) -> dict:
     t = load_file(job["inputs"])
     clip = comfy.sd.load_text_encoder_state_dicts([_random_clip_l(11)], clip_type=comfy.sd.CLIPType.SD3)
     out, tensors = {}, {}
-    for kind in ("checkpoint", "fp8"):
+    unets = {"fp8": (job["unet"], "fp8_e4m3fn"), "scaled": (job["scaled"], "default")}
+    for kind in ("checkpoint", "fp8", "scaled"):
         if kind == "checkpoint":
             model, _, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(job["ckpt"])[:3]
         else:
-            model = comfy_nodes.UNETLoader().load_unet(job["unet"], "fp8_e4m3fn")[0]
+            model = comfy_nodes.UNETLoader().load_unet(*unets[kind])[0]
         r = {"model_type": ca.model_type_name(model), "weight_dtype": str(model.model.get_dtype())}
         with torch.inference_mode(False), torch.enable_grad():
             adapter = ca.adapter_from_comfy(model, clip, vae)
             r["adapter"] = type(adapter).__name__
-            r.update(_sharing(model, adapter))
+            r.update(_sharing(model, adapter), **_scaled_facts(model, adapter))
             r["shift"] = float(adapter.noise_scheduler.config.shift)
             r["vae_shared"] = all(
                 p.data_ptr() in {q.data_ptr() for q in vae.first_stage_model.parameters()}
@@ -245,25 +277,65 @@ def sd3_job(job: dict, log) -> dict:
     return out
 
 
-def flux_job(job: dict, log) -> dict:
-    import comfy.model_management
+def _tiny_flux_model(weights: str, kind: str):
+    """A tiny ComfyUI Flux / FluxSchnell MODEL built as ComfyUI's loaders build one. kind: the type, then -fp8
+    (UNETLoader fp8_e4m3fn: fp8 weights, fp32 manual cast), -fp8-fast (UNETLoader fp8_e4m3fn_fast), -scaled (a
+    scaled-fp8 file: its marker goes to the config as comfy/model_detection.py puts it), -fp8mm (ComfyUI started
+    with --supports-fp8-compute, i.e. a GPU that multiplies in fp8), -mixed (a per-layer mixed-precision file)."""
+    import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     from safetensors.torch import load_file
 
+    name = kind.split("-")[0]
+    prefix = name + ("-scaled." if "-scaled" in kind else ".")
+    sd = {k.removeprefix(prefix): v for k, v in load_file(weights).items() if k.startswith(prefix)}
+    cfg = getattr(comfy.supported_models, name)(dict(FLUX_UNET, guidance_embed=name == "Flux"))
+    marker = sd.pop("scaled_fp8", None)
+    if marker is not None:  # comfy/model_detection.py model_config_from_unet
+        cfg.scaled_fp8, cfg.optimizations["fp8"] = marker.dtype, marker.nelement() != 2
+    fp8 = "-fp8" in kind and "-scaled" not in kind
+    cfg.set_inference_dtype(torch.float8_e4m3fn if fp8 else torch.float32, torch.float32 if fp8 else None)
+    cfg.optimizations["fp8"] |= kind.endswith("-fast")
+    if kind.endswith("-mixed"):  # a _quantization_metadata file (comfy/model_detection.py): img_in in fp8
+        cfg.layer_quant_config = {"img_in": {"format": "float8_e4m3fn"}}
+        sd["img_in.weight"], sd["img_in.weight_scale"] = sd["img_in.weight"].to(torch.float8_e4m3fn), torch.tensor(1.0)
+    fp8_compute, mm.SUPPORT_FP8_OPS = mm.SUPPORT_FP8_OPS, kind.endswith(("-fp8mm", "-fast"))
+    try:
+        model = cfg.get_model(sd, "")  # comfy.ops.pick_operations chooses the Linear class here
+    finally:
+        mm.SUPPORT_FP8_OPS = fp8_compute
+    model.load_model_weights(sd, "")  # inside inference mode, as ComfyUI's loaders run
+    dev = mm.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
+
+
+def flux_job(job: dict, log) -> dict:
+    from safetensors.torch import load_file
+
     ca = _pack(job["repo"])
     t = load_file(job["inputs"])
-    out = {}
-    for kind in ("Flux", "FluxSchnell", "Flux-fp8"):  # Flux-fp8: fp8 weights, fp32 manual cast (UNETLoader's fp8)
-        name = kind.removesuffix("-fp8")
-        sd = {k.split(".", 1)[1]: v for k, v in load_file(job["weights"]).items() if k.startswith(name + ".")}
-        cfg = getattr(comfy.supported_models, name)(dict(FLUX_UNET, guidance_embed=name == "Flux"))
-        fp8 = kind.endswith("-fp8")
-        cfg.set_inference_dtype(torch.float8_e4m3fn if fp8 else torch.float32, torch.float32 if fp8 else None)
-        model = cfg.get_model(sd, "")
-        model.load_model_weights(sd, "")  # inside inference mode, as ComfyUI's loaders run
-        dev = comfy.model_management.get_torch_device()
-        model = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
+    flow = importlib.import_module("pa_nodes.comfy_flow")
+    out = {"refused": {}, "fp8mm": {}}
+    try:  # refused by name, before anything loads
+        flow.flow_adapter_from_comfy(_tiny_flux_model(job["weights"], "Flux-mixed"), None, None, ca)
+    except ca.UnsupportedModel as e:
+        out["refused"]["Flux-mixed"] = str(e)
+    for kind in ("Flux-scaled-fp8mm", "Flux-fp8-fast"):  # fp8 matmul in ComfyUI: trains, with a console note
+        model = _tiny_flux_model(job["weights"], kind)
+        g = torch.Generator().manual_seed(5)
+        from popalign_core.models.adapter import Conditioning
+
+        cond = Conditioning(embeds=torch.randn(4, 8, 64, generator=g), pooled=torch.randn(4, 32, generator=g),
+                            guidance=torch.full((4,), 3.5))  # fmt: skip
+        with torch.inference_mode(False), torch.enable_grad():
+            adapter = flow.flow_adapter_from_comfy(model, None, None, ca)
+            r = {"note": flow.check_comfy_ops(model, ca), "v": _view_velocity(adapter, t, cond)}
+            r.update(_sharing(model, adapter), **_train_step(model, adapter, t, cond))
+        out["fp8mm"][kind] = r
+    for kind in ("Flux", "FluxSchnell", "Flux-fp8", "Flux-scaled"):
+        name = kind.split("-")[0]
+        model = _tiny_flux_model(job["weights"], kind)
         g = torch.Generator().manual_seed(5)
         from popalign_core.models.adapter import Conditioning
 
@@ -272,14 +344,19 @@ def flux_job(job: dict, log) -> dict:
         extra = {} if name == "FluxSchnell" else {"guidance": cond.guidance}
         r = {"model_type": ca.model_type_name(model), "weight_dtype": str(model.model.get_dtype())}
         with torch.inference_mode(False), torch.enable_grad():
-            flow = importlib.import_module("pa_nodes.comfy_flow")
             adapter = flow.flow_adapter_from_comfy(model, None, None, ca)  # no CLIP / VAE: hand-made conditioning
-            r.update(_sharing(model, adapter))
+            r.update(_sharing(model, adapter), **_scaled_facts(model, adapter))
             r["scheduler"] = dict(adapter.noise_scheduler.config)
-            r.update(_velocity_checks(model, adapter, t, cond, extra))
+            r.update(_velocity_checks(model, adapter, t, cond, extra), v=_view_velocity(adapter, t, cond))
             r.update(_train_step(model, adapter, t, cond))
         out[kind] = r
     return out
+
+
+def _view_velocity(adapter, t, cond) -> list:
+    with torch.no_grad():
+        x_t = adapter.add_noise(t["latents"], t["noise"], t["timesteps"])
+        return adapter.predict(x_t, t["timesteps"], cond).float().tolist()
 
 
 # ------------------------------------------------------------------------------------------------ parent side
@@ -306,8 +383,10 @@ def sd3_run(comfy_075, tmp_path_factory):
     ckpt.update({f"first_stage_model.{k}": v.half().contiguous() for k, v in vae_to_original(vae).items()})
     save_file(ckpt, str(root / "checkpoints" / "tiny_sd3.safetensors"))
     save_file({k: v.contiguous() for k, v in orig.items()}, str(root / "diffusion_models" / "tiny_sd3.safetensors"))
+    save_file(scaled_fp8(orig, False), str(root / "diffusion_models" / "tiny_sd3_scaled.safetensors"))
     save_file(inputs(), str(root / "inputs.safetensors"))
     job = {"repo": str(REPO), "ckpt": "tiny_sd3.safetensors", "unet": "tiny_sd3.safetensors",
+           "scaled": "tiny_sd3_scaled.safetensors",
            "inputs": str(root / "inputs.safetensors"), "cond": str(root / "cond.safetensors")}  # fmt: skip
     got = cs.run_in_comfy(f"{__file__}:sd3_job", job, comfy_dir=comfy_075, output_dir=root / "out",
                           folders={"checkpoints": root / "checkpoints",
@@ -327,6 +406,8 @@ def flux_run(comfy_075, tmp_path_factory):
     for kind, guidance in (("Flux", True), ("FluxSchnell", False)):
         weights.update({f"{kind}.{k}": v.contiguous() for k, v in
                         transformer_to_original(tiny_flux(guidance), "flux").items()})  # fmt: skip
+    orig = transformer_to_original(tiny_flux(True), "flux")
+    weights.update({f"Flux-scaled.{k}": v for k, v in scaled_fp8(orig, True).items()})
     save_file(weights, str(root / "weights.safetensors"))
     save_file(inputs(), str(root / "inputs.safetensors"))
     job = {"repo": str(REPO), "weights": str(root / "weights.safetensors"), "inputs": str(root / "inputs.safetensors")}
@@ -373,6 +454,75 @@ def test_flux_view_matches_comfyui(flux_run, kind):
         assert sch["use_dynamic_shifting"] and sch["max_shift"] == 1.15
     else:  # ModelSamplingDiscreteFlow, shift 1, multiplier 1
         assert not sch["use_dynamic_shifting"] and sch["shift"] == 1.0
+
+
+def _check_scaled(r: dict, copied: int) -> None:
+    """A scaled-fp8 view: ComfyUI's own scaled_fp8_ops, every view Linear carrying ComfyUI's scale tensor (not 1),
+    fp8 weights shared (only the swapped modulation halves copied: `copied` bytes, fp8 too), no upcast copy."""
+    assert r["comfy_linear_ops"] == ["scaled_fp8_ops.<locals>.scaled_fp8_op.Linear"], r["comfy_linear_ops"]
+    assert r["weight_dtype"] == "torch.float32" and "torch.float8_e4m3fn" in r["view_dtypes"]
+    assert r["n_scaled"] == r["n_linear"] > 0 and r["scales_shared"], r
+    assert 0 < r["scale_range"][0] <= r["scale_range"][1] < 0.01  # max|W| / 256 of a small random init
+    assert r["copied_bytes"] == copied and r["fp8_bytes"] > 10 * copied
+    assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+
+
+def test_sd3_scaled_fp8_file_trains_over_comfyuis_own_tensors(sd3_run):
+    r = sd3_run["scaled"]
+    assert r["model_type"] == "SD3" and not r["comfy_scale_input"]  # a 2-element marker: no fp8 optimizations
+    # copies: the swapped final and last-context modulations (fp8 weights and biases), 64 x 128 + 128 each
+    _check_scaled(r, 2 * (64 * 128 + 128))
+    _check_common(r, "sd3", 1e-4)
+    assert r["comfy_output_change"] == 0.0
+
+
+def test_flux_scaled_fp8_with_input_scales_trains_over_comfyuis_own_tensors(flux_run):
+    r = flux_run["Flux-scaled"]
+    assert r["model_type"] == "Flux" and r["comfy_scale_input"]  # an empty marker: fp8 optimizations, scale_input
+    _check_scaled(r, 32 * 64 + 64)
+    _check_common(r, "flux", 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "same_as", "how"),
+    [("Flux-scaled-fp8mm", "Flux-scaled", "a scaled-fp8 file with fp8 optimizations on a GPU with fp8 compute"),
+     ("Flux-fp8-fast", "Flux-fp8", "UNETLoader weight_dtype fp8_e4m3fn_fast or --fast fp8_matrix_mult")],
+)  # fmt: skip
+def test_fp8_matrix_multiplication_trains_through_the_dequantised_weights(flux_run, kind, same_as, how):
+    r = flux_run["fp8mm"][kind]
+    assert r["note"].startswith("[PopAlign] the Flux model: ComfyUI runs its Linear layers (")
+    assert "with fp8 matrix multiplication (" + how in r["note"] and "rounding each layer's input to fp8" in r["note"]
+    assert torch.equal(torch.tensor(r["v"]), torch.tensor(flux_run[same_as]["v"]))  # the same view function
+    assert set(r["copies"]) == SWAPPED["flux"] and r["base_changed"] == [] and r["comfy_changed"] == []
+    assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+
+
+def test_a_mixed_precision_file_is_refused_by_name(flux_run):
+    msg = flux_run["refused"]["Flux-mixed"]
+    assert msg.startswith("model: the Flux model is a per-layer mixed-precision quantised file (_quantization_")
+    assert "load the bf16 / fp16 model instead (UNETLoader weight_dtype fp8_e4m3fn" in msg
+
+
+@pytest.mark.parametrize("tokens", [1, 64])  # s on the weight (64 x 32 weight < input), on the input (1 token)
+def test_cast_linear_computes_the_scaled_weight_in_forward_and_backward(tokens):
+    """CastLinear over fp8 W with scale s = a Linear over the dequantised s·W (value and grad of x); no grad for W."""
+    _pack(str(REPO))
+    flow = importlib.import_module("pa_nodes.comfy_flow")
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(32, 64).requires_grad_(False)
+    layer.weight.data = (torch.randn(64, 32, generator=g) * 100).to(torch.float8_e4m3fn)
+    layer.register_buffer("scale_weight", torch.tensor(0.003), persistent=False)
+    ref = torch.nn.Linear(32, 64).requires_grad_(False)
+    ref.weight.data, ref.bias.data = layer.weight.float() * 0.003, layer.bias.clone()
+    layer.__class__ = flow.CastLinear
+    x = torch.randn(2, tokens, 32, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    (y * y_ref.detach()).sum().backward()
+    (y_ref * y_ref.detach()).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert layer.weight.grad is None and layer.weight.dtype == torch.float8_e4m3fn
 
 
 def _parity(got: dict, want: dict) -> None:

@@ -19,12 +19,11 @@ changes the images.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import sys
 import types
 from pathlib import Path
 
+import comfy_support as cs  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 import make_workflows as mw  # noqa: E402  (tools/ is on sys.path: tests/conftest.py)
 import pytest
 import test_comfyui_nodes as tn  # noqa: E402  (shrink(), api_workflow())
@@ -70,7 +69,6 @@ def write_tiny_sd3_checkpoint(path: Path) -> Path:
 def server(comfy_dir, comfy_version, tmp_path_factory):
     if comfy_version not in ("0.3.75", "custom"):
         pytest.skip(f"ComfyUI {comfy_version} has no SD3 / FLUX model types and no FLUX nodes")
-    import comfy_support as cs
     import torch
     import torchvision
 
@@ -161,8 +159,8 @@ def test_flux_workflows_are_current_and_use_existing_nodes(object_info, tmp_path
         assert "fp8_e4m3fn" in unet
         for n in api.values():
             if n["class_type"] == "PopAlignPopulationSampler":
-                assert (n["inputs"]["cfg"], n["inputs"]["sampler_name"], n["inputs"]["scheduler"]) == (
-                    1.0, "euler", "simple")  # fmt: skip
+                assert (n["inputs"]["cfg"], n["inputs"]["sampler_name"], n["inputs"]["scheduler"],
+                        n["inputs"]["guidance"]) == (1.0, "euler", "simple", 3.5)  # fmt: skip
             if n["class_type"] == "PopAlignDistributionalAlignment":
                 assert n["inputs"]["train"] == "unet" and n["inputs"]["gradient"] == "solver"
             if n["class_type"] == "PopAlignLoRATrainer":
@@ -170,12 +168,7 @@ def test_flux_workflows_are_current_and_use_existing_nodes(object_info, tmp_path
 
 
 def _pack():
-    """nodes/ as a package (pa_nodes) outside ComfyUI: the node modules import comfy lazily."""
-    if "pa_nodes" not in sys.modules:
-        pkg = types.ModuleType("pa_nodes")
-        pkg.__path__ = [str(REPO / "nodes")]
-        sys.modules["pa_nodes"] = pkg
-    return importlib.import_module("pa_nodes.train_nodes"), importlib.import_module("pa_nodes.dal_nodes")
+    return cs.node_module("train_nodes"), cs.node_module("dal_nodes")
 
 
 def _model(type_name: str):
@@ -209,6 +202,25 @@ def test_flow_models_map_the_dal_sampler_and_refuse_a_text_encoder_lora(type_nam
     with pytest.raises(ValueError, match=r"train_text_encoder=True: .*valid value: train_text_encoder=False"):
         train_nodes.train_config(_model(type_name), dataset, "popalign", "{}", "x", train_text_encoder=True,
                                  **settings)  # fmt: skip
+
+
+@pytest.mark.parametrize("type_name", ["SD3", "Flux", "FluxSchnell", "SD15", "SDXL"])
+def test_gradient_checkpointing_is_on_for_flow_models_unless_turned_off(type_name):
+    train_nodes, _ = _pack()
+    dataset = {"manifest": str(REPO / "no_such_manifest.json")}
+    settings = dict(steps=2, learning_rate=1e-4, lora_rank=4, batch_size=2, resolution=64, seed=0,
+                    checkpoint_every=1, restart=False, train_text_encoder=False)  # fmt: skip
+
+    def ckpt(**more):
+        return train_nodes.train_config(_model(type_name), dataset, "popalign", "{}", "x", **settings, **more)
+
+    flow = type_name in ("SD3", "Flux", "FluxSchnell")
+    assert ckpt().gradient_checkpointing is flow  # a graph saved before the input existed: "auto"
+    assert ckpt(gradient_checkpointing="auto").gradient_checkpointing is flow
+    assert ckpt(gradient_checkpointing="on").gradient_checkpointing is True
+    assert ckpt(gradient_checkpointing="off").gradient_checkpointing is False
+    with pytest.raises(ValueError, match=r"gradient_checkpointing: 'yes' is not valid; valid: auto, on, off"):
+        ckpt(gradient_checkpointing="yes")
 
 
 # -------------------------------------------------------------------------------------------- the workflows

@@ -191,6 +191,24 @@ def test_resume_after_a_stop_gives_the_same_lora(data, tmp_path):
     assert rows == [1, 2, 3, 4, 5, 6]
 
 
+def test_gradient_checkpointing_may_be_switched_on_when_resuming(data, tmp_path):
+    """A memory switch (runconfig.MEMORY_SWITCHES): the run resumes with it flipped and ends where it would have."""
+    from popalign_core.train.runconfig import config_fingerprint
+
+    full = tmp_path / "full"
+    Trainer(_cfg(data, full, steps=4, checkpoint_every=2, loss="dpo"), log=lambda m: None).run()
+    part = tmp_path / "part"
+    Trainer(_cfg(data, part, steps=2, checkpoint_every=2, loss="dpo"), log=lambda m: None).run()
+    cfg = _cfg(data, part, steps=4, checkpoint_every=2, loss="dpo", gradient_checkpointing=True)
+    assert Trainer(cfg, log=lambda m: None).run()["resumed_from"] == 2
+    a, b = _final_lora(full), _final_lora(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    d = cfg.to_dict()  # runs fingerprinted before the switch was normalised keep resuming
+    assert config_fingerprint(d) == config_fingerprint({**d, "gradient_checkpointing": False})
+    assert config_fingerprint(d, switches_as_set=True) != config_fingerprint(d)
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     """A real process killed (SIGKILL) at a random point after its first checkpoint, then resumed."""
     args = [

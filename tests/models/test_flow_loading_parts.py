@@ -22,7 +22,7 @@ from popalign_core.models.single_file import _hf_clip_state_dict, vae_to_origina
 from popalign_core.models.tiny_flow import TINY_T5_TOKENS, get_dummy_flow_components
 from popalign_core.models.tokenizers import tiny_t5_tokenizer
 
-from .test_flow_loading import PROMPTS, adapter_of, assert_same_weights, write_tiny_config_dir
+from .test_flow_loading import PROMPTS, adapter_of, assert_same_outputs, assert_same_weights, write_tiny_config_dir
 
 
 def _save(sd: dict, path: Path) -> Path:
@@ -81,12 +81,7 @@ def assert_same_model(a, b) -> None:
     assert_same_weights(a.vae, b.vae, "vae")
     for k, (x, y) in enumerate(zip(a.text_encoders, b.text_encoders, strict=True)):
         assert_same_weights(x, y, f"text encoder {k}")
-    with torch.no_grad():
-        ca, cb = a.encode_prompt(PROMPTS), b.encode_prompt(PROMPTS)
-        assert torch.equal(ca.embeds, cb.embeds) and torch.equal(ca.pooled, cb.pooled)
-        x = torch.randn(2, a.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([250.0, 800.0])
-        assert torch.equal(a.predict(x, t, ca), b.predict(x, t, cb))
+    assert_same_outputs(a, b)
 
 
 # ------------------------------------------------------------------------------------------------------ layouts

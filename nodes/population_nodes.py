@@ -138,12 +138,11 @@ class PopAlignPopulationSampler:
         )
         return C.input_types(required, optional)
 
-    def run(self, model, clip, vae, prompts, neutral_per_prompt, batch_size, negative_prompt="", guidance=3.5,
-            **sampling):  # fmt: skip
+    def run(self, model, clip, vae, prompts, neutral_per_prompt, batch_size, negative_prompt="", guidance=3.5, **s):
         jobs = _jobs(prompts, neutral_per_prompt)
-        if sampling["width"] % 8 or sampling["height"] % 8:
-            raise ValueError(f"width/height: {sampling['width']}x{sampling['height']} must be multiples of 8")
-        settings = {k: sampling[k] for k in SETTINGS} | {"negative_prompt": negative_prompt}
+        if s["width"] % 8 or s["height"] % 8:
+            raise ValueError(f"width/height: {s['width']}x{s['height']} must be multiples of 8")
+        settings = {k: s[k] for k in SETTINGS} | {"negative_prompt": negative_prompt}
         g = guidance_of(model, guidance)
         settings |= {} if g is None else {"guidance": g}  # recorded only where the model uses it
         images, rows = sample_jobs(model, clip, vae, jobs, int(batch_size), settings)

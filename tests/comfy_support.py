@@ -492,7 +492,8 @@ def node_module(name: str, repo: str | os.PathLike = REPO_ROOT):
     return importlib.import_module(f"pa_nodes.{name}")
 
 
-def _load_target(target: str):
+def load_target(target: str):
+    """The function ``"path/to/file.py:function"`` names, its file imported under a name of its own."""
     file, sep, func = target.rpartition(":")
     if not sep or not file or not func:
         raise ValueError(f"target={target!r}: expected 'path/to/file.py:function'")
@@ -568,7 +569,7 @@ def _child_main(job_file: str) -> int:
     spec = json.loads(Path(job_file).read_text())
     sys.modules.setdefault("comfy_support", sys.modules[__name__])  # the target's own import finds this module
     capture = setup_comfy(spec["comfy_dir"], folders=spec["folders"], output_dir=spec["output_dir"], echo=sys.stderr)
-    func = _load_target(spec["target"])
+    func = load_target(spec["target"])
     import torch
 
     with torch.inference_mode():  # as ComfyUI's executor runs every node (execution.py)

@@ -1,9 +1,10 @@
-"""The Population Sampler's FLUX guidance (nodes/population_nodes.py) inside ComfyUI 0.3.75 (skipped on 2024.03,
-which has no FLUX): a tiny ComfyUI Flux (guidance input) and FluxSchnell (none) built from `comfy.supported_models`
-with the tiny FLUX transformer's weights (as tests/nodes/test_comfy_flow_adapter.py). The text encoder is a stand-in
-with FLUX's conditioning shapes: ComfyUI's FLUX CLIP always builds the 4.7 B-parameter T5-XXL, which cannot run in CI.
-Checked: the guidance reaches ComfyUI's sampler (other values give other latents, 3.5 gives what ComfyUI samples
-without a FluxGuidance node), only a model with a guidance input gets it, and the sampler's settings record it.
+"""The Population Sampler's FLUX guidance (nodes/population_nodes.py) inside ComfyUI 0.3.75 (skipped on 2024.03, which
+has no FLUX): a tiny ComfyUI Flux (guidance input) and FluxSchnell (none) built from `comfy.supported_models` with
+the tiny FLUX transformer's weights (the builder and weights of tests/nodes/test_comfy_flow_adapter.py). The text
+encoder is a stand-in with FLUX's conditioning shapes: ComfyUI's FLUX CLIP always builds the 4.7 B-parameter T5-XXL,
+which cannot run in CI. Checked: the guidance reaches ComfyUI's sampler (other values give other latents, 3.5 gives
+what ComfyUI samples without a FluxGuidance node), only a model with a guidance input gets it, and the sampler's
+settings record it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+ADAPTER_TESTS = Path(__file__).with_name("test_comfy_flow_adapter.py")  # its tiny Flux weights and model builder
 pytestmark = pytest.mark.timeout(600)
-FLUX_UNET = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=32,
-                 mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000,
-                 patch_size=2, qkv_bias=True)  # fmt: skip
 SETTINGS = {"steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "width": 64, "height": 64,
             "seed": 11, "negative_prompt": ""}  # fmt: skip
 
@@ -43,20 +42,11 @@ class StandInVAE:
 
 
 def guidance_job(job: dict, log) -> dict:
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from safetensors.torch import load_file
-
     pop = cs.node_module("population_nodes", job["repo"])
+    tiny_flux_model = cs.load_target(f"{ADAPTER_TESTS}:_tiny_flux_model")
     clip, chunk, out = StandInTextEncoder(), [{"prompt": "a photo of a doctor", "index": 0}], {}
     for name in ("Flux", "FluxSchnell"):
-        sd = {k.split(".", 1)[1]: v for k, v in load_file(job["weights"]).items() if k.startswith(name + ".")}
-        cfg = getattr(comfy.supported_models, name)(dict(FLUX_UNET, guidance_embed=name == "Flux"))
-        model = cfg.get_model(sd, "")
-        model.load_model_weights(sd, "")
-        dev = comfy.model_management.get_torch_device()
-        model = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
+        model = tiny_flux_model(job["weights"], name)
         r = {"guidance_of": pop.guidance_of(model, 5.0)}
         for g in (None, 1.0, 3.5, 6.0):
             pos = pop._conditioning(clip, chunk[0]["prompt"], g)
@@ -78,13 +68,15 @@ def run(comfy_dir, comfy_version, tmp_path_factory):
     from safetensors.torch import save_file
 
     from popalign_core.models.flow_single_file import transformer_to_original
-    from popalign_core.models.tiny_flow import get_dummy_flow_components
+
+    from .test_comfy_flow_adapter import tiny_flux
 
     root = tmp_path_factory.mktemp("flux_guidance")
     weights = {}
     for kind, guidance in (("Flux", True), ("FluxSchnell", False)):
-        tr = get_dummy_flow_components("flux", seed=3, guidance_embeds=guidance)["transformer"]
-        weights.update({f"{kind}.{k}": v.contiguous() for k, v in transformer_to_original(tr, "flux").items()})
+        weights.update(
+            {f"{kind}.{k}": v.contiguous() for k, v in transformer_to_original(tiny_flux(guidance), "flux").items()}
+        )
     save_file(weights, str(root / "weights.safetensors"))
     job = {"repo": str(REPO), "weights": str(root / "weights.safetensors")}
     out = cs.run_in_comfy(f"{__file__}:guidance_job", job, comfy_dir=comfy_dir, output_dir=root / "out")
